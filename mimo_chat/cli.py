@@ -1,0 +1,31 @@
+"""The ``mimo-chat`` command: one entry point for the app, chat, evaluation, benchmarks, data and training."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "app": ("mimo_chat.app.launch", "run the Gradio app"),
+    "chat": ("mimo_chat.chat", "ask one question about an image from the terminal"),
+    "evaluate": ("mimo_chat.evaluate", "score a model on a benchmark directory"),
+    "bench": ("mimo_chat.bench.__main__", "speed and memory benchmarks (io, segment, chat)"),
+    "make-bench": ("mimo_chat.data.make_bench", "build a benchmark in the shared schema"),
+    "prepare-data": ("mimo_chat.data.prepare", "fetch registry data and build training conversations"),
+    "train": ("mimo_chat.train.__main__", "train the MIMO model from a config"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
+        print("usage: mimo-chat COMMAND [ARGS...]\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<13} {help_text}")
+        return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

