@@ -1,0 +1,206 @@
+"""The project's knowledge base: a curated table of every structure and lesion MIMO Chat covers.
+
+The table lives in ``knowledge_base.json`` beside this module. Each entry gives location
+and relations, function, appearance on CT and MR, a typical attenuation range, common
+pathology, short "clues" for reasoning questions (perspective III), the SNOMED CT code
+read from the ``totalsegmentator`` wheel's mapping table, and its named sources.
+
+Entries may ``extend`` an abstract entry (e.g. ``kidney_left`` extends ``kidney``) and
+override some fields; :func:`load_knowledge_base` resolves that once.
+
+Every generated question and answer for perspectives III and IV states only sentences
+returned by :meth:`KnowledgeEntry.facts`, so a test can check them verbatim.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from mimo_chat.data.names import canonical_name
+
+KNOWLEDGE_BASE_PATH = Path(__file__).with_name("knowledge_base.json")
+TOTALSEGMENTATOR_SPEC = "totalsegmentator==2.18.0"
+SNOMED_TABLE = "totalsegmentator/resources/totalsegmentator_snomed_mapping.csv"
+
+FACT_TOPICS = ("location", "relations", "function", "ct", "mr", "hu", "pathology", "clues")
+
+
+@dataclass(frozen=True)
+class SnomedCode:
+    """SNOMED CT coding of a structure, as in TotalSegmentator's mapping table row ``structure``."""
+
+    structure: str
+    code: str
+    meaning: str
+    modifier_code: str | None = None
+    modifier_meaning: str | None = None
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One sentence of the knowledge base about one structure, tagged with its topic."""
+
+    key: str
+    topic: str
+    text: str
+
+
+@dataclass(frozen=True)
+class KnowledgeEntry:
+    """A resolved knowledge-base entry (inheritance already applied)."""
+
+    key: str  # TotalSegmentator-style class name, e.g. "kidney_left"
+    name: str  # plain English display name, e.g. "left kidney"
+    group: str  # the abstract entry it extends, or its own key ("kidney" for both kidneys)
+    kind: str  # "organ", "vessel" or "lesion"
+    region: str
+    synonyms: tuple[str, ...]
+    snomed: SnomedCode | None
+    location: str
+    relations: tuple[str, ...]
+    function: tuple[str, ...]
+    ct: str
+    mr: str
+    hu: tuple[int, int, str] | None  # (min, max, phase)
+    hu_note: str | None
+    pathology: tuple[str, ...]
+    clues: tuple[str, ...]  # verb phrases: "Which organ {clue}?" / "The {name} {clue}."
+    sources: tuple[str, ...]
+    hu_sentence_template: str = field(repr=False, default="")
+
+    def hu_sentence(self) -> str | None:
+        """The attenuation fact as one sentence, or None when the entry has no HU range (MR lesions)."""
+        if self.hu is None:
+            return None
+        low, high, phase = self.hu
+        return self.hu_sentence_template.format(phase=phase, name=self.name, min=low, max=high)
+
+    def clue_sentence(self, clue: str) -> str:
+        return f"The {self.name} {clue}."
+
+    def facts(self, topic: str | None = None) -> list[Fact]:
+        """All fact sentences of this entry (optionally of one ``topic`` in :data:`FACT_TOPICS`)."""
+        by_topic: dict[str, list[str]] = {
+            "location": [self.location],
+            "relations": list(self.relations),
+            "function": list(self.function),
+            "ct": [self.ct],
+            "mr": [self.mr],
+            "hu": [s for s in (self.hu_sentence(), self.hu_note) if s],
+            "pathology": list(self.pathology),
+            "clues": [self.clue_sentence(clue) for clue in self.clues],
+        }
+        topics = [topic] if topic else list(FACT_TOPICS)
+        return [Fact(self.key, name, text) for name in topics for text in by_topic[name]]
+
+
+def normalise_name(name: str) -> str:
+    """Names compare as :func:`mimo_chat.data.names.canonical_name` does ('Kidney, Left' == 'left kidney')."""
+    return canonical_name(name)
+
+
+class KnowledgeBase:
+    """Lookup of :class:`KnowledgeEntry` by key, name or synonym."""
+
+    def __init__(self, entries: list[KnowledgeEntry], references: dict[str, str]):
+        self.entries = {entry.key: entry for entry in entries}
+        self.references = references
+        self._by_name: dict[str, str] = {}
+        for entry in entries:  # keys and names first so that shared synonyms ("tumour") never shadow them
+            self._by_name.setdefault(normalise_name(entry.key), entry.key)
+            self._by_name.setdefault(normalise_name(entry.name), entry.key)
+        for entry in entries:
+            for synonym in entry.synonyms:
+                self._by_name.setdefault(normalise_name(synonym), entry.key)
+
+    def __contains__(self, name: str) -> bool:
+        return self.find(name) is not None
+
+    def __iter__(self):
+        return iter(self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def find(self, name: str) -> KnowledgeEntry | None:
+        """The entry whose key, name or synonym matches ``name`` (case, spelling and side order ignored)."""
+        key = self._by_name.get(normalise_name(name))
+        return self.entries.get(key) if key else None
+
+    def get(self, name: str) -> KnowledgeEntry:
+        entry = self.find(name)
+        if entry is None:
+            raise KeyError(f"No knowledge-base entry for {name!r}.")
+        return entry
+
+    def groups_by_clue(self) -> dict[str, list[str]]:
+        """clue -> keys of the entries that share it (both sides of a paired organ share clues)."""
+        result: dict[str, list[str]] = {}
+        for entry in self.entries.values():
+            for clue in entry.clues:
+                result.setdefault(clue, []).append(entry.key)
+        return result
+
+
+def _resolve(raw: dict, abstract: dict[str, dict], template: str) -> KnowledgeEntry:
+    parent = abstract.get(raw.get("extends", ""), {})
+    merged = {**parent, **raw}
+    merged["synonyms"] = list(raw.get("synonyms", []))  # a parent's synonyms name the pair, not one side
+    snomed = merged.get("snomed")
+    hu = merged.get("hu")
+    return KnowledgeEntry(
+        key=merged["key"],
+        name=merged["name"],
+        group=raw.get("extends", merged["key"]),
+        kind=merged["kind"],
+        region=merged["region"],
+        synonyms=tuple(merged["synonyms"]),
+        snomed=SnomedCode(**{k: v for k, v in snomed.items() if k != "note"}) if snomed else None,
+        location=merged["location"],
+        relations=tuple(merged.get("relations", [])),
+        function=tuple(merged.get("function", [])),
+        ct=merged["ct"],
+        mr=merged["mr"],
+        hu=(hu["min"], hu["max"], hu["phase"]) if hu else None,
+        hu_note=hu.get("note") if hu else None,
+        pathology=tuple(merged.get("pathology", [])),
+        clues=tuple(merged.get("clues", [])),
+        sources=tuple(merged.get("sources", [])),
+        hu_sentence_template=template,
+    )
+
+
+@lru_cache(maxsize=4)
+def load_knowledge_base(path: str | Path = KNOWLEDGE_BASE_PATH) -> KnowledgeBase:
+    """Read and resolve the knowledge-base JSON (cached: the returned object is never mutated)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    abstract = {raw["key"]: raw for raw in data["entries"] if raw.get("abstract")}
+    entries = [_resolve(raw, abstract, data["hu_sentence"]) for raw in data["entries"] if not raw.get("abstract")]
+    return KnowledgeBase(entries, data["references"])
+
+
+def read_snomed_table(csv_path: str | Path) -> dict[str, SnomedCode]:
+    """Parse TotalSegmentator's ``totalsegmentator_snomed_mapping.csv`` into structure -> code."""
+    table: dict[str, SnomedCode] = {}
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            modifier = row.get("SegmentedPropertyTypeModifierCodeSequence.CodeValue") or None
+            table[row["Structure"]] = SnomedCode(
+                structure=row["Structure"],
+                code=row["SegmentedPropertyTypeCodeSequence.CodeValue"],
+                meaning=row["SegmentedPropertyTypeCodeSequence.CodeMeaning"],
+                modifier_code=modifier,
+                modifier_meaning=row.get("SegmentedPropertyTypeModifierCodeSequence.CodeMeaning") or None,
+            )
+    return table
+
+
+def totalsegmentator_snomed_table() -> dict[str, SnomedCode]:
+    """The SNOMED table from the ``totalsegmentator`` wheel, fetched once from PyPI into the cache."""
+    from mimo_chat.resources import fetch_registry_package
+
+    return read_snomed_table(fetch_registry_package(TOTALSEGMENTATOR_SPEC) / SNOMED_TABLE)
