@@ -1,0 +1,310 @@
+"""Event handlers of the app: convert Gradio values to predictor calls and back.
+
+No tensor code lives here: the predictor encodes, segments and streams; :mod:`render`
+draws. Every handler turns a failure into a readable chat message (or, for the API,
+a ``gr.Error``) and leaves the session usable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+
+from mimo_chat.app.examples import example_path
+from mimo_chat.app.render import Layer, color_for, highlight, legend_html, mask_png, strip_tags
+from mimo_chat.app.session import Session, Turn
+from mimo_chat.generation import Done, MaskReady, TextDelta
+from mimo_chat.imaging import WINDOW_PRESETS, ImageLoadError
+
+logger = logging.getLogger(__name__)
+
+GENERIC_ERROR = "Sorry, something went wrong while {action}. Please try again or load another image."
+NEEDS_IMAGE = "Please load an image first: upload a file or pick an example study."
+
+
+class UserInputError(ValueError):
+    """A problem with what the user gave us; its message is shown as it is."""
+
+
+def readable_error(error: Exception, action: str) -> str:
+    """The chat text for ``error``: loader and input messages verbatim, anything else generic and logged.
+
+    The log gets the exception type and code locations only (no message, no file names), so no
+    patient data from paths or DICOM headers ends up in server logs.
+    """
+    if isinstance(error, (ImageLoadError, UserInputError)):
+        return str(error)
+    location = "".join(traceback.format_tb(error.__traceback__, limit=-3)).strip()
+    logger.error("error while %s: %s\n%s", action, type(error).__name__, location)
+    return GENERIC_ERROR.format(action=action)
+
+
+def say(session: Session, text: str) -> list[dict]:
+    """Add an assistant message to the session's chat; returns a copy of the chat for the Chatbot."""
+    session.messages.append({"role": "assistant", "content": text})
+    return session.chat()
+
+
+def parse_json_list(text: str | None, width: int, name: str) -> list[list[float]]:
+    """Parse ``[[...], ...]`` with ``width`` numbers per row; empty text is an empty list."""
+    if text is None or not str(text).strip():
+        return []
+    try:
+        rows = json.loads(text)
+        rows = [[float(v) for v in row] for row in rows]
+    except (ValueError, TypeError) as error:
+        raise UserInputError(f"{name} must be JSON like {'[[x0, y0, x1, y1]]' if width == 4 else '[[x, y, 1]]'}.") from error
+    if any(len(row) != width for row in rows):
+        raise UserInputError(f"Each entry of {name} needs {width} numbers.")
+    return rows
+
+
+class Callbacks:
+    """Handlers bound to one predictor; every user's data arrives through ``gr.State``."""
+
+    def __init__(self, predictor, workdir: str | Path, model_name: str = ""):
+        self.predictor = predictor
+        self.workdir = Path(workdir)
+        self.model_name = model_name
+
+    # ------------------------------------------------------------------ helpers
+    def session(self, state: Session | None) -> Session:
+        return state if state is not None else Session.create(self.workdir)
+
+    def view_outputs(self, session: Session) -> tuple:
+        """(state, viewer image, box editor value, legend html)."""
+        if not session.loaded:
+            return session, None, None, legend_html([])
+        boxes = [
+            {"xmin": b[0], "ymin": b[1], "xmax": b[2], "ymax": b[3], "color": (255, 225, 25)} for b in session.boxes
+        ]
+        editor = {"image": session.render(include_boxes=False), "boxes": boxes}
+        return session, session.render(), editor, legend_html(session.layers())
+
+    def load_outputs(self, session: Session) -> tuple:
+        """View outputs + plane, slice slider, window, width, level, study info, chat."""
+        study = session.study
+        volume = study.is_volume
+        slider = gr.Slider(minimum=0, maximum=max(session.num_slices() - 1, 1), value=session.slice_index,
+                           step=1, visible=volume)
+        window_name = session.window if isinstance(session.window, str) else "custom"
+        width, level = WINDOW_PRESETS.get(window_name, (None, None)) if isinstance(session.window, str) else session.window
+        details = ", ".join(f"{k}: {v}" for k, v in study.descriptors.items())
+        notes = "".join(f"\n- {note}" for note in study.notes)
+        info = f"**{session.source_name}** — {details}{notes}"
+        height, width_px = session.image_shape()
+        say(session, f"Loaded **{session.source_name}** ({study.modality}, {width_px}×{height} pixels"
+                         f"{', volume' if volume else ''}). Click a structure, draw a box, or ask a question.")
+        return (*self.view_outputs(session), gr.Radio(value=session.plane, visible=volume), slider,
+                gr.Dropdown(value=window_name), width, level, info, session.chat())
+
+    def segment_prompts(self, session: Session) -> None:
+        """Run the plain segmentation path for the current clicks and boxes."""
+        if not session.has_prompts():
+            session.prompt_layers = []
+            return
+        result = self.predictor.segment(session.ensure_context(self.predictor), **session.prompt_arguments())
+        session.set_prompt_masks(result.masks, result.scores)
+
+    # ------------------------------------------------------------------ study and view
+    def load_upload(self, file_path: str | None, state: Session | None) -> tuple:
+        session = self.session(state)
+        if not file_path:
+            return (session, *[gr.skip()] * 9, session.chat())
+        try:
+            source = Path(file_path)
+            if not source.is_file() or source.stat().st_size == 0:
+                raise ImageLoadError("The uploaded file is empty.")
+            target = session.workdir / "upload" / source.name
+            shutil.rmtree(target.parent, ignore_errors=True)
+            target.parent.mkdir(parents=True)
+            shutil.copy2(source, target)  # the session folder is deleted with the session
+            session.load(target, name=source.name)
+            return self.load_outputs(session)
+        except Exception as error:  # noqa: BLE001 - shown to the user as a message
+            return (session, *[gr.skip()] * 9, say(session, readable_error(error, "opening the file")))
+
+    def load_example(self, name: str | None, state: Session | None) -> tuple:
+        session = self.session(state)
+        if not name:
+            return (session, *[gr.skip()] * 9, session.chat())
+        try:
+            session.load(example_path(name), name=name)
+            return self.load_outputs(session)
+        except Exception as error:  # noqa: BLE001 - shown to the user as a message
+            return (session, *[gr.skip()] * 9, say(session, readable_error(error, "opening the example")))
+
+    def prepare(self, state: Session | None) -> Session | None:
+        """Encode the current view right after it is shown, so the first token comes quickly."""
+        if state is not None and state.loaded:
+            try:
+                state.ensure_context(self.predictor)
+            except Exception as error:  # noqa: BLE001 - the next action reports it in the chat
+                readable_error(error, "preparing the image")
+        return state
+
+    def change_view(self, plane: str, index: float, window: str, width: float | None, level: float | None,
+                    state: Session | None) -> tuple:
+        session = self.session(state)
+        if not session.loaded:
+            return (*self.view_outputs(session), gr.skip(), gr.skip(), gr.skip(), session.chat())
+        try:
+            if window == "custom":
+                if not width or width <= 0 or level is None:
+                    raise UserInputError("A custom window needs a width above 0 and a level.")
+                chosen: Any = (float(width), float(level))
+            else:
+                chosen = window
+                width, level = WINDOW_PRESETS.get(window, (width, level))
+            session.set_view(plane or "axial", int(index or 0), chosen)
+            slider = gr.Slider(maximum=max(session.num_slices() - 1, 1), value=session.slice_index)
+            return (*self.view_outputs(session), slider, width, level, session.chat())
+        except Exception as error:  # noqa: BLE001 - shown to the user as a message
+            return (session, *[gr.skip()] * 6, say(session, readable_error(error, "changing the view")))
+
+    # ------------------------------------------------------------------ prompts
+    def click(self, mode: str, state: Session | None, event: gr.SelectData) -> tuple:
+        x, y = event.index[0], event.index[1]
+        return self.add_point(x, y, mode != "Point −", state)
+
+    def add_point(self, x: float, y: float, positive: bool, state: Session | None) -> tuple:
+        session = self.session(state)
+        if not session.loaded:
+            return (*self.view_outputs(session), say(session, NEEDS_IMAGE))
+        try:
+            try:
+                session.add_point(float(x), float(y), bool(positive))
+            except ValueError as error:
+                raise UserInputError(str(error)) from error
+            self.segment_prompts(session)
+            return (*self.view_outputs(session), session.chat())
+        except Exception as error:  # noqa: BLE001 - shown to the user as a message
+            return (*self.view_outputs(session), say(session, readable_error(error, "segmenting your click")))
+
+    def boxes_from_editor(self, value: dict | None, state: Session | None) -> tuple:
+        session = self.session(state)
+        if not session.loaded or value is None:
+            return (session, *[gr.skip()] * 4)
+        boxes = [[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in (value.get("boxes") or [])]
+        try:
+            if not session.set_boxes(boxes):  # our own update of the editor comes back here: nothing to do
+                return (session, *[gr.skip()] * 4)
+            self.segment_prompts(session)
+            return (*self.view_outputs(session), session.chat())
+        except Exception as error:  # noqa: BLE001 - shown to the user as a message
+            return (*self.view_outputs(session), say(session, readable_error(error, "segmenting your box")))
+
+    def set_boxes(self, boxes_json: str, state: Session | None) -> tuple:
+        session = self.session(state)
+        if not session.loaded:
+            return (*self.view_outputs(session), say(session, NEEDS_IMAGE))
+        try:
+            session.set_boxes(parse_json_list(boxes_json, 4, "boxes"))
+            self.segment_prompts(session)
+            return (*self.view_outputs(session), session.chat())
+        except Exception as error:  # noqa: BLE001 - shown to the user as a message
+            return (*self.view_outputs(session), say(session, readable_error(error, "segmenting your box")))
+
+    def undo(self, state: Session | None) -> tuple:
+        return self._edit_prompts(state, clear=False)
+
+    def clear(self, state: Session | None) -> tuple:
+        return self._edit_prompts(state, clear=True)
+
+    def _edit_prompts(self, state: Session | None, clear: bool) -> tuple:
+        session = self.session(state)
+        if not session.loaded:
+            return (*self.view_outputs(session), session.chat())
+        try:
+            if clear:
+                session.clear_prompts()
+                session.reply_layers = []
+            else:
+                session.undo()
+                self.segment_prompts(session)
+            return (*self.view_outputs(session), session.chat())
+        except Exception as error:  # noqa: BLE001 - shown to the user as a message
+            return (*self.view_outputs(session), say(session, readable_error(error, "updating the prompts")))
+
+    def set_mode(self, mode: str, state: Session | None) -> tuple:
+        """Show the click viewer for points, the box editor for boxes (refreshed with the current view)."""
+        boxes = mode == "Box"
+        session = self.session(state)
+        _, image, editor, _ = self.view_outputs(session)
+        return (gr.Image(value=image, visible=not boxes), gr.update(value=editor, visible=boxes))
+
+    # ------------------------------------------------------------------ chat
+    def respond(self, question: str | None, state: Session | None) -> Iterator[tuple]:
+        """Stream one answer: (textbox, chat, viewer, box editor, legend, state) per update."""
+        session = self.session(state)
+        question = (question or "").strip()
+        skip = gr.skip()
+        if not question:
+            yield (skip, session.chat(), skip, skip, skip, session)
+            return
+        session.messages.append({"role": "user", "content": question})
+        if not session.loaded:
+            yield ("", say(session, NEEDS_IMAGE), skip, skip, skip, session)
+            return
+        say(session, "…")
+        yield ("", session.chat(), skip, skip, skip, session)
+        raw, layers = "", []
+        try:
+            context = session.ensure_context(self.predictor)
+            session.reply_layers = layers
+            events = self.predictor.stream(context, question, history=session.history(), **session.prompt_arguments())
+            for event in events:
+                if isinstance(event, TextDelta):
+                    raw += event.text
+                    session.set_last(highlight(strip_tags(raw), layers) or "…")
+                    yield ("", session.chat(), skip, skip, skip, session)
+                elif isinstance(event, MaskReady):
+                    layers.append(Layer(event.phrase, color_for(event.index), event.mask, event.box, event.score))
+                    session.set_last(highlight(strip_tags(raw), layers))
+                    _, image, editor, legend = self.view_outputs(session)
+                    yield ("", session.chat(), image, editor, legend, session)
+                elif isinstance(event, Done):
+                    reply = event.reply
+                    layers = layers_from_reply(reply)
+                    session.reply_layers = layers
+                    session.turns.append(Turn(question, reply.raw_text, reply.text, layers,
+                                              [list(b) for b in session.boxes], [list(p) for p in session.points]))
+                    session.set_last(highlight(reply.text, layers) or "(empty answer)")
+                    _, image, editor, legend = self.view_outputs(session)
+                    yield ("", session.chat(), image, editor, legend, session)
+        except Exception as error:  # noqa: BLE001 - shown to the user as a message
+            session.reply_layers = []
+            session.set_last(readable_error(error, "answering"))
+            _, image, editor, legend = self.view_outputs(session)
+            yield ("", session.chat(), image, editor, legend, session)
+
+
+def layers_from_reply(reply) -> list[Layer]:
+    """One coloured layer per grounded phrase of a finished reply (mask may be None: "no mask")."""
+    return [
+        Layer(phrase.phrase, color_for(index), phrase.mask, phrase.box, phrase.score)
+        for index, phrase in enumerate(reply.phrases)
+    ]
+
+
+def write_masks(layers: list[Layer], folder: Path, prefix: str = "mask") -> list[Path | None]:
+    """Save each layer's mask as a PNG in ``folder``; None for a phrase without a mask."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path | None] = []
+    for index, layer in enumerate(layers):
+        if layer.mask is None:
+            paths.append(None)
+            continue
+        slug = "".join(c if c.isalnum() else "_" for c in layer.phrase.lower())[:40].strip("_") or "phrase"
+        path = folder / f"{prefix}_{index}_{slug}.png"
+        mask_png(np.asarray(layer.mask, dtype=bool), path)
+        paths.append(path)
+    return paths

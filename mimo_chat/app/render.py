@@ -1,0 +1,168 @@
+"""Drawing for the app: colour-matched mask overlays, prompts, the legend and highlighted replies.
+
+Everything here works on plain numpy images in the display frame of the current
+slice: ``(H, W, 3)`` uint8, x right, y down, origin at the top-left pixel corner.
+Masks are ``(H, W)`` bool. No model code lives here.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+# Distinct, colour-blind-aware colours for grounded phrases (Trubetskoy's palette, yellow kept for prompts).
+PHRASE_COLORS = (
+    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
+    "#42d4f4", "#f032e6", "#bfef45", "#469990", "#9a6324",
+)
+PROMPT_COLOR = "#ffe119"  # the mask from the user's own clicks and boxes
+NEGATIVE_POINT_COLOR = "#ff3030"
+POSITIVE_POINT_COLOR = "#30ff60"
+MASK_ALPHA = 0.45
+
+# <p>, </p>, <SEG>, {<x0><y0><x1><y1>} and any other <TOKEN> the model may emit; a trailing "<" piece
+# of a tag that is still streaming is dropped too.
+_TAG = re.compile(r"\{(?:<\d+>){4}\}|</?p>|<[A-Za-z_/][A-Za-z0-9_/|]*>|<\d+>|<[^<>\s]{0,12}$")
+
+
+@dataclass
+class Layer:
+    """One coloured thing on the image: a grounded phrase, or the mask from the user's prompts."""
+
+    phrase: str
+    color: str  # "#rrggbb"
+    mask: np.ndarray | None  # (H, W) bool, or None when the model gave no mask for the phrase
+    box: list[float] | None = None  # [x0, y0, x1, y1] in display pixels, x1/y1 exclusive
+    score: float | None = None
+    from_prompt: bool = False  # True for the mask of the user's own clicks/boxes (no phrase box drawn)
+
+
+def color_for(index: int) -> str:
+    """Colour of the ``index``-th grounded phrase of a reply."""
+    return PHRASE_COLORS[index % len(PHRASE_COLORS)]
+
+
+def hex_to_rgb(color: str) -> tuple[int, int, int]:
+    value = color.lstrip("#")
+    return int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16)
+
+
+def strip_tags(text: str) -> str:
+    """Reply text with the grounding tags removed: what a reader sees (``<p>liver</p><SEG>`` -> ``liver``)."""
+    return re.sub(r"[ \t]{2,}", " ", _TAG.sub("", text))
+
+
+def overlay(image: np.ndarray, layers: list[Layer], alpha: float = MASK_ALPHA) -> np.ndarray:
+    """Blend each layer's mask in its colour over ``image`` (H, W, 3) uint8 and trace its outline."""
+    out = image.astype(np.float32).copy()
+    for layer in layers:
+        if layer.mask is None or not layer.mask.any():
+            continue
+        mask = layer.mask.astype(bool)
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask {mask.shape} does not match the image {image.shape[:2]}")
+        rgb = np.array(hex_to_rgb(layer.color), dtype=np.float32)
+        out[mask] = (1.0 - alpha) * out[mask] + alpha * rgb
+        edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, min(image.shape[:2]) // 256))
+        out[edge] = rgb
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def draw_prompts(
+    image: np.ndarray,
+    points: list[list[float]],
+    boxes: list[list[float]],
+    phrase_layers: list[Layer] = (),
+) -> np.ndarray:
+    """Draw the user's points ``[x, y, label]`` and boxes (yellow), and each phrase's box in its colour."""
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    size = max(image.shape[:2])
+    width = max(1, size // 200)
+    radius = max(3, size // 80)
+    for layer in phrase_layers:
+        if layer.box is not None and (layer.box[2] > layer.box[0]) and (layer.box[3] > layer.box[1]):
+            x0, y0, x1, y1 = layer.box
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=hex_to_rgb(layer.color), width=width)
+    for x0, y0, x1, y1 in boxes:
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=hex_to_rgb(PROMPT_COLOR), width=width + 1)
+    for x, y, label in points:
+        fill = POSITIVE_POINT_COLOR if label else NEGATIVE_POINT_COLOR
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=fill, outline=(255, 255, 255), width=1)
+        if not label:  # a bar makes negative points readable without colour
+            draw.line([x - radius + 2, y, x + radius - 2, y], fill=(255, 255, 255), width=max(1, width))
+    return np.asarray(canvas)
+
+
+def compose(
+    image: np.ndarray,
+    layers: list[Layer],
+    points: list[list[float]] = (),
+    boxes: list[list[float]] = (),
+) -> np.ndarray:
+    """The full view: masks, then phrase boxes, then the user's prompts on top."""
+    phrase_layers = [layer for layer in layers if not layer.from_prompt]
+    return draw_prompts(overlay(image, layers), list(points), list(boxes), phrase_layers)
+
+
+def legend_html(layers: list[Layer]) -> str:
+    """A small table: colour swatch -> phrase -> confidence (or "no mask")."""
+    if not layers:
+        return "<div class='mimo-legend mimo-legend-empty'>No masks yet: click the image, draw a box or ask.</div>"
+    rows = []
+    for layer in layers:
+        has_mask = layer.mask is not None and bool(layer.mask.any())
+        confidence = f"{layer.score:.2f}" if (has_mask and layer.score is not None) else ""
+        status = confidence if has_mask else "<em>no mask</em>"
+        swatch = f"<span class='mimo-swatch' style='background:{layer.color}'></span>"
+        rows.append(
+            f"<tr class='mimo-legend-row' data-color='{layer.color}'><td>{swatch}</td>"
+            f"<td>{html.escape(layer.phrase)}</td><td>{status}</td></tr>"
+        )
+    header = "<tr><th></th><th>phrase</th><th>confidence</th></tr>"
+    return f"<table class='mimo-legend'>{header}{''.join(rows)}</table>"
+
+
+def _phrase_span(phrase_text: str, layer: Layer) -> str:
+    r, g, b = hex_to_rgb(layer.color)
+    has_mask = layer.mask is not None and bool(layer.mask.any())
+    style = f"background-color: rgba({r}, {g}, {b}, 0.35); border-bottom: 3px solid {layer.color}; padding: 0 2px;"
+    marker = "" if has_mask else " <sup class='mimo-nomask'>(no mask)</sup>"
+    css = "mimo-phrase" if has_mask else "mimo-phrase mimo-phrase-nomask"
+    return f"<span class='{css}' data-color='{layer.color}' style='{style}'>{html.escape(phrase_text)}{marker}</span>"
+
+
+def highlight(text: str, layers: list[Layer]) -> str:
+    """HTML of ``text`` (tags already stripped) with each phrase wrapped in a span of its colour.
+
+    Phrases are searched in reply order, each after the previous one; a phrase that is not in the
+    text (the model may paraphrase) is appended as a coloured chip so no grounded phrase is hidden.
+    """
+    pieces: list[str] = []
+    cursor = 0
+    lowered = text.lower()
+    missing: list[Layer] = []
+    for layer in layers:
+        needle = layer.phrase.strip().lower()
+        start = lowered.find(needle, cursor) if needle else -1
+        if start < 0:
+            missing.append(layer)
+            continue
+        end = start + len(needle)
+        pieces.append(html.escape(text[cursor:start]))
+        pieces.append(_phrase_span(text[start:end], layer))
+        cursor = end
+    pieces.append(html.escape(text[cursor:]))
+    if missing:
+        pieces.append("<br>" + " ".join(_phrase_span(layer.phrase, layer) for layer in missing))
+    return "".join(pieces)
+
+
+def mask_png(mask: np.ndarray, path) -> None:
+    """Save an (H, W) bool mask as an 8-bit PNG (255 inside, 0 outside)."""
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(path)

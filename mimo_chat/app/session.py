@@ -1,0 +1,228 @@
+"""Per-user state of the app, kept in a ``gr.State`` (never in module globals).
+
+A :class:`Session` holds the loaded study, the current view (plane, slice, window),
+the image context the predictor encoded for that view, the user's prompts, the
+masks on screen and the conversation. Each session owns a private temporary
+folder for its upload and exports; :meth:`Session.cleanup` deletes it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mimo_chat.app.render import PROMPT_COLOR, Layer, compose
+from mimo_chat.imaging import Study, load_study
+
+Window = str | tuple[float, float]
+
+
+@dataclass
+class Turn:
+    """One question and its answer, kept for multi-turn history and the JSON export."""
+
+    question: str
+    raw_reply: str  # with grounding tags, fed back to the model as history
+    reply: str  # tags stripped
+    layers: list[Layer]
+    boxes: list[list[float]]
+    points: list[list[float]]
+
+
+@dataclass
+class Session:
+    """Everything one user has on screen. Coordinates are display pixels of the current slice."""
+
+    workdir: Path
+    study: Study | None = None
+    source_name: str = ""
+    plane: str = "axial"
+    slice_index: int = 0
+    window: Window = "auto"
+    context: Any = None  # predictor context for (plane, slice, window); re-encoded when the view changes
+    context_key: tuple | None = None
+    points: list[list[float]] = field(default_factory=list)  # [x, y, label], label 1 = positive, 0 = negative
+    boxes: list[list[float]] = field(default_factory=list)  # [x0, y0, x1, y1]
+    prompt_order: list[str] = field(default_factory=list)  # "point" / "box", newest last (for undo)
+    prompt_layers: list[Layer] = field(default_factory=list)  # masks from the plain segment path
+    reply_layers: list[Layer] = field(default_factory=list)  # masks of the latest reply's phrases
+    turns: list[Turn] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)  # the Chatbot's messages, {"role", "content"}
+    exports: int = 0
+    _display: tuple[tuple, np.ndarray] | None = field(default=None, repr=False)  # (view key, image) cache
+
+    @classmethod
+    def create(cls, root: str | Path) -> Session:
+        """A new session with its own folder under ``root``."""
+        Path(root).mkdir(parents=True, exist_ok=True)
+        return cls(workdir=Path(tempfile.mkdtemp(prefix="session_", dir=root)))
+
+    # ------------------------------------------------------------------ study and view
+    def load(self, path: str | Path, name: str | None = None) -> None:
+        """Load a study from ``path`` (kept inside the session folder) and reset view, prompts and masks.
+
+        Raises ``ImageLoadError`` with a readable message; the previous study stays loaded then.
+        """
+        study = load_study(path)
+        self.study = study
+        self.source_name = name or Path(path).name
+        self.plane = "axial"
+        self.slice_index = study.num_slices("axial") // 2 if study.is_volume else 0
+        self.window = study.default_window
+        self.context = None
+        self.context_key = None
+        self.clear_prompts()
+        self.reply_layers = []
+
+    @property
+    def loaded(self) -> bool:
+        return self.study is not None
+
+    def num_slices(self) -> int:
+        if self.study is None or not self.study.is_volume:
+            return 1
+        return self.study.num_slices(self.plane)
+
+    def set_view(self, plane: str, slice_index: int, window: Window) -> bool:
+        """Move to another plane/slice/window; masks and prompts belong to the old view and are cleared.
+
+        Returns True when the displayed image changed.
+        """
+        if self.study is None:
+            return False
+        slice_index = int(np.clip(slice_index, 0, max(0, self.num_slices_for(plane) - 1)))
+        changed_geometry = (plane, slice_index) != (self.plane, self.slice_index)
+        changed = changed_geometry or window != self.window
+        if changed_geometry:
+            self.clear_prompts()
+        if changed:
+            self.reply_layers = []
+            self.prompt_layers = []
+        self.plane, self.slice_index, self.window = plane, slice_index, window
+        return changed
+
+    def num_slices_for(self, plane: str) -> int:
+        if self.study is None or not self.study.is_volume:
+            return 1
+        return self.study.num_slices(plane)
+
+    def image(self) -> np.ndarray:
+        """The current display image, (H, W, 3) uint8."""
+        if self.study is None:
+            raise RuntimeError("no study loaded")
+        key = self.view_key()
+        if self._display is None or self._display[0] != key:
+            index = self.slice_index if self.study.is_volume else None
+            self._display = (key, self.study.display(index, self.plane, self.window))
+        return self._display[1]
+
+    def view_key(self) -> tuple:
+        return (id(self.study), self.plane, self.slice_index, self.window)
+
+    def ensure_context(self, predictor) -> Any:
+        """Encode the current view once; reuse the context until the view changes."""
+        key = self.view_key()
+        if self.context is None or self.context_key != key:
+            self.context = predictor.encode(self.image())
+            self.context_key = key
+        return self.context
+
+    # ------------------------------------------------------------------ prompts
+    def add_point(self, x: float, y: float, positive: bool) -> None:
+        height, width = self.image_shape()
+        if not (0 <= x < width and 0 <= y < height):
+            raise ValueError(f"The point ({x:.0f}, {y:.0f}) is outside the {width}x{height} image.")
+        self.points.append([float(x), float(y), 1 if positive else 0])
+        self.prompt_order.append("point")
+
+    def set_boxes(self, boxes: list[list[float]]) -> bool:
+        """Replace the boxes (the box editor sends all of them). Returns True when they changed."""
+        height, width = self.image_shape()
+        cleaned = []
+        for box in boxes:
+            x0, y0, x1, y1 = (float(v) for v in box)
+            x0, x1 = sorted((min(max(x0, 0), width), min(max(x1, 0), width)))
+            y0, y1 = sorted((min(max(y0, 0), height), min(max(y1, 0), height)))
+            if x1 - x0 >= 1 and y1 - y0 >= 1:
+                cleaned.append([x0, y0, x1, y1])
+        if cleaned == self.boxes:
+            return False
+        added = len(cleaned) - len(self.boxes)
+        self.boxes = cleaned
+        self.prompt_order = [kind for kind in self.prompt_order if kind != "box"] + ["box"] * len(cleaned)
+        if added < 0 and not cleaned:
+            self.prompt_layers = []
+        return True
+
+    def undo(self) -> None:
+        """Remove the newest point or box."""
+        if not self.prompt_order:
+            return
+        kind = self.prompt_order.pop()
+        if kind == "point" and self.points:
+            self.points.pop()
+        elif kind == "box" and self.boxes:
+            self.boxes.pop()
+        if not self.points and not self.boxes:
+            self.prompt_layers = []
+
+    def clear_prompts(self) -> None:
+        self.points, self.boxes, self.prompt_order, self.prompt_layers = [], [], [], []
+
+    def has_prompts(self) -> bool:
+        return bool(self.points or self.boxes)
+
+    def prompt_arguments(self) -> dict:
+        """Keyword arguments of ``MimoPredictor.stream/ask/segment`` for the current prompts."""
+        return {
+            "boxes": [list(b) for b in self.boxes] or None,
+            "points": [[p[0], p[1]] for p in self.points] or None,
+            "point_labels": [int(p[2]) for p in self.points] or None,
+        }
+
+    def set_prompt_masks(self, masks: np.ndarray, scores: np.ndarray) -> None:
+        """Keep the union of the masks returned for the user's prompts, shown in the prompt colour."""
+        if len(masks) == 0:
+            self.prompt_layers = []
+            return
+        union = np.any(np.asarray(masks, dtype=bool), axis=0)
+        self.prompt_layers = [Layer("your prompt", PROMPT_COLOR, union, None, float(np.max(scores)), from_prompt=True)]
+
+    def image_shape(self) -> tuple[int, int]:
+        if self.study is None:
+            raise ValueError("Load an image first.")
+        return tuple(self.image().shape[:2])
+
+    # ------------------------------------------------------------------ conversation and drawing
+    def chat(self) -> list[dict]:
+        """A copy of the chat messages for the ``gr.Chatbot``."""
+        return [dict(message) for message in self.messages]
+
+    def set_last(self, content: str) -> None:
+        """Replace the text of the newest (streaming) assistant message."""
+        self.messages[-1] = {"role": "assistant", "content": content}
+
+    def history(self) -> list[tuple[str, str]]:
+        return [(turn.question, turn.raw_reply) for turn in self.turns]
+
+    def layers(self) -> list[Layer]:
+        return self.prompt_layers + self.reply_layers
+
+    def render(self, include_boxes: bool = True) -> np.ndarray:
+        """The view with masks, phrase boxes and prompts; ``include_boxes=False`` for the box editor."""
+        return compose(self.image(), self.layers(), self.points, self.boxes if include_boxes else [])
+
+    def cleanup(self) -> None:
+        """Delete the session folder (upload, exports). Safe to call twice."""
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def cleanup_session(session: Session | None) -> None:
+    """``gr.State`` delete callback."""
+    if session is not None:
+        session.cleanup()

@@ -1,0 +1,169 @@
+"""Layout of the app and the wiring of its events: ``build_demo(predictor) -> gr.Blocks``.
+
+The predictor is passed in (nothing is loaded at import time). Every event has an
+``api_name`` so ``gradio_client`` can drive each feature; per-user data lives in
+``gr.State`` objects whose delete callback removes the session's temporary folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+from gradio_image_annotation import image_annotator
+
+from mimo_chat.app import api
+from mimo_chat.app.callbacks import Callbacks
+from mimo_chat.app.examples import example_names
+from mimo_chat.app.render import legend_html
+from mimo_chat.app.session import cleanup_session
+from mimo_chat.imaging import WINDOW_PRESETS
+
+MODES = ("Point +", "Point −", "Box")
+PLANES = ("axial", "coronal", "sagittal")
+QUICK_ACTIONS = ("Segment the pancreas", "What is in the box?", "Is there a tumour?")
+SESSION_TTL_SECONDS = 4 * 3600
+DEFAULT_CONCURRENCY = 2  # one 2-core CPU: two requests at a time, the rest wait in the queue
+
+CSS = """
+#mimo-viewer img, #mimo-editor canvas { image-rendering: pixelated; }
+.mimo-legend { border-collapse: collapse; width: 100%; }
+.mimo-legend td, .mimo-legend th { padding: 2px 6px; text-align: left; }
+.mimo-swatch { display: inline-block; width: 14px; height: 14px; border-radius: 3px; }
+.mimo-nomask { color: #888; }
+"""
+
+INTRO = (
+    "## MIMO Chat\nOpen a study or pick an example, click a structure (or draw a box) to segment it, "
+    "and ask questions: grounded phrases are highlighted in the colour of their mask. "
+    "*Research demo, not for clinical use.*"
+)
+
+
+def _maybe_gpu(function):
+    """Wrap with ``spaces.GPU`` on Hugging Face ZeroGPU Spaces; unchanged everywhere else."""
+    if importlib.util.find_spec("spaces") is None:
+        return function
+    try:
+        import spaces
+    except Exception:  # noqa: BLE001 - a broken or foreign 'spaces' package: run on CPU
+        return function
+    return spaces.GPU(function)
+
+
+def build_demo(
+    predictor,
+    *,
+    workdir: str | Path | None = None,
+    model_name: str = "",
+    concurrency_limit: int = DEFAULT_CONCURRENCY,
+) -> gr.Blocks:
+    """The MIMO Chat app around ``predictor`` (a ``MimoPredictor``), queued, not launched.
+
+    workdir: folder for per-session temporary folders (a new temporary folder when None);
+    pass it to ``launch(allowed_paths=[workdir])`` so ``/ask``'s ``mask_png`` paths can be downloaded.
+    """
+    workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="mimo_chat_app_"))
+    callbacks = Callbacks(predictor, workdir, model_name)
+    respond = _maybe_gpu(callbacks.respond)
+    ask = _maybe_gpu(functools.partial(api.ask, callbacks))
+
+    with gr.Blocks(title="MIMO Chat", delete_cache=(1800, 3600)) as demo:
+        state = gr.State(None, time_to_live=SESSION_TTL_SECONDS, delete_callback=cleanup_session)
+        api_state = gr.State(None, time_to_live=SESSION_TTL_SECONDS, delete_callback=cleanup_session)
+        gr.Markdown(INTRO + (f"\n\nModel: **{model_name}**" if model_name else ""))
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                with gr.Row():
+                    upload = gr.File(label="Open a study: PNG, JPEG, DICOM file, zipped DICOM series, NIfTI",
+                                     file_count="single", height=110, elem_id="mimo-upload")
+                    example = gr.Dropdown(example_names(), value=None, label="…or an example study",
+                                          elem_id="mimo-example")
+                mode = gr.Radio(list(MODES), value=MODES[0], label="Prompt tool (click the image / draw a box)",
+                                elem_id="mimo-mode")
+                viewer = gr.Image(type="numpy", format="png", interactive=False, height=620, show_label=False,
+                                  elem_id="mimo-viewer", placeholder="Open a study to start")
+                editor = image_annotator(None, label_list=["box"], label_colors=[(255, 225, 25)],
+                                         disable_edit_boxes=True, use_default_label=True, image_type="numpy",
+                                         sources=None, show_clear_button=False, show_download_button=False,
+                                         height=620, visible=False, show_label=False, elem_id="mimo-editor")
+                with gr.Row():
+                    undo = gr.Button("Undo prompt", size="sm", elem_id="mimo-undo")
+                    clear = gr.Button("Clear prompts and masks", size="sm", elem_id="mimo-clear")
+                with gr.Row():
+                    plane = gr.Radio(list(PLANES), value="axial", label="Plane", visible=False)
+                    slider = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False, elem_id="mimo-slice")
+                with gr.Row():
+                    window = gr.Dropdown(["auto", *WINDOW_PRESETS, "custom"], value="auto", label="Window (CT)")
+                    width = gr.Number(label="Width", minimum=1)
+                    level = gr.Number(label="Level")
+                info = gr.Markdown(elem_id="mimo-info")
+            with gr.Column(scale=2):
+                chatbot = gr.Chatbot(height=500, show_label=False, elem_id="mimo-chat", group_consecutive_messages=False,
+                                     placeholder="Answers appear here, with grounded phrases in their mask colour.")
+                with gr.Row():
+                    question = gr.Textbox(placeholder="Ask about the image…", show_label=False, scale=5,
+                                          elem_id="mimo-question", submit_btn=False)
+                    send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="mimo-send")
+                with gr.Row():
+                    quick = [gr.Button(text, size="sm") for text in QUICK_ACTIONS]
+                legend = gr.HTML(legend_html([]), elem_id="mimo-legend")
+                export = gr.Button("Export masks, boxes and conversation", size="sm", elem_id="mimo-export")
+                downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
+
+        # API-only inputs and outputs (hidden): one-call /ask, points and boxes by coordinates.
+        with gr.Column(visible=False):
+            api_file = gr.File(label="image")
+            api_question = gr.Textbox(label="question")
+            api_boxes = gr.Textbox(label="boxes JSON [[x0, y0, x1, y1], ...]", value="[]")
+            api_points = gr.Textbox(label="points JSON [[x, y, label], ...]", value="[]")
+            api_reply = gr.Textbox(label="reply")
+            api_phrases = gr.Textbox(label="phrases JSON")
+            api_overlay = gr.Image(type="numpy", format="png", label="overlay")
+            api_x = gr.Number(label="x")
+            api_y = gr.Number(label="y")
+            api_positive = gr.Checkbox(value=True, label="positive")
+            api_ask = gr.Button("ask")
+            api_point = gr.Button("add point")
+            api_box = gr.Button("set boxes")
+
+        view = [state, viewer, editor, legend]
+        loaded = [*view, plane, slider, window, width, level, info, chatbot]
+        answer = [question, chatbot, viewer, editor, legend, state]
+
+        upload.upload(callbacks.load_upload, [upload, state], loaded, api_name="load_study").then(
+            callbacks.prepare, state, state, api_name="prepare_upload", show_progress="hidden")
+        example.input(callbacks.load_example, [example, state], loaded, api_name="load_example").then(
+            callbacks.prepare, state, state, api_name="prepare_example", show_progress="hidden")
+        view_inputs = [plane, slider, window, width, level, state]
+        view_outputs = [*view, slider, width, level, chatbot]
+        plane.input(callbacks.change_view, view_inputs, view_outputs, api_name="set_plane")
+        slider.release(callbacks.change_view, view_inputs, view_outputs, api_name="set_slice").then(
+            callbacks.prepare, state, state, api_name="prepare_slice", show_progress="hidden")
+        window.input(callbacks.change_view, view_inputs, view_outputs, api_name="set_window")
+        gr.on([width.submit, level.submit], callbacks.change_view, view_inputs, view_outputs, api_name="set_custom_window")
+
+        mode.change(callbacks.set_mode, [mode, state], [viewer, editor], api_name="set_mode")
+        viewer.select(callbacks.click, [mode, state], [*view, chatbot], api_name="click")
+        editor.change(callbacks.boxes_from_editor, [editor, state], [*view, chatbot], api_name="draw_boxes",
+                      show_progress="hidden")
+        api_point.click(callbacks.add_point, [api_x, api_y, api_positive, state], [*view, chatbot],
+                        api_name="add_point")
+        api_box.click(callbacks.set_boxes, [api_boxes, state], [*view, chatbot], api_name="set_boxes")
+        undo.click(callbacks.undo, state, [*view, chatbot], api_name="undo")
+        clear.click(callbacks.clear, state, [*view, chatbot], api_name="clear")
+
+        gr.on([question.submit, send.click], respond, [question, state], answer, api_name="chat")
+        for text, button in zip(QUICK_ACTIONS, quick):
+            name = "quick_" + "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+            button.click(respond, [button, state], answer, api_name=name)
+        export.click(functools.partial(api.export, callbacks), state, [downloads, chatbot],
+                     api_name="export")
+        api_ask.click(ask, [api_file, api_question, api_boxes, api_points, api_state],
+                      [api_reply, api_phrases, api_overlay, api_state], api_name="ask")
+
+    demo.queue(default_concurrency_limit=concurrency_limit, max_size=64)
+    return demo
