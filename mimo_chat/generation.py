@@ -1,0 +1,61 @@
+"""Our decode loop: a generator of (token, hidden state) with a KV cache, readable in one screen.
+
+Each :class:`Step` carries the chosen token and the last-layer hidden state of the position that
+predicted it, so the predictor can stream text and decode a ``<SEG>`` mask in the same pass
+(see ``modeling/seg_head.py`` for why that is the ``<SEG>`` hidden state). Greedy by default.
+Per step only the last position's logits are computed and greedy decoding takes ``argmax`` of
+the raw logits (no full-vocabulary softmax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from mimo_chat.modeling.language_model import GroundingLanguageModel
+
+
+@dataclass
+class Step:
+    token_id: int
+    hidden_state: torch.Tensor  # (H,) last layer, position that predicted ``token_id``
+    logits: torch.Tensor  # (V,) the logits ``token_id`` was chosen from
+
+
+def choose_token(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> int:
+    """Greedy (``temperature == 0``) or sampled token id from (V,) logits."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probabilities = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+def decode_steps(
+    language_model: GroundingLanguageModel,
+    inputs_embeds: torch.Tensor,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int] = (),
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    forced_token_ids: Sequence[int] | None = None,
+) -> Iterator[Step]:
+    """Prefill (1, L, H) prompt embeddings, then yield one :class:`Step` per new token.
+
+    Stops after a stop token (which is yielded) or ``max_new_tokens``. ``forced_token_ids``
+    replaces the choice by given tokens (teacher forcing, for scoring and tests).
+    """
+    cache = DynamicCache()
+    output = language_model(inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    hidden, logits = output.hidden_states[0, -1], output.logits[0, -1]  # (H,), (V,)
+    steps = max_new_tokens if forced_token_ids is None else min(max_new_tokens, len(forced_token_ids))
+    for index in range(steps):
+        token = choose_token(logits, temperature, generator) if forced_token_ids is None else forced_token_ids[index]
+        yield Step(token, hidden, logits)
+        if token in stop_token_ids:
+            return
+        token_embedding = language_model.embed(torch.tensor([[token]], device=inputs_embeds.device))  # (1, 1, H)
+        output = language_model(token_embedding, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        hidden, logits = output.hidden_states[0, -1], output.logits[0, -1]

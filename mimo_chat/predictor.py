@@ -1,0 +1,229 @@
+"""MimoPredictor: what the app, the CLI and the evaluation call.
+
+    predictor = MimoPredictor.from_pretrained("lite")        # or "tiny", a folder, a hub repo id
+    context = predictor.encode(image)                         # (H, W) or (H, W, 3) uint8, once per image
+    for event in predictor.stream(context, "Segment the pancreas."):
+        ...                                                   # TextDelta, MaskReady, Done
+    reply = predictor.ask(context, "Where is the liver?", boxes=[[x0, y0, x1, y1]])
+    result = predictor.segment(context, points=[[x, y]], point_labels=[1])   # plain clicks
+
+The image embedding in the context is shared by the MIMO mask decoding and plain ``segment``
+calls (one image encoder). The context is a plain object kept by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mimo_chat.generation import decode_steps
+from mimo_chat.grounding import GroundedReply, build_reply, mask_to_box, parse_grounded_text, render_plain_text
+from mimo_chat.modeling.config import MimoConfig
+from mimo_chat.modeling.language_model import load_tokenizer
+from mimo_chat.modeling.mimo import CONFIG_NAME, WEIGHTS_NAME, MimoModel, resolve_pretrained_dir
+from mimo_chat.processing import MimoProcessor
+from mimo_chat.segmentation import ImageContext, SegmentationPredictor, SegmentationResult
+
+LITE_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mimo-lite"
+
+
+@dataclass
+class MimoContext:
+    """One encoded image."""
+
+    image: ImageContext  # (1, C, E, E) embedding, original and input sizes
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self.image.original_size
+
+
+@dataclass
+class TextDelta:
+    text: str  # new plain display text (grounding tags and boxes are not shown)
+
+
+@dataclass
+class MaskReady:
+    index: int  # index of the phrase in the final ``GroundedReply.phrases``
+    phrase: str
+    mask: np.ndarray  # (H, W) bool at the original resolution
+    box: list[float]  # tight [x0, y0, x1, y1], x1/y1 exclusive ([0, 0, 0, 0] for an empty mask)
+    score: float  # decoder-predicted IoU
+
+
+@dataclass
+class Done:
+    reply: GroundedReply
+
+
+Event = TextDelta | MaskReady | Done
+
+
+@dataclass
+class _StreamState:
+    generated: list[int] = field(default_factory=list)
+    masks: list[tuple[np.ndarray, float]] = field(default_factory=list)
+    shown: str = ""
+
+
+class MimoPredictor:
+    """Streaming, grounded chat about one image at a time (per-user state lives in the context)."""
+
+    def __init__(
+        self, model: MimoModel, processor: MimoProcessor, trained: bool = False, notes: list[str] | None = None
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.segmenter = SegmentationPredictor(model.sam, processor.transform)
+        self.trained = trained  # False: aligner / <SEG> head / LoRA are untrained
+        self.notes = list(notes or [])
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path = "lite", device: str | torch.device = "cpu", merge_lora: bool = True
+    ) -> MimoPredictor:
+        """``"tiny"`` (random), ``"lite"`` (registry weights + ``checkpoints/mimo-lite`` when present),
+        or a folder / hub repo id written by ``MimoModel.save_pretrained``."""
+        notes: list[str] = []
+        source = str(name_or_path)
+        if source == "lite" and (LITE_CHECKPOINT / WEIGHTS_NAME).is_file():
+            source = str(LITE_CHECKPOINT)
+        if source in ("tiny", "lite"):
+            config = MimoConfig.preset(source)
+            tokenizer = load_tokenizer(config)
+            model = MimoModel.from_config(config, tokenizer)
+            trained = False
+            notes.append(
+                f"The '{source}' preset has no trained MIMO weights (no {LITE_CHECKPOINT / WEIGHTS_NAME}): "
+                "the aligner, <SEG> head and LoRA are random, so replies and masks are not meaningful."
+            )
+        else:
+            directory = resolve_pretrained_dir(source)
+            config = MimoConfig.load(directory / CONFIG_NAME)
+            tokenizer = load_tokenizer(config)
+            model = MimoModel.from_pretrained(directory, tokenizer)
+            trained = True
+        model = model.to(device).eval()
+        if merge_lora:
+            model.language_model.merge_lora()
+        return cls(model, MimoProcessor(config, tokenizer), trained=trained, notes=notes)
+
+    @property
+    def config(self) -> MimoConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def encode(self, image: np.ndarray) -> MimoContext:
+        """(H, W) or (H, W, 3) display image -> context (image embedding computed once)."""
+        return MimoContext(self.segmenter.encode(image))
+
+    def segment(self, ctx: MimoContext, boxes=None, points=None, point_labels=None) -> SegmentationResult:
+        """Plain promptable segmentation (no language model), see ``SegmentationPredictor.segment``."""
+        return self.segmenter.segment(ctx.image, boxes=boxes, points=points, point_labels=point_labels)
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        ctx: MimoContext,
+        question: str,
+        boxes: list[list[float]] | None = None,
+        points: list[list[float]] | None = None,
+        point_labels: list[int] | None = None,
+        history: list[tuple[str, str]] | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+    ) -> Iterator[Event]:
+        """Yield ``TextDelta`` as text arrives, ``MaskReady`` the moment each ``<SEG>`` is produced,
+        then ``Done`` with the whole grounded reply. Prompts are in original image pixels."""
+        inputs = self.processor.encode(question, ctx.original_size, boxes, points, point_labels, history)
+        device = self.device
+        prompts = inputs.prompts
+        points_tensor = None if prompts.points is None else tuple(t.to(device) for t in prompts.points)
+        boxes_tensor = None if prompts.boxes is None else prompts.boxes.to(device)
+        prompt_embeddings = self.model.embed_visual_prompts(points_tensor, boxes_tensor)  # (1, P, C)
+        embedding = ctx.image.embedding.to(device)
+        inputs_embeds = self.model.embed_inputs(
+            inputs.input_ids.to(device), embedding, inputs.question_ids.to(device), None, prompt_embeddings, None
+        )
+        state = _StreamState()
+        stop_ids = self.processor.stop_token_ids
+        steps = decode_steps(
+            self.model.language_model,
+            inputs_embeds,
+            max_new_tokens or self.config.max_new_tokens,
+            stop_ids,
+            temperature,
+        )
+        for step in steps:
+            if step.token_id in stop_ids:
+                break
+            state.generated.append(step.token_id)
+            delta = self._text_delta(state, partial=True)
+            if delta:
+                yield delta
+            if step.token_id == self.model.seg_token_id:
+                yield self._mask_ready(state, ctx, step.hidden_state, embedding, prompt_embeddings)
+        final = self._text_delta(state, partial=False)
+        if final:
+            yield final
+        yield Done(build_reply(self.processor.decode(state.generated), state.masks, ctx.original_size))
+
+    def ask(
+        self,
+        ctx: MimoContext,
+        question: str,
+        boxes: list[list[float]] | None = None,
+        points: list[list[float]] | None = None,
+        point_labels: list[int] | None = None,
+        history: list[tuple[str, str]] | None = None,
+        max_new_tokens: int | None = None,
+    ) -> GroundedReply:
+        """The whole grounded reply at once (consumes :meth:`stream`)."""
+        for event in self.stream(ctx, question, boxes, points, point_labels, history, max_new_tokens):
+            if isinstance(event, Done):
+                return event.reply
+        raise RuntimeError("stream ended without a Done event")
+
+    def _text_delta(self, state: _StreamState, partial: bool) -> TextDelta | None:
+        text = render_plain_text(self.processor.decode(state.generated), partial=partial)
+        if len(text) <= len(state.shown) or not text.startswith(state.shown):
+            return None
+        delta, state.shown = text[len(state.shown) :], text
+        return TextDelta(delta)
+
+    def _mask_ready(
+        self,
+        state: _StreamState,
+        ctx: MimoContext,
+        hidden_state: torch.Tensor,
+        embedding: torch.Tensor,
+        prompt_embeddings: torch.Tensor,
+    ) -> MaskReady:
+        """Decode the mask of the ``<SEG>`` just produced; its phrase is found by the reply parser."""
+        low_res, iou = self.model.decode_masks(
+            hidden_state[None], torch.zeros(1, dtype=torch.long, device=embedding.device), embedding, prompt_embeddings
+        )
+        full = self.processor.transform.postprocess_logits(low_res.float(), ctx.original_size)  # (1, 1, H, W)
+        mask = (full[0, 0] > 0).cpu().numpy()
+        score = float(iou[0])
+        state.masks.append((mask, score))
+        _, spans = parse_grounded_text(self.processor.decode(state.generated))
+        seg_index = len(state.masks) - 1
+        index = next(i for i, span in enumerate(spans) if span.seg_index == seg_index)
+        return MaskReady(index=index, phrase=spans[index].phrase, mask=mask, box=mask_to_box(mask), score=score)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Trained parameters + config (LoRA is unmerged for saving and merged back)."""
+        self.model.language_model.unmerge_lora()
+        try:
+            return self.model.save_pretrained(directory)
+        finally:
+            self.model.language_model.merge_lora()

@@ -1,0 +1,175 @@
+"""MimoProcessor: the only place where strings, images and pixel prompts become tensors (and back).
+
+* Images: (H, W) or (H, W, 3) arrays -> the (3, S, S) model frame via ``SamTransform``.
+* Prompts: chat-template text with history; the first user turn starts with ``num_queries``
+  ``<image>`` placeholders. The question alone is tokenized again for the aligner.
+* Visual prompts: boxes ``[[x0, y0, x1, y1], ...]`` and points ``[[x, y], ...]`` with labels
+  (1 foreground, 0 background) in original pixels -> model-frame tensors.
+* Training conversations: ids plus labels that supervise only the assistant replies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from mimo_chat.modeling.config import MimoConfig
+from mimo_chat.modeling.language_model import IMAGE_TOKEN, load_tokenizer
+from mimo_chat.modeling.transforms import SamTransform
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VisualPrompts:
+    """User prompts of one image in the model frame (see ``SamTransform``)."""
+
+    points: tuple[torch.Tensor, torch.Tensor] | None  # ((1, K, 2) float, (1, K) long)
+    boxes: torch.Tensor | None  # (N, 4) XYXY
+
+    @property
+    def empty(self) -> bool:
+        return self.points is None and self.boxes is None
+
+
+@dataclass
+class MimoInputs:
+    """Tensors for one question about one image."""
+
+    input_ids: torch.Tensor  # (1, L) chat prompt ending with the assistant header
+    question_ids: torch.Tensor  # (1, T) the question alone, for the aligner
+    prompts: VisualPrompts
+    labels: torch.Tensor | None = None  # (1, L) for training examples, IGNORE_INDEX outside replies
+
+
+class MimoProcessor:
+    """Strings/images/prompts <-> tensors for :class:`~mimo_chat.modeling.mimo.MimoModel`."""
+
+    def __init__(self, config: MimoConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.transform = SamTransform(config.image_size)
+        ends = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        self.stop_token_ids = sorted({i for i in ends if isinstance(i, int) and i != tokenizer.unk_token_id})
+
+    @classmethod
+    def from_config(cls, config: MimoConfig) -> MimoProcessor:
+        return cls(config, load_tokenizer(config))
+
+    # ----- images and visual prompts --------------------------------------------------------
+
+    def preprocess_image(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W) or (H, W, 3) array -> (1, 3, S, S) float in [0, 1]."""
+        return self.transform.apply_image(image)[None]
+
+    def visual_prompts(
+        self,
+        original_size: tuple[int, int],
+        boxes: list[list[float]] | None = None,
+        points: list[list[float]] | None = None,
+        point_labels: list[int] | None = None,
+    ) -> VisualPrompts:
+        """Pixel prompts of one image -> model frame; raises ``ValueError`` for malformed ones."""
+        model_boxes = None
+        if boxes is not None and len(boxes) > 0:
+            array = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+            if np.any(array[:, 2] <= array[:, 0]) or np.any(array[:, 3] <= array[:, 1]):
+                raise ValueError(f"boxes must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {array.tolist()}")
+            model_boxes = torch.from_numpy(self.transform.apply_boxes(array, original_size)).float()  # (N, 4)
+        model_points = None
+        if points is not None and len(points) > 0:
+            array = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+            labels = np.ones(len(array), dtype=np.int64) if point_labels is None else np.asarray(point_labels)
+            if labels.shape != (len(array),):
+                raise ValueError(f"{len(array)} points but {labels.size} point labels")
+            coords = torch.from_numpy(self.transform.apply_points(array, original_size)).float()[None]  # (1, K, 2)
+            model_points = (coords, torch.from_numpy(labels.astype(np.int64))[None])  # (1, K)
+        return VisualPrompts(points=model_points, boxes=model_boxes)
+
+    def mask_target(self, mask: np.ndarray, low_res_size: int) -> torch.Tensor:
+        """(H, W) binary mask -> (low_res_size, low_res_size) float target in the decoder frame."""
+        return (self.transform.apply_mask(np.asarray(mask).astype(np.float32), size=low_res_size) > 0.5).float()
+
+    # ----- text -----------------------------------------------------------------------------
+
+    def _messages(self, question: str, history: list[tuple[str, str]] | None) -> list[dict[str, str]]:
+        """System message, the history turns and the new question; the image opens the first user turn."""
+        placeholders = IMAGE_TOKEN * self.config.num_queries
+        messages = [{"role": "system", "content": self.config.system_prompt}]
+        for index, (asked, answered) in enumerate(history or []):
+            content = f"{placeholders}\n{asked}" if index == 0 else asked
+            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answered}]
+        content = f"{placeholders}\n{question}" if not history else question
+        return messages + [{"role": "user", "content": content}]
+
+    def prompt_text(self, question: str, history: list[tuple[str, str]] | None = None) -> str:
+        """The chat-template prompt, ending with the assistant header."""
+        return self.tokenizer.apply_chat_template(
+            self._messages(question, history), tokenize=False, add_generation_prompt=True
+        )
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def question_ids(self, question: str) -> torch.Tensor:
+        """(1, T) ids of the question alone (at most ``max_question_tokens``; at least one token)."""
+        ids = self._ids(question)[: self.config.max_question_tokens] or [self.stop_token_ids[0]]
+        return torch.tensor([ids], dtype=torch.long)
+
+    def encode(
+        self,
+        question: str,
+        original_size: tuple[int, int],
+        boxes: list[list[float]] | None = None,
+        points: list[list[float]] | None = None,
+        point_labels: list[int] | None = None,
+        history: list[tuple[str, str]] | None = None,
+    ) -> MimoInputs:
+        """One question (with its history and visual prompts) -> generation inputs."""
+        input_ids = torch.tensor([self._ids(self.prompt_text(question, history))], dtype=torch.long)
+        return MimoInputs(
+            input_ids=input_ids,
+            question_ids=self.question_ids(question),
+            prompts=self.visual_prompts(original_size, boxes, points, point_labels),
+        )
+
+    def encode_conversation(
+        self,
+        turns: list[tuple[str, str]],
+        original_size: tuple[int, int],
+        boxes: list[list[float]] | None = None,
+        points: list[list[float]] | None = None,
+        point_labels: list[int] | None = None,
+    ) -> MimoInputs:
+        """Training example: ``turns`` of (question, raw answer); labels supervise every answer and
+        its end-of-turn token. The aligner reads the LAST question."""
+        ids: list[int] = []
+        labels: list[int] = []
+        for index in range(len(turns)):
+            question, answer = turns[index]
+            prefix = self._ids(self.prompt_text(question, turns[:index]))
+            full = self._ids(
+                self.tokenizer.apply_chat_template(
+                    self._messages(question, turns[:index]) + [{"role": "assistant", "content": answer}],
+                    tokenize=False,
+                )
+            )
+            if full[: len(prefix)] != prefix or prefix[: len(ids)] != ids:
+                raise ValueError("the chat template does not tokenize turn by turn; cannot mask the prompt")
+            labels += [IGNORE_INDEX] * (len(prefix) - len(ids)) + full[len(prefix) :]
+            ids = full
+        last_question = turns[-1][0]
+        return MimoInputs(
+            input_ids=torch.tensor([ids], dtype=torch.long),
+            question_ids=self.question_ids(last_question),
+            prompts=self.visual_prompts(original_size, boxes, points, point_labels),
+            labels=torch.tensor([labels], dtype=torch.long),
+        )
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Generated ids -> raw reply text (grounding tags kept, stop tokens dropped)."""
+        kept = [i for i in token_ids if i not in self.stop_token_ids]
+        return self.tokenizer.decode(kept, skip_special_tokens=False)
