@@ -44,15 +44,15 @@ def decode_steps(
 ) -> Iterator[Step]:
     """Prefill (1, L, H) prompt embeddings, then yield one :class:`Step` per new token.
 
-    Stops after a stop token (which is yielded) or ``max_new_tokens``. ``forced_token_ids``
-    replaces the choice by given tokens (teacher forcing, for scoring and tests).
+    The first steps take ``forced_token_ids`` instead of choosing (an assistant prefix, or teacher
+    forcing for scoring); then up to ``max_new_tokens`` are chosen. Stops after a stop token (yielded).
     """
     cache = DynamicCache()
     output = language_model(inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
     hidden, logits = output.hidden_states[0, -1], output.logits[0, -1]  # (H,), (V,)
-    steps = max_new_tokens if forced_token_ids is None else min(max_new_tokens, len(forced_token_ids))
-    for index in range(steps):
-        token = choose_token(logits, temperature, generator) if forced_token_ids is None else forced_token_ids[index]
+    forced = list(forced_token_ids or [])
+    for index in range(len(forced) + max_new_tokens):
+        token = forced[index] if index < len(forced) else choose_token(logits, temperature, generator)
         yield Step(token, hidden, logits)
         if token in stop_token_ids:
             return

@@ -140,9 +140,14 @@ class MimoPredictor:
         history: list[tuple[str, str]] | None = None,
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
+        reply_prefix: str | None = None,
     ) -> Iterator[Event]:
         """Yield ``TextDelta`` as text arrives, ``MaskReady`` the moment each ``<SEG>`` is produced,
-        then ``Done`` with the whole grounded reply. Prompts are in original image pixels."""
+        then ``Done`` with the whole grounded reply. Prompts are in original image pixels.
+
+        ``reply_prefix`` (raw text, tags allowed) forces the start of the reply – an assistant
+        prefill: e.g. ``"<p>pancreas</p><SEG>"`` asks for that mask, and the model continues with up
+        to ``max_new_tokens`` more tokens."""
         inputs = self.processor.encode(question, ctx.original_size, boxes, points, point_labels, history)
         device = self.device
         prompts = inputs.prompts
@@ -161,6 +166,7 @@ class MimoPredictor:
             max_new_tokens or self.config.max_new_tokens,
             stop_ids,
             temperature,
+            forced_token_ids=self.processor.reply_prefix_ids(reply_prefix) if reply_prefix else None,
         )
         for step in steps:
             if step.token_id in stop_ids:
@@ -185,9 +191,11 @@ class MimoPredictor:
         point_labels: list[int] | None = None,
         history: list[tuple[str, str]] | None = None,
         max_new_tokens: int | None = None,
+        reply_prefix: str | None = None,
     ) -> GroundedReply:
         """The whole grounded reply at once (consumes :meth:`stream`)."""
-        for event in self.stream(ctx, question, boxes, points, point_labels, history, max_new_tokens):
+        events = self.stream(ctx, question, boxes, points, point_labels, history, max_new_tokens, 0.0, reply_prefix)
+        for event in events:
             if isinstance(event, Done):
                 return event.reply
         raise RuntimeError("stream ended without a Done event")

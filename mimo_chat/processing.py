@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mimo_chat.modeling.config import MimoConfig
-from mimo_chat.modeling.language_model import IMAGE_TOKEN, load_tokenizer
+from mimo_chat.modeling.language_model import IMAGE_TOKEN, NEW_TOKENS, load_tokenizer
 from mimo_chat.modeling.transforms import SamTransform
 
 IGNORE_INDEX = -100
@@ -43,6 +43,13 @@ class MimoInputs:
     question_ids: torch.Tensor  # (1, T) the question alone, for the aligner
     prompts: VisualPrompts
     labels: torch.Tensor | None = None  # (1, L) for training examples, IGNORE_INDEX outside replies
+
+
+def strip_model_tags(text: str) -> str:
+    """Remove ``<p>``, ``</p>``, ``<SEG>`` and ``<image>`` from user text (they are model tokens)."""
+    for tag in NEW_TOKENS:
+        text = text.replace(tag, " ")
+    return " ".join(text.split(" ")).strip() if text.strip() else text.strip()
 
 
 class MimoProcessor:
@@ -96,7 +103,11 @@ class MimoProcessor:
     # ----- text -----------------------------------------------------------------------------
 
     def _messages(self, question: str, history: list[tuple[str, str]] | None) -> list[dict[str, str]]:
-        """System message, the history turns and the new question; the image opens the first user turn."""
+        """System message, the history turns and the new question; the image opens the first user turn.
+
+        Users' questions are plain text: any grounding or image tag typed in them is removed."""
+        question = strip_model_tags(question)
+        history = [(strip_model_tags(asked), answered) for asked, answered in history or []]
         placeholders = IMAGE_TOKEN * self.config.num_queries
         messages = [{"role": "system", "content": self.config.system_prompt}]
         for index, (asked, answered) in enumerate(history or []):
@@ -116,7 +127,7 @@ class MimoProcessor:
 
     def question_ids(self, question: str) -> torch.Tensor:
         """(1, T) ids of the question alone (at most ``max_question_tokens``; at least one token)."""
-        ids = self._ids(question)[: self.config.max_question_tokens] or [self.stop_token_ids[0]]
+        ids = self._ids(strip_model_tags(question))[: self.config.max_question_tokens] or [self.stop_token_ids[0]]
         return torch.tensor([ids], dtype=torch.long)
 
     def encode(
@@ -168,6 +179,10 @@ class MimoProcessor:
             prompts=self.visual_prompts(original_size, boxes, points, point_labels),
             labels=torch.tensor([labels], dtype=torch.long),
         )
+
+    def reply_prefix_ids(self, prefix: str) -> list[int]:
+        """Ids of a forced start of the assistant reply (grounding tags become their tokens)."""
+        return self._ids(prefix)
 
     def decode(self, token_ids: list[int]) -> str:
         """Generated ids -> raw reply text (grounding tags kept, stop tokens dropped)."""

@@ -56,8 +56,8 @@ class MimoConfig:
     # generation
     max_new_tokens: int = 96
     system_prompt: str = (
-        "You are MIMO, a medical imaging assistant. When you name an anatomical structure or lesion "
-        "that is visible, write it as <p>name</p><SEG> so it can be segmented."
+        "You are MIMO, a medical imaging assistant. Answer briefly and mark every anatomical structure "
+        "or lesion you name so that it can be segmented."
     )
     seed: int = 0  # initialisation of every module that is not loaded from weights
     extra: dict = field(default_factory=dict)

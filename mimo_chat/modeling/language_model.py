@@ -162,6 +162,8 @@ class GroundingLanguageModel(nn.Module):
         lookup = torch.full((self.vocab_size,), -1, dtype=torch.long)
         lookup[ids] = torch.arange(count)
         self.register_buffer("new_token_ids", ids, persistent=False)
+        # common case: the new ids are appended right after the base vocabulary, in order
+        self.new_ids_follow_base = new_token_ids == list(range(self.base_vocab_size, self.base_vocab_size + count))
         self.register_buffer("new_token_lookup", lookup, persistent=False)  # id -> row of the new tables
 
     def _causal_lm(self) -> nn.Module:
@@ -190,6 +192,8 @@ class GroundingLanguageModel(nn.Module):
         """(..., H) -> (..., V) next-token logits, new-token columns from ``new_output_embeddings``."""
         base = self._causal_lm().get_output_embeddings()(hidden_states)  # (..., V0)
         new = hidden_states @ self.new_output_embeddings.to(hidden_states.dtype).T  # (..., N)
+        if self.new_ids_follow_base:
+            return torch.cat([base, new], dim=-1)
         if self.vocab_size > self.base_vocab_size:
             padding = base.new_full((*base.shape[:-1], self.vocab_size - self.base_vocab_size), float("-inf"))
             base = torch.cat([base, padding], dim=-1)

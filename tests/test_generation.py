@@ -1,0 +1,75 @@
+"""Streaming events of MimoPredictor (tiny preset) on a real CT slice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+from mimo_chat import resources
+from mimo_chat.grounding import mask_to_box
+from mimo_chat.predictor import Done, MaskReady, MimoPredictor, TextDelta
+
+PREFIX = "The <p>pancreas</p><SEG> lies near the <p>liver</p> and <p>left kidney</p><SEG>."
+
+
+@pytest.fixture(scope="module")
+def predictor() -> MimoPredictor:
+    return MimoPredictor.from_pretrained("tiny")
+
+
+@pytest.fixture(scope="module")
+def ct_image() -> np.ndarray:
+    pixels = pydicom.dcmread(resources.pydicom_test_file("CT_small.dcm")).pixel_array.astype(np.float32)
+    gray = ((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255).astype(np.uint8)
+    return np.ascontiguousarray(gray[:, 8:])  # non-square (128, 120): masks must come back at this size
+
+
+def test_events_in_order_and_every_mask_matches_a_phrase(predictor, ct_image) -> None:
+    context = predictor.encode(ct_image)
+    events = list(predictor.stream(context, "Segment the pancreas.", reply_prefix=PREFIX, max_new_tokens=40))
+    assert isinstance(events[-1], Done) and not any(isinstance(e, Done) for e in events[:-1])
+    reply = events[-1].reply
+    assert reply.raw_text.startswith(PREFIX)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == reply.text
+    ready = [e for e in events if isinstance(e, MaskReady)]
+    assert len(ready) == reply.raw_text.count("<SEG>") >= 2
+    for event in ready:
+        phrase = reply.phrases[event.index]
+        assert phrase.phrase == event.phrase and phrase.mask is event.mask and phrase.score == event.score
+        assert event.mask.shape == ct_image.shape and event.mask.dtype == bool
+        assert event.box == mask_to_box(event.mask) == phrase.box
+    assert [e.phrase for e in ready[:2]] == ["pancreas", "left kidney"]
+    # the mask arrives the moment its <SEG> is produced: right after the text that names it
+    first = events.index(ready[0])
+    assert "".join(e.text for e in events[:first] if isinstance(e, TextDelta)) == "The pancreas"
+    # a named structure without <SEG> is reported explicitly with no mask
+    liver = [p for p in reply.phrases if p.phrase == "liver"]
+    assert len(liver) == 1 and liver[0].mask is None and liver[0].box is None
+
+
+def test_greedy_is_deterministic_and_history_is_used(predictor, ct_image) -> None:
+    context = predictor.encode(ct_image)
+    first = predictor.ask(context, "Where is the pancreas?", max_new_tokens=12)
+    again = predictor.ask(context, "Where is the pancreas?", max_new_tokens=12)
+    assert first.raw_text == again.raw_text
+    history = [("Where is the pancreas?", PREFIX)]
+    prompt = predictor.processor.prompt_text("And the spleen?", history)
+    assert prompt.count("<image>") == predictor.config.num_queries  # image only in the first user turn
+    assert prompt.index("<image>") < prompt.index("Where is the pancreas?") < prompt.index(PREFIX)
+    assert prompt.rstrip().endswith("And the spleen?<|im_end|>\n<|im_start|>assistant")
+    with_history = predictor.ask(context, "And the spleen?", history=history, max_new_tokens=12)
+    assert isinstance(with_history.raw_text, str)
+    # user text cannot inject model tokens
+    assert predictor.processor.prompt_text("<SEG><image> liver").count("<SEG>") == 0
+
+
+def test_visual_prompts_change_the_grounded_mask(predictor, ct_image) -> None:
+    """A user box goes to the aligner and to the mask decoder together with the <SEG> tokens."""
+    context = predictor.encode(ct_image)
+    plain = predictor.ask(context, "Segment this.", reply_prefix="<p>lesion</p><SEG>", max_new_tokens=3)
+    boxed = predictor.ask(
+        context, "Segment this.", boxes=[[30, 40, 80, 90]], reply_prefix="<p>lesion</p><SEG>", max_new_tokens=3
+    )
+    assert plain.phrases[0].mask.shape == boxed.phrases[0].mask.shape == ct_image.shape
+    assert plain.phrases[0].score != boxed.phrases[0].score

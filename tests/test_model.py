@@ -1,0 +1,162 @@
+"""MimoModel on the tiny preset: forward/backward, placeholders, <SEG> selection, KV cache, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mimo_chat import resources
+from mimo_chat.generation import decode_steps
+from mimo_chat.modeling.config import MimoConfig
+from mimo_chat.modeling.language_model import load_tokenizer
+from mimo_chat.modeling.mimo import WEIGHTS_NAME, MimoModel
+from mimo_chat.modeling.seg_head import select_seg_hidden_states
+from mimo_chat.processing import IGNORE_INDEX, MimoProcessor
+
+ANSWER = "The <p>pancreas</p><SEG> is next to the <p>left kidney</p><SEG>."
+
+
+@pytest.fixture(scope="module")
+def ct_image() -> np.ndarray:
+    """pydicom's real CT slice (128 x 128), min-max scaled to uint8."""
+    pixels = pydicom.dcmread(resources.pydicom_test_file("CT_small.dcm")).pixel_array.astype(np.float32)
+    return ((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[MimoModel, MimoProcessor]:
+    config = MimoConfig.tiny()
+    tokenizer = load_tokenizer(config)
+    return MimoModel.from_config(config, tokenizer).eval(), MimoProcessor(config, tokenizer)
+
+
+def training_batch(model: MimoModel, processor: MimoProcessor, image: np.ndarray) -> dict:
+    size = image.shape[:2]
+    example = processor.encode_conversation([("Segment the pancreas and the kidney.", ANSWER)], size, boxes=[[20, 30, 90, 100]])
+    prompts = example.prompts
+    image_embeddings = model.encode_images(processor.preprocess_image(image))
+    targets = torch.stack(
+        [processor.mask_target(image > threshold, model.sam.config.low_res_size) for threshold in (100, 150)]
+    )
+    return dict(
+        input_ids=example.input_ids,
+        image_embeddings=image_embeddings,
+        question_ids=example.question_ids,
+        prompt_embeddings=model.embed_visual_prompts(prompts.points, prompts.boxes),
+        labels=example.labels,
+        target_masks=targets,
+    )
+
+
+def test_forward_backward_shapes_and_trainable_parameters(tiny, ct_image) -> None:
+    model, processor = tiny
+    batch = training_batch(model, processor, ct_image)
+    output = model(**batch)
+    length = batch["input_ids"].shape[1]
+    size = model.sam.config.low_res_size
+    assert output.logits.shape == (1, length, len(processor.tokenizer))
+    assert output.hidden_states.shape == (1, length, 32)
+    assert output.seg_hidden_states.shape == (2, 32)
+    assert output.low_res_masks.shape == (2, 1, size, size)
+    assert output.iou_scores.shape == (2,)
+    assert all(torch.isfinite(t) for t in (output.loss, output.lm_loss, output.mask_bce_loss, output.mask_dice_loss))
+    model.zero_grad(set_to_none=True)
+    output.loss.backward()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(model.trainable_state_dict())
+    assert any(name.startswith("aligner.") for name in trainable) and any(name.startswith("seg_head.") for name in trainable)
+    assert "language_model.new_input_embeddings" in trainable and "language_model.new_output_embeddings" in trainable
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        else:
+            assert parameter.grad is None, name  # SAM and the base LM stay frozen
+    assert not any(p.requires_grad for p in model.sam.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_labels_supervise_only_the_answer(tiny) -> None:
+    _, processor = tiny
+    example = processor.encode_conversation([("hi", "<p>liver</p><SEG>"), ("and?", ANSWER)], (64, 64))
+    ids, labels = example.input_ids[0], example.labels[0]
+    supervised = processor.tokenizer.decode(ids[labels != IGNORE_INDEX].tolist())
+    assert supervised == f"<p>liver</p><SEG><|im_end|>\n{ANSWER}<|im_end|>\n"
+    assert (ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum() == processor.config.num_queries
+
+
+def test_placeholder_count_mismatch_raises(tiny, ct_image) -> None:
+    model, processor = tiny
+    batch = training_batch(model, processor, ct_image)
+    ids = batch["input_ids"].clone()
+    first = int((ids[0] == model.image_token_id).nonzero()[0, 0])
+    ids[0, first] = processor.tokenizer.convert_tokens_to_ids("<p>")
+    with pytest.raises(ValueError, match="placeholder"):
+        model(**{**batch, "input_ids": ids})
+    with pytest.raises(ValueError, match="target masks"):
+        model(**{**batch, "target_masks": batch["target_masks"][:1]})
+
+
+@torch.no_grad()
+def test_seg_selection_identical_in_teacher_forcing_and_step_decoding(tiny, ct_image) -> None:
+    model, processor = tiny
+    batch = training_batch(model, processor, ct_image)
+    forward = model(**batch)
+    prompt = processor.encode("Segment the pancreas and the kidney.", ct_image.shape, boxes=[[20, 30, 90, 100]])
+    answer_ids = processor.reply_prefix_ids(ANSWER) + processor.stop_token_ids
+    assert batch["input_ids"][0, -len(answer_ids) - 1 : -1].tolist() == answer_ids  # same tokens, "\n" follows
+    embeds = model.embed_inputs(
+        prompt.input_ids, batch["image_embeddings"], prompt.question_ids, None, batch["prompt_embeddings"]
+    )
+    steps = list(decode_steps(model.language_model, embeds, 0, forced_token_ids=answer_ids))
+    hidden = torch.stack([step.hidden_state for step in steps])[None]  # (1, n, H)
+    tokens = torch.tensor([[step.token_id for step in steps]])  # (1, n)
+    stepped, index = select_seg_hidden_states(hidden, tokens, model.seg_token_id)
+    assert stepped.shape[0] == forward.seg_hidden_states.shape[0] == 2
+    torch.testing.assert_close(stepped, forward.seg_hidden_states, atol=1e-5, rtol=1e-4)
+    # ... and the masks decoded from them agree with the training forward
+    masks, scores = model.decode_masks(stepped, index[:, 0], batch["image_embeddings"], batch["prompt_embeddings"])
+    torch.testing.assert_close(masks, forward.low_res_masks, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_kv_cache_step_decoding_matches_full_forward(tiny, ct_image) -> None:
+    model, processor = tiny
+    image_embeddings = model.encode_images(processor.preprocess_image(ct_image))
+    prompt = processor.encode("What is in this image?", ct_image.shape)
+    embeds = model.embed_inputs(prompt.input_ids, image_embeddings, prompt.question_ids)
+    steps = list(decode_steps(model.language_model, embeds, 8))
+    generated = torch.tensor([[step.token_id for step in steps]])
+    full_ids = torch.cat([prompt.input_ids, generated], dim=1)
+    full = model(full_ids, image_embeddings, prompt.question_ids, decode_masks=False)
+    start = prompt.input_ids.shape[1] - 1
+    expected = full.logits[0, start : start + len(steps)]  # logits that chose each generated token
+    torch.testing.assert_close(torch.stack([step.logits for step in steps]), expected, atol=1e-4, rtol=1e-4)
+    assert generated[0].tolist() == expected.argmax(-1).tolist()
+
+
+def test_save_load_round_trip_is_exact(tiny, ct_image, tmp_path) -> None:
+    model, processor = tiny
+    with torch.no_grad():  # move every trained tensor away from its seeded initial value
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.01 * torch.randn_like(parameter))
+    model.save_pretrained(tmp_path)
+    stored = load_file(str(tmp_path / WEIGHTS_NAME))
+    assert set(stored) == set(model.trainable_state_dict())
+    assert sum(t.numel() for t in stored.values()) < 0.1 * sum(p.numel() for p in model.parameters())
+    loaded = MimoModel.from_pretrained(tmp_path, processor.tokenizer).eval()
+    assert loaded.config == model.config
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    batch = training_batch(model, processor, ct_image)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+    stored.pop(next(iter(stored)))
+    from safetensors.torch import save_file
+
+    save_file(stored, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="missing"):
+        MimoModel.from_pretrained(tmp_path, processor.tokenizer)
