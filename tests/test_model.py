@@ -41,14 +41,14 @@ def training_batch(model: MimoModel, processor: MimoProcessor, image: np.ndarray
     targets = torch.stack(
         [processor.mask_target(image > threshold, model.sam.config.low_res_size) for threshold in (100, 150)]
     )
-    return dict(
-        input_ids=example.input_ids,
-        image_embeddings=image_embeddings,
-        question_ids=example.question_ids,
-        prompt_embeddings=model.embed_visual_prompts(prompts.points, prompts.boxes),
-        labels=example.labels,
-        target_masks=targets,
-    )
+    return {
+        "input_ids": example.input_ids,
+        "image_embeddings": image_embeddings,
+        "question_ids": example.question_ids,
+        "prompt_embeddings": model.embed_visual_prompts(prompts.points, prompts.boxes),
+        "labels": example.labels,
+        "target_masks": targets,
+    }
 
 
 def test_forward_backward_shapes_and_trainable_parameters(tiny, ct_image) -> None:
@@ -117,7 +117,7 @@ def test_seg_selection_identical_in_teacher_forcing_and_step_decoding(tiny, ct_i
     assert stepped.shape[0] == forward.seg_hidden_states.shape[0] == 2
     torch.testing.assert_close(stepped, forward.seg_hidden_states, atol=1e-5, rtol=1e-4)
     # ... and the masks decoded from them agree with the training forward
-    masks, scores = model.decode_masks(stepped, index[:, 0], batch["image_embeddings"], batch["prompt_embeddings"])
+    masks, _scores = model.decode_masks(stepped, index[:, 0], batch["image_embeddings"], batch["prompt_embeddings"])
     torch.testing.assert_close(masks, forward.low_res_masks, atol=1e-4, rtol=1e-4)
 
 
