@@ -1,0 +1,117 @@
+"""Evaluate a model on a benchmark in the format of ``../shared/benchmarks/SCHEMA.md``.
+
+    python -m mimo_chat.evaluate --bench DIR --out report.json [--tasks text_seg,observe] [--limit N]
+        [--checkpoint PATH] [--model lite|tiny|engine] [--no-cache] [--no-plots]
+    python -m mimo_chat.evaluate --compare a.json b.json [...]
+
+The model is driven through ``mimo_chat.predictor.MimoPredictor`` — the same calls the app
+makes. ``--model engine`` evaluates the bare LiteMedSAM ``SegmentationPredictor`` on the
+visual-prompt tasks (``box_seg``, ``point_seg``) only. Predictions are cached in
+``<report>.predictions.jsonl`` (keyed by row id and model fingerprint) so an interrupted
+run resumes. ``report.md`` and plots are written next to ``report.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mimo_chat.evaluation import plots
+from mimo_chat.evaluation.report import compare, markdown
+from mimo_chat.evaluation.runner import (
+    TASKS,
+    ChatDriver,
+    Driver,
+    EngineDriver,
+    PredictionCache,
+    load_manifest,
+    run,
+)
+from mimo_chat.evaluation.scoring import aggregate, score_row
+
+
+def model_fingerprint(model: str, checkpoint: str | None) -> str:
+    """Identifies the weights answering: preset name, or checkpoint path with file sizes and times."""
+    if checkpoint is None:
+        return f"{model}"
+    path = Path(checkpoint).resolve()
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    digest = hashlib.sha1()
+    for file in files:
+        if file.is_file():
+            stat = file.stat()
+            digest.update(f"{file.relative_to(path.parent)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"{model}:{path.name}:{digest.hexdigest()[:12]}"
+
+
+def load_driver(model: str, checkpoint: str | None) -> Driver:
+    """A driver for ``--model``/``--checkpoint`` (imports the predictors lazily)."""
+    if model == "engine":
+        from mimo_chat.segmentation import SegmentationPredictor
+
+        return EngineDriver(SegmentationPredictor.from_pretrained())
+    from mimo_chat.predictor import MimoPredictor
+
+    return ChatDriver(MimoPredictor.from_pretrained(checkpoint or model))
+
+
+def evaluate(driver: Driver, bench: str | Path, out: str | Path, *, tasks: Sequence[str] | None = None,
+             limit: int | None = None, fingerprint: str = "model", use_cache: bool = True,
+             make_plots: bool = True, progress: bool = True) -> dict:
+    """Run, score and write ``out`` (report.json), ``report.md`` and plots; return the report."""
+    bench, out = Path(bench), Path(out)
+    wanted = [t for t in (tasks or TASKS) if t in driver.tasks]
+    rows = load_manifest(bench, wanted, limit)
+    cache = PredictionCache(out.with_suffix(".predictions.jsonl"), fingerprint) if use_cache else None
+    predictions = run(driver, bench, rows, cache, progress)
+    scores = [score_row(row, predictions.get(row["id"]), bench) for row in rows]
+    report = aggregate(rows, scores)
+    report.update(model=fingerprint, bench=str(bench))
+    skipped = sorted(set(tasks or TASKS) - set(driver.tasks))
+    if skipped:
+        report["skipped_tasks"] = skipped
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    figures = plots.write_plots(report, bench, rows, predictions, scores, out.parent, out.stem) if make_plots else []
+    out.with_suffix(".md").write_text(markdown(report, [str(f) for f in figures]))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mimo_chat.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--bench", help="benchmark folder with manifest.jsonl")
+    parser.add_argument("--out", help="report.json to write")
+    parser.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)}")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N rows (after --tasks)")
+    parser.add_argument("--checkpoint", default=None, help="model folder (default: the embedded lite model)")
+    parser.add_argument("--model", default="lite", choices=("lite", "tiny", "engine"))
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the prediction cache")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--compare", nargs="+", metavar="REPORT", help="print a side-by-side table and exit")
+    args = parser.parse_args(argv)
+    if args.compare:
+        print(compare(args.compare))
+        return 0
+    if not args.bench or not args.out:
+        parser.error("--bench and --out are required (unless --compare)")
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    if tasks and set(tasks) - set(TASKS):
+        parser.error(f"unknown tasks {sorted(set(tasks) - set(TASKS))}; choose from {TASKS}")
+    fingerprint = model_fingerprint(args.model, args.checkpoint)
+    report = evaluate(load_driver(args.model, args.checkpoint), args.bench, args.out, tasks=tasks, limit=args.limit,
+                      fingerprint=fingerprint, use_cache=not args.no_cache, make_plots=not args.no_plots,
+                      progress=sys.stderr.isatty())
+    for task, values in report["tasks"].items():
+        shown = ", ".join(f"{k}={v:.3f}" for k, v in values.items() if isinstance(v, float))
+        print(f"{task:<11} n={values['n']:<5} {shown}")
+    print(f"latency median {report['latency_s']['median']:.3f}s p95 {report['latency_s']['p95']:.3f}s; "
+          f"unparseable {report['unparseable']}, empty masks {report['empty_masks']}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

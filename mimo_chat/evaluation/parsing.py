@@ -1,0 +1,102 @@
+"""Reading answers: yes/no, "it is absent", boxes written as text, names; compact mask encoding.
+
+Name matching itself lives in :mod:`mimo_chat.data.names` (shared with the data builders).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from mimo_chat.data.names import names_structure, normalize
+
+__all__ = ["mask_to_rle", "names_structure", "parse_text_box", "parse_yes_no", "rle_to_mask", "says_absent"]
+
+_YES = {"yes", "yeah", "yep", "yup", "correct", "affirmative", "true", "present", "visible"}
+_NO = {"no", "nope", "negative", "false", "absent", "none"}
+
+_ABSENT_PATTERNS = [
+    r"\bno (visible |identifiable |obvious |evident )?[a-z ]*\b(is |are )?(seen|visible|present|shown|identified)\b",
+    r"\bthere (is|are) no\b",
+    r"\bno [a-z ]{0,40}\b(in|on) (this|the) (image|slice|scan)\b",
+    r"\b(is|are) not (visible|present|seen|shown|included|identified|depicted|in (this|the) (image|slice|scan))\b",
+    r"\b(isn t|aren t|is not|are not) (visible|present|seen|shown|there)\b",
+    r"\bnot (visible|present|seen|shown|identified|depicted)\b",
+    r"\b(does not|doesn t|do not|don t) (contain|show|include|appear|depict)\b",
+    r"\b(cannot|can not|can t|could not|couldn t) (be )?(see|find|seen|found|identify|identified|locate|located)\b",
+    r"\babsent\b",
+    r"\bnot (in|on) (this|the) (image|slice|scan)\b",
+]
+_AFFIRM_PATTERNS = [
+    r"\bthere (is|are) (a|an|the|some)\b",
+    r"\b(is|are) (visible|present|seen|shown)\b",
+    r"\b(i can see|i see|shows|contains|depicts|demonstrates|appears)\b",
+]
+
+
+def says_absent(text: str) -> bool:
+    """Whether the answer states that the structure is not in the image."""
+    clean = normalize(text)
+    return any(re.search(pattern, clean) for pattern in _ABSENT_PATTERNS)
+
+
+def parse_yes_no(text: str) -> str | None:
+    """``"yes"``, ``"no"`` or ``None`` (unparseable) from a free-text answer.
+
+    The first yes/no word decides ("Yes, there is no doubt" -> yes); without one, a
+    statement of absence means no and a statement of presence means yes.
+    """
+    words = normalize(text).split()
+    for word in words:
+        if word in {"yes", "yeah", "yep", "yup"}:
+            return "yes"
+        if word in {"no", "nope"}:
+            return "no"
+    if words and words[0] in _YES:
+        return "yes"
+    if words and words[0] in _NO:
+        return "no"
+    if says_absent(text):
+        return "no"
+    clean = " ".join(words)
+    if any(re.search(pattern, clean) for pattern in _AFFIRM_PATTERNS):
+        return "yes"
+    return None
+
+
+_GRID_BOX = re.compile(r"\{?\s*<\s*(\d+(?:\.\d+)?)\s*>\s*<\s*(\d+(?:\.\d+)?)\s*>\s*<\s*(\d+(?:\.\d+)?)\s*>\s*<\s*(\d+(?:\.\d+)?)\s*>\s*\}?")
+
+
+def parse_text_box(text: str, size: tuple[int, int]) -> list[float] | None:
+    """The first ``{<x1><y1><x2><y2>}`` box in ``text`` (0–100 grid) in pixels of an image of ``size`` (H, W).
+
+    Grid value ``v`` maps to ``v / 100 * W`` (x) or ``v / 100 * H`` (y); corners are sorted.
+    """
+    match = _GRID_BOX.search(text)
+    if match is None:
+        return None
+    height, width = size
+    x0, y0, x1, y1 = (min(max(float(v), 0.0), 100.0) / 100.0 for v in match.groups())
+    return [min(x0, x1) * width, min(y0, y1) * height, max(x0, x1) * width, max(y0, y1) * height]
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """Run-length code of a 2D bool mask in row-major order, starting with a run of zeros."""
+    flat = np.asarray(mask, dtype=bool).ravel()
+    changes = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0, *counts]
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """Inverse of :func:`mask_to_rle`: (H, W) bool."""
+    height, width = rle["size"]
+    counts: Sequence[int] = rle["counts"]
+    values = np.zeros(len(counts), dtype=bool)
+    values[1::2] = True
+    return np.repeat(values, counts).reshape(height, width)
