@@ -21,8 +21,8 @@ import numpy as np
 from mimo_chat.app.examples import example_path
 from mimo_chat.app.render import Layer, color_for, highlight, legend_html, mask_png, strip_tags
 from mimo_chat.app.session import Session, Turn
-from mimo_chat.generation import Done, MaskReady, TextDelta
 from mimo_chat.imaging import WINDOW_PRESETS, ImageLoadError
+from mimo_chat.predictor import Done, MaskReady, TextDelta
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,11 @@ class Callbacks:
         """(state, viewer image, box editor value, legend html)."""
         if not session.loaded:
             return session, None, None, legend_html([])
+        zoom = session.scale()
         boxes = [
-            {"xmin": b[0], "ymin": b[1], "xmax": b[2], "ymax": b[3], "color": (255, 225, 25)} for b in session.boxes
+            {"xmin": round(b[0] * zoom), "ymin": round(b[1] * zoom), "xmax": round(b[2] * zoom),
+             "ymax": round(b[3] * zoom), "color": (255, 225, 25), "label": "box"}
+            for b in session.boxes
         ]
         editor = {"image": session.render(include_boxes=False), "boxes": boxes}
         return session, session.render(), editor, legend_html(session.layers())
@@ -172,8 +175,10 @@ class Callbacks:
 
     # ------------------------------------------------------------------ prompts
     def click(self, mode: str, state: Session | None, event: gr.SelectData) -> tuple:
-        x, y = event.index[0], event.index[1]
-        return self.add_point(x, y, mode != "Point −", state)
+        session = self.session(state)
+        zoom = session.scale() if session.loaded else 1
+        x, y = event.index[0] / zoom, event.index[1] / zoom  # screen pixels -> image pixels
+        return self.add_point(x, y, mode != "Point −", session)
 
     def add_point(self, x: float, y: float, positive: bool, state: Session | None) -> tuple:
         session = self.session(state)
@@ -193,7 +198,8 @@ class Callbacks:
         session = self.session(state)
         if not session.loaded or value is None:
             return (session, *[gr.skip()] * 4)
-        boxes = [[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in (value.get("boxes") or [])]
+        zoom = session.scale()
+        boxes = [[b["xmin"] / zoom, b["ymin"] / zoom, b["xmax"] / zoom, b["ymax"] / zoom] for b in value.get("boxes") or []]
         try:
             if not session.set_boxes(boxes):  # our own update of the editor comes back here: nothing to do
                 return (session, *[gr.skip()] * 4)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -104,10 +104,27 @@ def compose(
     layers: list[Layer],
     points: list[list[float]] = (),
     boxes: list[list[float]] = (),
+    scale: int = 1,
 ) -> np.ndarray:
-    """The full view: masks, then phrase boxes, then the user's prompts on top."""
+    """The full view: masks, then phrase boxes, then the user's prompts on top.
+
+    ``scale`` > 1 enlarges the image and masks by pixel repetition (small slices such as a
+    128x128 CT stay crisp on screen); prompts and boxes are drawn at the enlarged size.
+    Everything given is in image pixels; the result is ``(H * scale, W * scale, 3)``.
+    """
+    if scale > 1:
+        image = image.repeat(scale, axis=0).repeat(scale, axis=1)
+        layers = [replace(layer, mask=None if layer.mask is None else layer.mask.repeat(scale, 0).repeat(scale, 1),
+                          box=None if layer.box is None else [v * scale for v in layer.box]) for layer in layers]
+        points = [[x * scale, y * scale, label] for x, y, label in points]
+        boxes = [[v * scale for v in box] for box in boxes]
     phrase_layers = [layer for layer in layers if not layer.from_prompt]
     return draw_prompts(overlay(image, layers), list(points), list(boxes), phrase_layers)
+
+
+def display_scale(height: int, width: int, target: int = 640, largest: int = 8) -> int:
+    """Integer zoom that brings the longest side of a small image close to ``target`` pixels."""
+    return int(min(largest, max(1, target // max(height, width, 1))))
 
 
 def legend_html(layers: list[Layer]) -> str:
@@ -133,8 +150,8 @@ def _phrase_span(phrase_text: str, layer: Layer) -> str:
     has_mask = layer.mask is not None and bool(layer.mask.any())
     style = f"background-color: rgba({r}, {g}, {b}, 0.35); border-bottom: 3px solid {layer.color}; padding: 0 2px;"
     marker = "" if has_mask else " <sup class='mimo-nomask'>(no mask)</sup>"
-    css = "mimo-phrase" if has_mask else "mimo-phrase mimo-phrase-nomask"
-    return f"<span class='{css}' data-color='{layer.color}' style='{style}'>{html.escape(phrase_text)}{marker}</span>"
+    css = f"mimo-phrase mimo-color-{layer.color.lstrip('#')}" + ("" if has_mask else " mimo-phrase-nomask")
+    return f"<span class='{css}' style='{style}'>{html.escape(phrase_text)}{marker}</span>"
 
 
 def highlight(text: str, layers: list[Layer]) -> str:

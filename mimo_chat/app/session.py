@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mimo_chat.app.render import PROMPT_COLOR, Layer, compose
+from mimo_chat.app.render import PROMPT_COLOR, Layer, compose, display_scale
 from mimo_chat.imaging import Study, load_study
 
 Window = str | tuple[float, float]
@@ -213,9 +213,17 @@ class Session:
     def layers(self) -> list[Layer]:
         return self.prompt_layers + self.reply_layers
 
-    def render(self, include_boxes: bool = True) -> np.ndarray:
-        """The view with masks, phrase boxes and prompts; ``include_boxes=False`` for the box editor."""
-        return compose(self.image(), self.layers(), self.points, self.boxes if include_boxes else [])
+    def scale(self) -> int:
+        """Screen zoom of the current view: screen pixels per image pixel (1 for large images)."""
+        return display_scale(*self.image_shape())
+
+    def render(self, include_boxes: bool = True, scale: int | None = None) -> np.ndarray:
+        """The view with masks, phrase boxes and prompts, zoomed by ``scale`` (default: :meth:`scale`).
+
+        ``include_boxes=False`` for the box editor, which draws the boxes itself.
+        """
+        scale = self.scale() if scale is None else scale
+        return compose(self.image(), self.layers(), self.points, self.boxes if include_boxes else [], scale)
 
     def cleanup(self) -> None:
         """Delete the session folder (upload, exports). Safe to call twice."""

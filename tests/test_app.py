@@ -1,0 +1,222 @@
+"""The app served on loopback, driven through ``gradio_client`` and headless Chromium.
+
+The predictor is the real ``MimoPredictor.from_pretrained("tiny")``, its language model overfitted
+for a few seconds to reply with one grounded phrase (see ``app_support.py``), so the streamed
+``<SEG>`` masks, colours and highlights are produced by the model and the app, not by a fake.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from app_support import box_for, grounded_tiny_predictor, serve
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from mimo_chat.app.render import PROMPT_COLOR, color_for, hex_to_rgb
+from mimo_chat.imaging import load_study
+from mimo_chat.resources import pydicom_test_file
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "assets" / "screenshot.png"
+
+
+@pytest.fixture(scope="module")
+def app():
+    predictor = grounded_tiny_predictor()
+    url, demo, workdir = serve(predictor)
+    yield url
+    demo.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ct_file() -> Path:
+    return pydicom_test_file("CT_small.dcm")
+
+
+def ask(client: Client, path, question="What is in the box?", boxes=(), points=()):
+    return client.predict(handle_file(str(path)), question, json.dumps(list(boxes)), json.dumps(list(points)),
+                          api_name="/ask")
+
+
+def chat_text(messages: list) -> str:
+    """Text of the chat's last message (gradio_client returns content as a list of parts)."""
+    content = messages[-1]["content"]
+    return content if isinstance(content, str) else " ".join(part.get("text", "") for part in content)
+
+
+def test_ask_returns_plain_text_grounded_masks_and_overlay(app, ct_file):
+    client = Client(app, verbose=False)
+    display = load_study(ct_file).display()
+    box = box_for(display.shape[:2])
+    text, phrases_json, overlay_path = ask(client, ct_file, boxes=[box], points=[[64, 64, 1]])
+    assert "<p>" not in text and "<SEG>" not in text and "liver" in text
+    record = json.loads(phrases_json)
+    assert record["image_size"] == [128, 128]
+    (phrase,) = record["phrases"]
+    assert phrase["phrase"] == "liver" and phrase["color"] == color_for(0)
+    mask = np.asarray(Image.open(phrase["mask_png"])) > 0
+    assert mask.shape == (128, 128) and 0 < mask.sum()
+    x0, y0, x1, y1 = phrase["box"]  # tight box of the mask
+    rows, cols = np.nonzero(mask)
+    assert (x0, y0, x1, y1) == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+    (prompt,) = record["prompt"]  # the plain segmentation of the box + click
+    assert prompt["color"] == PROMPT_COLOR and np.asarray(Image.open(prompt["mask_png"])).shape == (128, 128)
+    overlay = np.asarray(Image.open(overlay_path).convert("RGB"))
+    assert overlay.shape == display.shape
+    outline = np.all(overlay == hex_to_rgb(color_for(0)), axis=-1)
+    assert outline.any() and not np.array_equal(overlay, display)
+
+
+def test_two_clients_at_once_get_their_own_masks(app, ct_file):
+    files = {"ct": ct_file, "mr": pydicom_test_file("MR_small.dcm")}
+    results: dict[str, tuple] = {}
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            results[name] = ask(Client(app, verbose=False), files[name], "Segment the liver")
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in files]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    for name, size in (("ct", 128), ("mr", 64)):
+        _, phrases_json, overlay_path = results[name]
+        record = json.loads(phrases_json)
+        assert record["image_size"] == [size, size]
+        mask = np.asarray(Image.open(record["phrases"][0]["mask_png"]))
+        assert mask.shape == (size, size)
+        assert np.asarray(Image.open(overlay_path)).shape[:2] == (size, size)
+    ct_folder = Path(json.loads(results["ct"][1])["phrases"][0]["mask_png"]).parent
+    mr_folder = Path(json.loads(results["mr"][1])["phrases"][0]["mask_png"]).parent
+    assert ct_folder.parent != mr_folder.parent  # different per-session folders
+
+
+def test_bad_inputs_give_readable_errors_and_the_next_request_works(app, ct_file, tmp_path):
+    client = Client(app, verbose=False)
+    text_file = tmp_path / "notes.dcm"
+    text_file.write_text("This is a text file, not a DICOM image.\n" * 20)
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (9000, 9000)).save(huge)  # 81 Mpixels: small file, too many pixels
+    for bad in (text_file, empty, huge):
+        with pytest.raises(Exception) as raised:
+            ask(client, bad)
+        message = str(raised.value)
+        assert "Traceback" not in message and len(message) > 15, message
+        assert any(word in message.lower() for word in ("dicom", "empty", "large", "image", "file")), message
+        _, phrases_json, _ = ask(client, ct_file)  # the next request works
+        assert json.loads(phrases_json)["phrases"][0]["phrase"] == "liver"
+
+    # The same through the UI's upload event: the error is a chat message, then a good file loads.
+    outputs = client.predict(handle_file(str(text_file)), api_name="/load_study")
+    error_text = chat_text(outputs[-1])
+    assert "Traceback" not in error_text and len(error_text) > 15
+    outputs = client.predict(handle_file(str(ct_file)), api_name="/load_study")
+    assert "Loaded" in chat_text(outputs[-1]) and "128×128" in chat_text(outputs[-1])
+
+
+def test_chat_streams_with_colour_matched_highlight_legend_and_export(app, ct_file):
+    client = Client(app, verbose=False)
+    client.predict(handle_file(str(ct_file)), api_name="/load_study")
+    viewer, _, legend, _ = client.predict(json.dumps([box_for((128, 128))]), api_name="/set_boxes")
+    assert "your prompt" in legend  # the box was segmented by the plain path
+    job = client.submit("What is in the box?", api_name="/chat")
+    updates = list(job)
+    assert len(updates) >= 3  # the reply streamed: the question, text pieces, the mask, the end
+    _, chat, viewer, _, legend = job.outputs()[-1]
+    final = chat_text(chat)
+    assert f"class='mimo-phrase mimo-color-{color_for(0)[1:]}'" in final and ">liver</span>" in final
+    assert color_for(0) in legend and "liver" in legend
+    shown = np.asarray(Image.open(viewer).convert("RGB"))
+    assert np.all(shown == hex_to_rgb(color_for(0)), axis=-1).any()  # the mask outline in the phrase colour
+    client.predict("And is there a tumour?", api_name="/chat")  # second turn with history
+    files, _ = client.predict(api_name="/export")
+    names = sorted(Path(f).name for f in files)
+    assert any(name.endswith("_liver.png") for name in names) and "session.json" in names
+    record = json.loads(Path(next(f for f in files if f.endswith("session.json"))).read_text())
+    assert [turn["question"] for turn in record["conversation"]] == ["What is in the box?", "And is there a tumour?"]
+    assert record["boxes"] == [[32.0, 32.0, 96.0, 96.0]]
+
+
+def test_click_adds_a_point_and_outlines_a_structure(app, ct_file):
+    client = Client(app, verbose=False)
+    viewer_before = client.predict(handle_file(str(ct_file)), api_name="/load_study")[0]
+    viewer, _, legend, _ = client.predict(60, 70, True, api_name="/add_point")
+    assert "your prompt" in legend
+    before = np.asarray(Image.open(viewer_before).convert("RGB"))
+    after = np.asarray(Image.open(viewer).convert("RGB"))
+    assert before.shape == after.shape == (640, 640, 3)  # 128-pixel slice shown 5x
+    assert not np.array_equal(before, after)
+    viewer, _, legend, _ = client.predict(api_name="/undo")
+    assert "your prompt" not in legend
+    assert np.array_equal(np.asarray(Image.open(viewer).convert("RGB")), before)
+
+
+@pytest.mark.browser
+def test_browser_upload_box_question_highlight_and_overlay(app, ct_file):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{CHROMIUM} is missing in CI (.ci/run installs the 'chromium' package)")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium); CI runs this test")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app)
+            page.locator("#mimo-upload input[type=file]").set_input_files(str(ct_file))
+            page.wait_for_selector("#mimo-viewer img", timeout=30_000)
+            page.get_by_role("radio", name="Box").check()
+            canvas = page.locator("#mimo-editor canvas").first
+            canvas.wait_for(timeout=15_000)
+            page.wait_for_timeout(500)
+            frame = canvas.bounding_box()
+            # the 640-pixel zoomed slice is centred in the canvas; draw over its middle
+            x0, y0 = frame["x"] + frame["width"] / 2 - 120, frame["y"] + frame["height"] / 2 - 120
+            page.mouse.move(x0, y0)
+            page.mouse.down()
+            page.mouse.move(x0 + 240, y0 + 240, steps=10)
+            page.mouse.up()
+            page.wait_for_selector(f"#mimo-legend tr[data-color='{PROMPT_COLOR}']", timeout=30_000)
+            page.locator("#mimo-question textarea").fill("What is in the box?")
+            page.locator("#mimo-send").click()
+            phrase = page.locator("#mimo-chat .mimo-phrase").first
+            phrase.wait_for(timeout=60_000)
+            color = color_for(0)
+            assert f"mimo-color-{color[1:]}" in phrase.get_attribute("class")
+            assert phrase.inner_text().strip() == "liver"
+            red, green, blue = hex_to_rgb(color)
+            assert phrase.evaluate("e => getComputedStyle(e).backgroundColor") == f"rgba({red}, {green}, {blue}, 0.35)"
+            assert page.locator(f"#mimo-legend tr[data-color='{color}']").count() == 1
+            page.get_by_role("radio", name="Point +").check()
+            page.wait_for_timeout(1000)
+            source = page.locator("#mimo-viewer img").get_attribute("src")
+            shown = np.asarray(Image.open(io.BytesIO(page.request.get(source).body())).convert("RGB"))
+            assert np.all(shown == hex_to_rgb(color), axis=-1).any()  # the mask overlay in the phrase colour
+            assert np.all(shown == hex_to_rgb(PROMPT_COLOR), axis=-1).any()  # the drawn box
+            page.evaluate("window.scrollTo(0, 0)")
+            page.wait_for_timeout(300)
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT))
+        finally:
+            browser.close()
