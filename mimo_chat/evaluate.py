@@ -1,11 +1,12 @@
 """Evaluate a model on a benchmark in the format of ``../shared/benchmarks/SCHEMA.md``.
 
     python -m mimo_chat.evaluate --bench DIR --out report.json [--tasks text_seg,observe] [--limit N]
-        [--checkpoint PATH] [--model lite|tiny|engine] [--no-cache] [--no-plots]
+        [--checkpoint PATH] [--model lite|tiny|engine|litemedsam] [--no-cache] [--no-plots]
     python -m mimo_chat.evaluate --compare a.json b.json [...]
 
 The model is driven through ``mimo_chat.predictor.MimoPredictor`` — the same calls the app
-makes. ``--model engine`` evaluates the bare LiteMedSAM ``SegmentationPredictor`` on the
+makes. ``--model engine`` evaluates the bare ``SegmentationPredictor`` (with the project's
+prompt weights when present) and ``--model litemedsam`` the unmodified LiteMedSAM, both on the
 visual-prompt tasks (``box_seg``, ``point_seg``) only. Predictions are cached in
 ``<report>.predictions.jsonl`` (keyed by row id and model fingerprint) so an interrupted
 run resumes. ``report.md`` and plots are written next to ``report.json``.
@@ -33,6 +34,8 @@ from mimo_chat.evaluation.runner import (
 )
 from mimo_chat.evaluation.scoring import aggregate, score_row
 
+ENGINE_MODELS = ("engine", "litemedsam")
+
 
 def model_fingerprint(model: str, checkpoint: str | None) -> str:
     """Identifies the weights answering: preset name, or checkpoint path with file sizes and times."""
@@ -48,12 +51,22 @@ def model_fingerprint(model: str, checkpoint: str | None) -> str:
     return f"{model}:{path.name}:{digest.hexdigest()[:12]}"
 
 
+def engine_checkpoint(model: str, checkpoint: str | None) -> str | None:
+    """Prompt-weight folder of the segmentation engine: none for the unmodified ``litemedsam``."""
+    from mimo_chat.segmentation import CHECKPOINT_DIR
+
+    if model == "litemedsam":
+        return None
+    path = Path(checkpoint) if checkpoint else Path(CHECKPOINT_DIR)
+    return str(path) if (path / "model.safetensors").is_file() else None
+
+
 def load_driver(model: str, checkpoint: str | None) -> Driver:
     """A driver for ``--model``/``--checkpoint`` (imports the predictors lazily)."""
-    if model == "engine":
+    if model in ENGINE_MODELS:
         from mimo_chat.segmentation import SegmentationPredictor
 
-        return EngineDriver(SegmentationPredictor.from_pretrained())
+        return EngineDriver(SegmentationPredictor.from_pretrained(checkpoint=engine_checkpoint(model, checkpoint)))
     from mimo_chat.predictor import MimoPredictor
 
     return ChatDriver(MimoPredictor.from_pretrained(checkpoint or model))
@@ -88,7 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)}")
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows (after --tasks)")
     parser.add_argument("--checkpoint", default=None, help="model folder (default: the embedded lite model)")
-    parser.add_argument("--model", default="lite", choices=("lite", "tiny", "engine"))
+    parser.add_argument("--model", default="lite", choices=("lite", "tiny", *ENGINE_MODELS),
+                        help="engine = bare SegmentationPredictor (box_seg/point_seg only) with its prompt "
+                             "weights; litemedsam = the unmodified LiteMedSAM")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the prediction cache")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--compare", nargs="+", metavar="REPORT", help="print a side-by-side table and exit")
@@ -101,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     if tasks and set(tasks) - set(TASKS):
         parser.error(f"unknown tasks {sorted(set(tasks) - set(TASKS))}; choose from {TASKS}")
-    fingerprint = model_fingerprint(args.model, args.checkpoint)
+    checkpoint = engine_checkpoint(args.model, args.checkpoint) if args.model in ENGINE_MODELS else args.checkpoint
+    fingerprint = model_fingerprint(args.model, checkpoint)
     report = evaluate(load_driver(args.model, args.checkpoint), args.bench, args.out, tasks=tasks, limit=args.limit,
                       fingerprint=fingerprint, use_cache=not args.no_cache, make_plots=not args.no_plots,
                       progress=sys.stderr.isatty())

@@ -153,9 +153,26 @@ def _cap(rows: list[dict], limit: int | None, rng: np.random.Generator) -> list[
     return [rows[i] for i in keep]
 
 
-def _balanced(positives: list[dict], negatives: list[dict], rng: np.random.Generator) -> list[dict]:
-    count = min(len(positives), len(negatives))
-    return _cap(positives, count, rng) + _cap(negatives, count, rng)
+def _detect_rows(candidates: list[dict], limit: int | None, rng: np.random.Generator) -> list[dict]:
+    """Cap present and absent ``detect_box`` rows in proportion (at least one absent row if any)."""
+    absent = [r for r in candidates if not any(r["target_box"])]
+    present = [r for r in candidates if any(r["target_box"])]
+    if limit is None or len(candidates) <= limit:
+        return candidates
+    absent_count = min(len(absent), max(1, round(limit * len(absent) / len(candidates)))) if absent else 0
+    return _cap(present, limit - absent_count, rng) + _cap(absent, absent_count, rng)
+
+
+def _observe_rows(key: str, candidates: list[dict], limit: int | None, rng: np.random.Generator) -> list[dict]:
+    """Presence rows derived from masks (``observe:pancreas``) are balanced yes/no; image-level
+    labels keep their natural balance. ``limit`` is split evenly between the two answers."""
+    positives = [r for r in candidates if r["target_answer"] == "yes"]
+    negatives = [r for r in candidates if r["target_answer"] == "no"]
+    per_class = None if limit is None else max(limit // 2, 1)
+    if key == "observe:pancreas":
+        count = min(len(positives), len(negatives), per_class or len(candidates))
+        return _cap(positives, count, rng) + _cap(negatives, count, rng)
+    return _cap(positives, per_class, rng) + _cap(negatives, per_class, rng)
 
 
 def rows_for_source(samples: Iterable[LabelledSlice], writer: BenchWriter, tasks: Sequence[str],
@@ -201,13 +218,12 @@ def build(out: str | Path, sources: Sequence[str] = SOURCES, split: str = "dev",
         grouped = rows_for_source(iter_source(source, split=split, **options), writer, tasks, structures,
                                   min_area, jitter, rng)
         for key, candidates in grouped.items():
-            if key == "observe:pancreas":
-                positives = [r for r in candidates if r["target_answer"] == "yes"]
-                negatives = [r for r in candidates if r["target_answer"] == "no"]
-                candidates = _balanced(positives, negatives, rng) if negatives else []
-            elif key == "observe":
-                continue
-            rows.extend(_cap(candidates, max_per_source, rng))
+            if key.startswith("observe:"):
+                rows.extend(_observe_rows(key, candidates, max_per_source, rng))
+            elif key == "detect_box":
+                rows.extend(_detect_rows(candidates, max_per_source, rng))
+            elif key != "observe":
+                rows.extend(_cap(candidates, max_per_source, rng))
     _write_manifest(out, rows)
     return rows
 

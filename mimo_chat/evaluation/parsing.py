@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mimo_chat.data.names import names_structure, normalize
+from mimo_chat.grounding import grid_box_to_pixels
 
 __all__ = ["mask_to_rle", "names_structure", "parse_text_box", "parse_yes_no", "rle_to_mask", "says_absent"]
 
@@ -77,9 +78,7 @@ def parse_text_box(text: str, size: tuple[int, int]) -> list[float] | None:
     match = _GRID_BOX.search(text)
     if match is None:
         return None
-    height, width = size
-    x0, y0, x1, y1 = (min(max(float(v), 0.0), 100.0) / 100.0 for v in match.groups())
-    return [min(x0, x1) * width, min(y0, y1) * height, max(x0, x1) * width, max(y0, y1) * height]
+    return grid_box_to_pixels([float(v) for v in match.groups()], size)
 
 
 def mask_to_rle(mask: np.ndarray) -> dict:

