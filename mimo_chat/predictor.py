@@ -13,7 +13,7 @@ calls (one image encoder). The context is a plain object kept by the caller.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,10 +85,17 @@ class MimoPredictor:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path = "lite", device: str | torch.device = "cpu", merge_lora: bool = True
+        cls,
+        name_or_path: str | Path = "lite",
+        device: str | torch.device = "cpu",
+        merge_lora: bool = True,
+        quantize: str | None = None,
     ) -> MimoPredictor:
         """``"tiny"`` (random), ``"lite"`` (registry weights + ``checkpoints/mimo-lite`` when present),
-        or a folder / hub repo id written by ``MimoModel.save_pretrained``."""
+        or a folder / hub repo id written by ``MimoModel.save_pretrained``.
+
+        ``quantize="int8"``: dynamic int8 language-model linears for faster CPU decoding (inference
+        only; greedy text can differ from float32)."""
         notes: list[str] = []
         source = str(name_or_path)
         if source == "lite" and (LITE_CHECKPOINT / WEIGHTS_NAME).is_file():
@@ -109,8 +116,13 @@ class MimoPredictor:
             model = MimoModel.from_pretrained(directory, tokenizer)
             trained = True
         model = model.to(device).eval()
-        if merge_lora:
+        if merge_lora or quantize:
             model.language_model.merge_lora()
+        if quantize == "int8":
+            model.language_model.quantize_int8()
+            notes.append("The language model runs with dynamic int8 linears (faster on CPU; text can differ).")
+        elif quantize is not None:
+            raise ValueError(f"Unknown quantize={quantize!r}; expected None or 'int8'")
         return cls(model, MimoProcessor(config, tokenizer), trained=trained, notes=notes)
 
     @property
@@ -141,13 +153,15 @@ class MimoPredictor:
         max_new_tokens: int | None = None,
         temperature: float = 0.0,
         reply_prefix: str | None = None,
+        on_token: Callable[[int], None] | None = None,
     ) -> Iterator[Event]:
         """Yield ``TextDelta`` as text arrives, ``MaskReady`` the moment each ``<SEG>`` is produced,
         then ``Done`` with the whole grounded reply. Prompts are in original image pixels.
 
         ``reply_prefix`` (raw text, tags allowed) forces the start of the reply – an assistant
         prefill: e.g. ``"<p>pancreas</p><SEG>"`` asks for that mask, and the model continues with up
-        to ``max_new_tokens`` more tokens."""
+        to ``max_new_tokens`` more tokens. ``on_token(token_id)`` is called as each token is
+        decoded (timing and logging; it must not block)."""
         inputs = self.processor.encode(question, ctx.original_size, boxes, points, point_labels, history)
         device = self.device
         prompts = inputs.prompts
@@ -169,6 +183,8 @@ class MimoPredictor:
             forced_token_ids=self.processor.reply_prefix_ids(reply_prefix) if reply_prefix else None,
         )
         for step in steps:
+            if on_token is not None:
+                on_token(step.token_id)
             if step.token_id in stop_ids:
                 break
             state.generated.append(step.token_id)
@@ -230,6 +246,8 @@ class MimoPredictor:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Trained parameters + config (LoRA is unmerged for saving and merged back)."""
+        if self.model.language_model.quantized:
+            raise ValueError("This predictor's language model is quantized for inference; save from an unquantized one")
         self.model.language_model.unmerge_lora()
         try:
             return self.model.save_pretrained(directory)

@@ -149,7 +149,8 @@ class GroundingLanguageModel(nn.Module):
             )
             base = get_peft_model(base, lora)
         self.model = base
-        base_embeddings = self._causal_lm().get_input_embeddings().weight  # (V0, H)
+        self.quantized = False
+        base_embeddings = self.causal_lm().get_input_embeddings().weight  # (V0, H)
         self.base_vocab_size = base_embeddings.shape[0]
         self.hidden_size = base_embeddings.shape[1]
         self.vocab_size = max(self.base_vocab_size, max(new_token_ids) + 1)
@@ -166,7 +167,7 @@ class GroundingLanguageModel(nn.Module):
         self.new_ids_follow_base = new_token_ids == list(range(self.base_vocab_size, self.base_vocab_size + count))
         self.register_buffer("new_token_lookup", lookup, persistent=False)  # id -> row of the new tables
 
-    def _causal_lm(self) -> nn.Module:
+    def causal_lm(self) -> nn.Module:
         """The (LoRA-injected) ``*ForCausalLM`` module under the optional peft wrapper."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
@@ -174,6 +175,19 @@ class GroundingLanguageModel(nn.Module):
         """Fold LoRA into the base weights for faster inference (reversible with ``unmerge_lora``)."""
         if hasattr(self.model, "merge_adapter"):
             self.model.merge_adapter()
+
+    def quantize_int8(self) -> None:
+        """Inference only: dynamic int8 (per-channel weights) for every linear layer of the LM.
+
+        Call after :meth:`merge_lora`. Roughly 2-3x faster CPU decoding; the result cannot be trained."""
+        import warnings
+
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(self.causal_lm(), {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+        self.quantized = True
 
     def unmerge_lora(self) -> None:
         if hasattr(self.model, "unmerge_adapter"):
@@ -184,13 +198,13 @@ class GroundingLanguageModel(nn.Module):
         rows = self.new_token_lookup[input_ids]  # (B, L), -1 for base tokens
         is_new = rows >= 0
         base_ids = torch.where(is_new | (input_ids >= self.base_vocab_size), 0, input_ids)
-        embeddings = self._causal_lm().get_input_embeddings()(base_ids)  # (B, L, H)
+        embeddings = self.causal_lm().get_input_embeddings()(base_ids)  # (B, L, H)
         new = self.new_input_embeddings[rows.clamp(min=0)]  # (B, L, H)
         return torch.where(is_new.unsqueeze(-1), new.to(embeddings.dtype), embeddings)
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V) next-token logits, new-token columns from ``new_output_embeddings``."""
-        base = self._causal_lm().get_output_embeddings()(hidden_states)  # (..., V0)
+        base = self.causal_lm().get_output_embeddings()(hidden_states)  # (..., V0)
         new = hidden_states @ self.new_output_embeddings.to(hidden_states.dtype).T  # (..., N)
         if self.new_ids_follow_base:
             return torch.cat([base, new], dim=-1)
@@ -208,7 +222,7 @@ class GroundingLanguageModel(nn.Module):
         use_cache: bool = False,
     ) -> LanguageModelOutput:
         """Run the decoder on (B, L, H) embeddings; logits for the last ``logits_to_keep`` positions (0 = all)."""
-        decoder = self._causal_lm().get_decoder()
+        decoder = self.causal_lm().get_decoder()
         output = decoder(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
