@@ -42,10 +42,19 @@ def check_finite(pixels: np.ndarray) -> None:
 
 
 def make_volume_study(
-    pixels: np.ndarray, affine: np.ndarray, notes: list[str], modality: str | None = None, **descriptors: object
+    pixels: np.ndarray,
+    affine: np.ndarray,
+    notes: list[str],
+    modality: str | None = None,
+    finite: bool = False,
+    **descriptors: object,
 ) -> Study:
-    """Canonicalise a float32 volume with its voxel -> RAS affine and wrap it in a Study."""
-    check_finite(pixels)
+    """Canonicalise a float32 volume with its voxel -> RAS affine and wrap it in a Study.
+
+    ``finite``: the values are known finite (integer samples with finite scaling), skip the check.
+    """
+    if not finite:
+        check_finite(pixels)
     pixels, affine = to_canonical(pixels, affine)
     spacing = tuple(float(step) for step in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
     if modality is None:
@@ -78,10 +87,12 @@ def load_nifti(path: Path) -> Study:
         raise ImageLoadError("This NIfTI file stores colour or complex voxels, which are not supported.")
     notes: list[str] = []
     try:
+        finite = False
         if len(shape) <= 3 and hasattr(image.dataobj, "get_unscaled"):
             raw = image.dataobj.get_unscaled()
             pixels = raw.astype(np.float32)
             slope, intercept = image.dataobj.slope, image.dataobj.inter
+            finite = raw.dtype.kind in "iub" and bool(np.isfinite(slope) and np.isfinite(intercept))
             if slope != 1:
                 pixels *= np.float32(slope)
             if intercept != 0:
@@ -101,7 +112,7 @@ def load_nifti(path: Path) -> Study:
         raise ImageLoadError("This NIfTI file is empty: it contains no voxels.")
     affine = image.affine if image.affine is not None else np.diag([*image.header.get_zooms()[:3], 1.0])
     # The header's free-text fields (descrip, db_name, aux_file) may identify the patient: never read.
-    return make_volume_study(pixels, np.asarray(affine, dtype=np.float64), notes)
+    return make_volume_study(pixels, np.asarray(affine, dtype=np.float64), notes, finite=finite)
 
 
 _SPACE_SIGNS = {  # sign flips from the NRRD space to RAS
