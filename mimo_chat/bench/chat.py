@@ -6,6 +6,7 @@ Protocol (both measured in the same run, same inputs, same thread count):
   last-position logits, argmax, LoRA merged; each ``<SEG>`` is decoded to a mask the moment it is
   produced. The reply starts with the forced prefix ``The <p>pancreas</p><SEG>`` (decoded step by
   step like generated tokens) so that a mask is produced even when no trained MIMO weights exist.
+* **int8** (``int8_`` keys) – ours again after ``quantize_int8()`` (dynamic int8 LM linears).
 * **baseline** (LISA style) – HF ``generate()`` on the same prompt + prefix (greedy, the same number
   of new tokens), then a second full forward pass to collect the ``<SEG>`` hidden states and decode
   the mask.
@@ -128,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="lite", help="lite | tiny | a folder written by save_pretrained")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--quantize", choices=["none", "int8"], default="none", help="ours only; baseline is fp32")
+    parser.add_argument(
+        "--int8", choices=["also", "no"], default="also",
+        help="also measure ours with dynamic int8 LM linears (keys prefixed int8_); baseline stays fp32",
+    )
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -139,16 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     baseline = {}
     if not args.no_baseline:
         baseline = run_baseline(predictor, ctx, args.max_new_tokens)
-    if args.quantize == "int8":
+    ours = run_ours(predictor, ctx, args.max_new_tokens)
+    quantized = {}
+    if args.int8 == "also":
         predictor.model.language_model.quantize_int8()
         run_ours(predictor, ctx, 2)
-    ours = run_ours(predictor, ctx, args.max_new_tokens)
+        quantized = run_ours(predictor, ctx, args.max_new_tokens)
     result = {
         **ours,
         **{f"baseline_{key}": value for key, value in baseline.items()},
+        **{f"int8_{key}": value for key, value in quantized.items()},
         "model": args.model,
         "trained_weights": predictor.trained,
-        "quantize": args.quantize,
         "threads": args.threads,
         "image": source,
         "load_average_1min": round(__import__("os").getloadavg()[0], 2),
@@ -158,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         result["tokens_per_s_speedup"] = ours["tokens_per_s"] / baseline["tokens_per_s"]
         result["seg_to_mask_speedup"] = baseline["seg_to_mask_s"] / ours["seg_to_mask_s"]
         result["end_to_end_speedup"] = baseline["end_to_end_s"] / ours["end_to_end_s"]
+        if quantized:
+            result["int8_tokens_per_s_speedup"] = quantized["tokens_per_s"] / baseline["tokens_per_s"]
+            result["int8_end_to_end_speedup"] = baseline["end_to_end_s"] / quantized["end_to_end_s"]
     if args.json:
         print(json.dumps(result))
     else:
