@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from mimo_chat import resources
 from mimo_chat.data.sources import SOURCES, LabelledSlice, iter_source
 
 TASKS = ("text_seg", "box_seg", "point_seg", "box_name", "detect_box", "observe")
@@ -244,6 +245,18 @@ def counts(rows: Iterable[dict]) -> dict[str, dict[str, int]]:
         source = row.get("source", "?").split(":")[0]
         table.setdefault(row["task"], Counter())[source] += 1
     return {task: dict(sorted(counter.items())) for task, counter in sorted(table.items())}
+
+
+DEV_BENCH_NAME = "dev-v1"
+
+
+def dev_bench(rebuild: bool = False) -> Path:
+    """The project's dev benchmark (all sources, ``split == dev``, default options), built once into
+    ``resources.cache_dir() / "bench" / "dev-v1"`` and reused; never committed."""
+    folder = resources.cache_dir() / "bench" / DEV_BENCH_NAME
+    if rebuild or not (folder / "manifest.jsonl").is_file():
+        build(folder)
+    return folder
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -183,10 +183,13 @@ def aggregate(rows: Sequence[dict], scores: Sequence[RowScore]) -> dict:
     for score in scores:
         by_task.setdefault(score.task, []).append(score)
     tasks = {task: task_metrics(task, items) for task, items in by_task.items()}
-    if "box_name" in by_task:
-        references = {row["id"]: row.get("target_text") or row["target_name"] for row in rows if row["task"] == "box_name"}
-        named = by_task["box_name"]
-        tasks["box_name"]["text"] = text_scores([s.text for s in named], [references[s.id] for s in named])
+    for task, items in by_task.items():
+        # generated text vs a reference: the optional key ``target_text`` (any task), else box_name's name
+        references = {row["id"]: row.get("target_text") or (row.get("target_name") if task == "box_name" else None)
+                      for row in rows if row["task"] == task}
+        scored = [s for s in items if references.get(s.id)]
+        if scored:
+            tasks[task]["text"] = text_scores([s.text for s in scored], [references[s.id] for s in scored])
     per_query: dict[str, dict] = {}
     per_source: dict[str, dict] = {}
     for task, items in by_task.items():
