@@ -70,7 +70,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def serve(predictor, concurrency_limit: int = 2):
+def serve(predictor, concurrency_limit: int = 2, max_file_size: str = "5mb"):
     """Build and launch the app on 127.0.0.1 in this process; returns (url, demo, workdir)."""
     from mimo_chat.app import build_demo
     from mimo_chat.app.launch import launch_options
@@ -78,7 +78,7 @@ def serve(predictor, concurrency_limit: int = 2):
     workdir = Path(tempfile.mkdtemp(prefix="mimo_chat_test_app_"))
     demo = build_demo(predictor, workdir=workdir, model_name="tiny (test)", concurrency_limit=concurrency_limit)
     port = free_port()
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(workdir, "127.0.0.1", port))
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(workdir, "127.0.0.1", port, max_file_size=max_file_size))
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 30
     while time.time() < deadline:

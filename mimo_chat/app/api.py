@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 
 from mimo_chat.app.callbacks import (
     Callbacks,
@@ -38,6 +39,28 @@ def _layer_record(layer: Layer, mask_path: Path | None) -> dict:
     }
 
 
+def match_source_orientation(mask_path: Path, source: Path | None) -> Path:
+    """Re-orient a RAS mask NIfTI to the voxel order of a NIfTI source, so it has the source's affine.
+
+    Other sources (DICOM series) keep the RAS grid of the loaded study, which is the same space.
+    """
+    if source is None or not source.name.lower().endswith((".nii", ".nii.gz")):
+        return mask_path
+    import nibabel as nib
+
+    original, mask = nib.load(source), nib.load(mask_path)
+    orientation = nib.orientations
+    transform = orientation.ornt_transform(orientation.io_orientation(mask.affine),
+                                           orientation.io_orientation(original.affine))
+    reoriented = mask.as_reoriented(transform)
+    if reoriented.shape != original.shape[:3] or not np.allclose(reoriented.affine, original.affine, atol=1e-3):
+        return mask_path  # not the same voxel grid (e.g. a 4D source): keep the RAS mask
+    image = nib.Nifti1Image(np.asarray(reoriented.dataobj, dtype=np.uint8), original.affine)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, mask_path)
+    return mask_path
+
+
 def export_files(session: Session) -> list[str]:
     """Write the masks on screen (PNG, and NIfTI on the source grid for volumes) and a JSON record."""
     session.exports += 1
@@ -48,7 +71,8 @@ def export_files(session: Session) -> list[str]:
     index = session.slice_index if session.study.is_volume else None
     for layer, png in zip(layers, pngs):
         if png is not None and session.study.is_volume:
-            files.append(save_mask_nifti(session.study, layer.mask, index, session.plane, png.with_suffix(".nii.gz")))
+            nifti = save_mask_nifti(session.study, layer.mask, index, session.plane, png.with_suffix(".nii.gz"))
+            files.append(match_source_orientation(nifti, session.source_path))
     record = {
         "source": session.source_name,
         "modality": session.study.modality,

@@ -20,7 +20,7 @@ import numpy as np
 
 from mimo_chat.app.examples import example_path
 from mimo_chat.app.render import Layer, color_for, highlight, legend_html, mask_png, strip_tags
-from mimo_chat.app.session import Session, Turn
+from mimo_chat.app.session import Session, Turn, session_folder
 from mimo_chat.imaging import WINDOW_PRESETS, ImageLoadError
 from mimo_chat.predictor import Done, MaskReady, TextDelta
 
@@ -116,6 +116,15 @@ class Callbacks:
             return
         result = self.predictor.segment(session.ensure_context(self.predictor), **session.prompt_arguments())
         session.set_prompt_masks(result.masks, result.scores)
+
+    def start(self, request: gr.Request) -> Session:
+        """``demo.load``: a fresh session whose folder is named after the browser session."""
+        return Session.create(self.workdir, request.session_hash if request else None)
+
+    def end(self, request: gr.Request) -> None:
+        """``demo.unload`` (tab closed): delete the session's folder at once (its state goes an hour later)."""
+        if request is not None and request.session_hash:
+            shutil.rmtree(session_folder(self.workdir, request.session_hash), ignore_errors=True)
 
     # ------------------------------------------------------------------ study and view
     def load_upload(self, file_path: str | None, state: Session | None) -> tuple:

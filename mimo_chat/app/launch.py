@@ -12,15 +12,21 @@ from pathlib import Path
 MAX_FILE_SIZE = "200mb"  # largest upload; a zipped CT series fits, a runaway file does not
 
 
-def launch_options(workdir: str | Path, host: str | None = None, port: int | None = None, share: bool = False) -> dict:
-    """Keyword arguments for ``demo.launch``: upload limit, served folders, theme and CSS."""
+def launch_options(
+    workdir: str | Path,
+    host: str | None = None,
+    port: int | None = None,
+    share: bool = False,
+    max_file_size: str | int = MAX_FILE_SIZE,
+) -> dict:
+    """Keyword arguments for ``demo.launch``: upload limit, the served session folders, CSS."""
     from mimo_chat.app.ui import CSS
 
     return {
         "server_name": host,
         "server_port": port,
         "share": share,
-        "max_file_size": MAX_FILE_SIZE,
+        "max_file_size": max_file_size,
         "allowed_paths": [str(workdir)],
         "css": CSS,
         "footer_links": ["api"],

@@ -41,6 +41,7 @@ class Session:
     workdir: Path
     study: Study | None = None
     source_name: str = ""
+    source_path: Path | None = None  # the loaded file (inside the session folder for uploads)
     plane: str = "axial"
     slice_index: int = 0
     window: Window = "auto"
@@ -57,10 +58,14 @@ class Session:
     _display: tuple[tuple, np.ndarray] | None = field(default=None, repr=False)  # (view key, image) cache
 
     @classmethod
-    def create(cls, root: str | Path) -> Session:
-        """A new session with its own folder under ``root``."""
+    def create(cls, root: str | Path, key: str | None = None) -> Session:
+        """A new session with its own folder under ``root`` (named after ``key``, the browser session, if given)."""
         Path(root).mkdir(parents=True, exist_ok=True)
-        return cls(workdir=Path(tempfile.mkdtemp(prefix="session_", dir=root)))
+        if key is None:
+            return cls(workdir=Path(tempfile.mkdtemp(prefix="session_", dir=root)))
+        folder = session_folder(root, key)
+        folder.mkdir(exist_ok=True)
+        return cls(workdir=folder)
 
     # ------------------------------------------------------------------ study and view
     def load(self, path: str | Path, name: str | None = None) -> None:
@@ -71,6 +76,7 @@ class Session:
         study = load_study(path)
         self.study = study
         self.source_name = name or Path(path).name
+        self.source_path = Path(path)
         self.plane = "axial"
         self.slice_index = study.num_slices("axial") // 2 if study.is_volume else 0
         self.window = study.default_window
@@ -228,6 +234,12 @@ class Session:
     def cleanup(self) -> None:
         """Delete the session folder (upload, exports). Safe to call twice."""
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def session_folder(root: str | Path, key: str) -> Path:
+    """The folder of the browser session ``key`` (a Gradio session hash) under ``root``."""
+    safe = "".join(c for c in key if c.isalnum())[:64] or "anonymous"
+    return Path(root) / f"session_{safe}"
 
 
 def cleanup_session(session: Session | None) -> None:

@@ -130,6 +130,8 @@ def build_demo(
             api_point = gr.Button("add point")
             api_box = gr.Button("set boxes")
 
+        demo.load(callbacks.start, None, state, api_name="start_session")
+        demo.unload(callbacks.end)
         view = [state, viewer, editor, legend]
         loaded = [*view, plane, slider, window, width, level, info, chatbot]
         answer = [question, chatbot, viewer, editor, legend, state]
