@@ -188,3 +188,44 @@ class MimoProcessor:
         """Generated ids -> raw reply text (grounding tags kept, stop tokens dropped)."""
         kept = [i for i in token_ids if i not in self.stop_token_ids]
         return self.tokenizer.decode(kept, skip_special_tokens=False)
+
+
+def collate(examples: list[MimoInputs], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of single examples into a batch for ``MimoModel.forward``.
+
+    Returns ``input_ids`` (B, L), ``attention_mask`` (B, L), ``labels`` (B, L) (when every example
+    has labels; -100 on padding), ``question_ids`` (B, T) and ``question_mask`` (B, T).
+    """
+
+    def pad(rows: list[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+        length = max(row.shape[-1] for row in rows)
+        batch = torch.full((len(rows), length), value, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for index, row in enumerate(rows):
+            batch[index, : row.shape[-1]] = row.reshape(-1)
+            mask[index, : row.shape[-1]] = 1
+        return batch, mask
+
+    input_ids, attention_mask = pad([e.input_ids for e in examples], pad_token_id)
+    question_ids, question_mask = pad([e.question_ids for e in examples], pad_token_id)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "question_ids": question_ids,
+        "question_mask": question_mask,
+    }
+    if all(e.labels is not None for e in examples):
+        batch["labels"] = pad([e.labels for e in examples], IGNORE_INDEX)[0]
+    return batch
+
+
+def pad_prompt_embeddings(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (1, P_i, C) visual-prompt embeddings -> (B, P, C) zero-padded and a (B, P) bool mask."""
+    channels = prompts[0].shape[-1]
+    length = max(p.shape[1] for p in prompts)
+    batch = prompts[0].new_zeros(len(prompts), length, channels)
+    mask = torch.zeros(len(prompts), length, dtype=torch.bool, device=prompts[0].device)
+    for index, prompt in enumerate(prompts):
+        batch[index, : prompt.shape[1]] = prompt[0]
+        mask[index, : prompt.shape[1]] = True
+    return batch, mask

@@ -160,3 +160,35 @@ def test_save_load_round_trip_is_exact(tiny, ct_image, tmp_path) -> None:
     save_file(stored, tmp_path / WEIGHTS_NAME)
     with pytest.raises(ValueError, match="missing"):
         MimoModel.from_pretrained(tmp_path, processor.tokenizer)
+
+
+@torch.no_grad()
+def test_padded_batch_matches_single_examples(tiny, ct_image) -> None:
+    """collate + pad_prompt_embeddings: padding changes nothing for the real tokens, prompts and masks."""
+    from mimo_chat.processing import collate, pad_prompt_embeddings
+
+    model, processor = tiny
+    size = ct_image.shape
+    examples = [
+        processor.encode_conversation([("Segment the pancreas.", "<p>pancreas</p><SEG>")], size, boxes=[[20, 30, 90, 100]]),
+        processor.encode_conversation([("Where are the kidneys in this slice?", ANSWER)], size, points=[[60, 60]]),
+    ]
+    image_embeddings = model.encode_images(processor.preprocess_image(ct_image))
+    prompts = [model.embed_visual_prompts(e.prompts.points, e.prompts.boxes) for e in examples]
+    batch = collate(examples, pad_token_id=processor.stop_token_ids[0])
+    prompt_embeddings, prompt_mask = pad_prompt_embeddings(prompts)
+    together = model(
+        **batch, image_embeddings=image_embeddings.expand(2, -1, -1, -1),
+        prompt_embeddings=prompt_embeddings, prompt_mask=prompt_mask,
+    )
+    singles = [
+        model(e.input_ids, image_embeddings, e.question_ids, prompt_embeddings=p, labels=e.labels)
+        for e, p in zip(examples, prompts, strict=True)
+    ]
+    assert together.seg_hidden_states.shape[0] == 3
+    torch.testing.assert_close(
+        together.seg_hidden_states, torch.cat([s.seg_hidden_states for s in singles]), atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        together.low_res_masks, torch.cat([s.low_res_masks for s in singles]), atol=1e-3, rtol=1e-3
+    )
