@@ -1,0 +1,130 @@
+"""Conversation records -> model tensors, with image embeddings read from the cache.
+
+One :class:`Example` per record: token ids and labels from ``MimoProcessor.encode_conversation``
+(only assistant replies are supervised), the question ids for the aligner, the visual prompts in
+the model frame, one (S, S) target mask per ``<SEG>`` in the decoder's low-resolution frame, and
+the cached (C, E, E) image embedding. :func:`collate` pads a list of examples into a :class:`Batch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mimo_chat.data.conversations import read_conversations
+from mimo_chat.processing import MimoProcessor, VisualPrompts
+from mimo_chat.train.embeddings_cache import EmbeddingCache
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    record: dict
+    input_ids: torch.Tensor  # (L,)
+    labels: torch.Tensor  # (L,) IGNORE_INDEX outside the replies
+    question_ids: torch.Tensor  # (T,)
+    prompts: VisualPrompts
+    target_masks: torch.Tensor  # (N, S, S) float {0, 1}
+    embedding: torch.Tensor  # (C, E, E)
+
+
+@dataclass
+class Batch:
+    records: list[dict]
+    input_ids: torch.Tensor  # (B, L) right-padded
+    attention_mask: torch.Tensor  # (B, L) 1 = real token
+    labels: torch.Tensor  # (B, L)
+    question_ids: torch.Tensor  # (B, T)
+    question_mask: torch.Tensor  # (B, T) 1 = real token
+    prompts: list[VisualPrompts]
+    target_masks: torch.Tensor  # (N, S, S), N = all <SEG> of the batch in row-major order
+    image_embeddings: torch.Tensor  # (B, C, E, E)
+
+    def to(self, device: torch.device) -> Batch:
+        moved = {name: getattr(self, name).to(device) for name in
+                 ("input_ids", "attention_mask", "labels", "question_ids", "question_mask", "target_masks",
+                  "image_embeddings")}
+        prompts = [VisualPrompts(
+            points=None if p.points is None else (p.points[0].to(device), p.points[1].to(device)),
+            boxes=None if p.boxes is None else p.boxes.to(device)) for p in self.prompts]
+        return Batch(records=self.records, prompts=prompts, **moved)
+
+
+class ConversationDataset:
+    """Records of one split whose image embedding is cached (others are skipped and counted)."""
+
+    def __init__(self, data: str | Path, split: str, processor: MimoProcessor, cache: EmbeddingCache,
+                 low_res_size: int, records: list[dict] | None = None) -> None:
+        self.root = Path(data)
+        self.processor = processor
+        self.cache = cache
+        self.low_res_size = low_res_size
+        path = self.root / f"{split}.jsonl"
+        all_records = records if records is not None else (read_conversations(path) if path.exists() else [])
+        self.records = [record for record in all_records if record["image_hash"] in cache]
+        self.skipped = len(all_records) - len(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _mask(self, relative: str) -> np.ndarray:
+        return np.asarray(Image.open(self.root / relative)) > 0
+
+    def example(self, index: int) -> Example:
+        record = self.records[index]
+        turns = record["turns"]
+        pairs = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns) - 1, 2)]
+        with Image.open(self.root / record["image"]) as image:
+            size = (image.height, image.width)
+        prompt = record.get("prompt") or {}
+        inputs = self.processor.encode_conversation(
+            pairs, size, boxes=prompt.get("box") and [prompt["box"]], points=prompt.get("points"),
+            point_labels=prompt.get("labels"))
+        masks = [self.processor.mask_target(self._mask(path), self.low_res_size) for path in record["masks"]]
+        targets = torch.stack(masks) if masks else torch.zeros(0, self.low_res_size, self.low_res_size)
+        return Example(record=record, input_ids=inputs.input_ids[0], labels=inputs.labels[0],
+                       question_ids=inputs.question_ids[0], prompts=inputs.prompts, target_masks=targets,
+                       embedding=self.cache.load(record["image_hash"]))
+
+
+def _pad(rows: list[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(row) for row in rows)
+    padded = torch.full((len(rows), length), value, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for index, row in enumerate(rows):
+        padded[index, : len(row)] = row
+        mask[index, : len(row)] = 1
+    return padded, mask
+
+
+def collate(examples: list[Example], pad_token_id: int) -> Batch:
+    """Right-pad a list of examples into one batch."""
+    input_ids, attention_mask = _pad([e.input_ids for e in examples], pad_token_id)
+    labels, _ = _pad([e.labels for e in examples], IGNORE_INDEX)
+    question_ids, question_mask = _pad([e.question_ids for e in examples], pad_token_id)
+    return Batch(
+        records=[e.record for e in examples], input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+        question_ids=question_ids, question_mask=question_mask, prompts=[e.prompts for e in examples],
+        target_masks=torch.cat([e.target_masks for e in examples]),
+        image_embeddings=torch.stack([e.embedding for e in examples]),
+    )
+
+
+def prompt_embeddings(model, prompts: list[VisualPrompts]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(B, P, C) padded sparse prompt embeddings and (B, P) mask (1 = real), or (None, None) without prompts."""
+    rows = [model.embed_visual_prompts(points=p.points, boxes=p.boxes)[0] for p in prompts]  # (P_i, C)
+    longest = max(row.shape[0] for row in rows)
+    if longest == 0:
+        return None, None
+    channels = rows[0].shape[1]
+    embeddings = rows[0].new_zeros(len(rows), longest, channels)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long, device=embeddings.device)
+    for index, row in enumerate(rows):
+        embeddings[index, : row.shape[0]] = row
+        mask[index, : row.shape[0]] = 1
+    return embeddings, mask

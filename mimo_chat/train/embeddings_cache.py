@@ -1,0 +1,184 @@
+"""Frozen image-encoder embeddings cached on disk, keyed by image hash.
+
+    nice -n 10 python -m mimo_chat.train.embeddings_cache --data DIR [--preset lite] [--splits train,dev]
+        [--limit N] [--dev-first 24]
+
+The image encoder never trains, so each image of the conversation dataset is encoded once:
+``cache_dir()/embeddings/<fingerprint>/<hash[:2]>/<hash>.safetensors`` holds its
+(C, E, E) float16 embedding (2 MB for LiteMedSAM's (256, 64, 64)). ``<hash>`` is the record's
+``image_hash`` (:func:`mimo_chat.data.conversations.image_hash`); ``<fingerprint>`` names the
+encoder (preset and seed), so embeddings of different encoders never mix. Writes are atomic
+(temporary file + rename) and resumable: cached images are skipped. Images are visited
+round-robin over sources (a few dev images first), so a partial cache still covers every source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from mimo_chat import resources
+from mimo_chat.data.conversations import read_conversations
+from mimo_chat.modeling.config import MimoConfig
+from mimo_chat.modeling.sam import SamConfig, build_sam, load_lite_medsam_weights
+from mimo_chat.modeling.transforms import SamTransform
+
+
+def encoder_fingerprint(config: MimoConfig) -> str:
+    """Names the frozen encoder: LiteMedSAM weights are fixed; the tiny encoder depends on the seed."""
+    return f"{config.sam}-{config.image_size}" + (f"-seed{config.seed}" if config.sam != "lite" else "")
+
+
+class EmbeddingCache:
+    """Read/write (C, E, E) embeddings by image hash under one encoder's folder."""
+
+    def __init__(self, root: str | Path | None, config: MimoConfig) -> None:
+        base = Path(root) if root else resources.cache_dir() / "embeddings"
+        self.folder = base / encoder_fingerprint(config)
+
+    def path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def __contains__(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def load(self, key: str) -> torch.Tensor:
+        """(C, E, E) float32 embedding of the image with hash ``key``."""
+        return load_file(str(self.path(key)))["embedding"].float()
+
+    def save(self, key: str, embedding: torch.Tensor) -> None:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".partial")
+        os.close(handle)
+        save_file({"embedding": embedding.detach().to(torch.float16).contiguous()}, temporary)
+        os.replace(temporary, target)
+
+
+def build_encoder(config: MimoConfig) -> torch.nn.Module:
+    """The frozen image encoder of ``config`` (same seeding as ``MimoModel.from_config``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        sam = build_sam(SamConfig.lite() if config.sam == "lite" else SamConfig.tiny())
+    if config.sam == "lite":
+        load_lite_medsam_weights(sam)
+    return sam.eval()
+
+
+def images_in_order(data: Path, splits: Sequence[str], dev_first: int = 24,
+                    originals_last: bool = False) -> list[tuple[str, str]]:
+    """(image_hash, image path) pairs, de-duplicated: ``dev_first`` dev images, then round-robin by
+    source, original slices before their augmented copies."""
+    queues: dict[str, dict[str, list[tuple[str, str]]]] = {}
+    for split in splits:
+        path = data / f"{split}.jsonl"
+        if not path.exists():
+            continue
+        seen: set[str] = set()
+        per_source: dict[str, list[tuple[bool, str, str]]] = {}
+        for record in read_conversations(path):
+            if record["image_hash"] not in seen:
+                seen.add(record["image_hash"])
+                per_source.setdefault(record["source"], []).append(
+                            (("-aug" in record["slice_id"]) != originals_last, record["image_hash"], record["image"]))
+        queues[split] = {source: [(key, image) for _, key, image in sorted(items, key=lambda item: item[0])]
+                         for source, items in per_source.items()}
+    ordered: list[tuple[str, str]] = []
+    if "dev" in queues:
+        ordered += _round_robin(queues["dev"])[:dev_first]
+    for split in splits:
+        ordered += _round_robin(queues.get(split, {}))
+    unique, seen = [], set()
+    for key, image in ordered:
+        if key not in seen:
+            seen.add(key)
+            unique.append((key, image))
+    return unique
+
+
+def _round_robin(per_source: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    lists = [items for _, items in sorted(per_source.items())]
+    result = []
+    for index in range(max((len(items) for items in lists), default=0)):
+        result += [items[index] for items in lists if index < len(items)]
+    return result
+
+
+@torch.inference_mode()
+def fill_cache(data: str | Path, config: MimoConfig, splits: Sequence[str] = ("train", "dev"),
+               root: str | Path | None = None, limit: int | None = None, dev_first: int = 24,
+               progress: bool = True, originals_last: bool = False) -> int:
+    """Encode every not-yet-cached image of the dataset at ``data``; return how many were encoded."""
+    data = Path(data)
+    cache = EmbeddingCache(root, config)
+    todo = [(key, image) for key, image in images_in_order(data, splits, dev_first, originals_last)
+            if key not in cache]
+    todo = todo[:limit] if limit is not None else todo
+    if not todo:
+        return 0
+    encoder = build_encoder(config)
+    transform = SamTransform(config.image_size)
+    for key, image in tqdm(todo, desc="encoding images", disable=not progress):
+        pixels = np.asarray(Image.open(data / image))
+        embedding = encoder.encode_image(transform.apply_image(pixels)[None])[0]  # (C, E, E)
+        cache.save(key, embedding)
+    return len(todo)
+
+
+def import_seg_cache(seg_cache: str | Path, data: str | Path, config: MimoConfig, root: str | Path | None = None) -> int:
+    """Copy embeddings already computed by ``python -m mimo_chat.train.seg_cache`` (same LiteMedSAM
+    encoder, same display images) for the un-augmented slices of the dataset; return the count."""
+    if config.sam != "lite":
+        return 0
+    cache = EmbeddingCache(root, config)
+    keys: dict[tuple[str, str, str], str] = {}
+    for split in ("train", "dev"):
+        path = Path(data) / f"{split}.jsonl"
+        if path.exists():
+            for record in read_conversations(path):
+                keys[(record["source"], record["patient"], record["slice_id"])] = record["image_hash"]
+    allowed = [np.core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint8))]
+    copied = 0
+    for path in sorted(Path(seg_cache).glob("*/*.pt")):
+        with torch.serialization.safe_globals(allowed):
+            entry = torch.load(path, weights_only=True)
+        key = keys.get((entry["source"], entry["patient"], entry["slice_id"]))
+        if key is not None and key not in cache:
+            cache.save(key, entry["embedding"])
+            copied += 1
+    return copied
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mimo_chat.train.embeddings_cache", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="dataset folder written by python -m mimo_chat.data.prepare")
+    parser.add_argument("--preset", default="lite", help="MIMO preset whose image encoder to use (lite or tiny)")
+    parser.add_argument("--splits", default="train,dev")
+    parser.add_argument("--cache", default=None, help="cache root (default: cache_dir()/embeddings)")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--dev-first", type=int, default=24)
+    parser.add_argument("--originals-last", action="store_true", help="encode augmented copies first")
+    parser.add_argument("--import-seg-cache", default=None, help="a seg_cache folder to copy embeddings from")
+    parser.add_argument("--import-only", action="store_true")
+    args = parser.parse_args(argv)
+    config = MimoConfig.preset(args.preset)
+    if args.import_seg_cache:
+        print(f"imported {import_seg_cache(args.import_seg_cache, args.data, config, args.cache)} embeddings")
+    if not args.import_only:
+        count = fill_cache(args.data, config, args.splits.split(","), args.cache, args.limit, args.dev_first,
+                           originals_last=args.originals_last)
+        print(f"encoded {count} images")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
