@@ -78,28 +78,34 @@ def interior_point(mask: np.ndarray) -> list[float]:
 
 
 class BenchWriter:
-    """Writes images, masks and manifest rows under one folder (paths relative to it)."""
+    """Collects images and masks by relative path; ``flush`` writes only those the kept rows name."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        self.rows: list[dict] = []
-        self._written: set[str] = set()
-
-    def _save(self, relative: str, array: np.ndarray) -> str:
-        if relative not in self._written:
-            path = self.out / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array).save(path)
-            self._written.add(relative)
-        return relative
+        self._pending: dict[str, np.ndarray] = {}
 
     def image(self, sample: LabelledSlice) -> str:
-        gray = sample.image[..., 0] if np.array_equal(sample.image[..., 0], sample.image[..., 1]) else sample.image
-        return self._save(f"images/{sample.source}/{sample.patient}/{sample.slice_id}.png", gray)
+        relative = f"images/{sample.source}/{sample.patient}/{sample.slice_id}.png"
+        if relative not in self._pending:
+            gray = np.array_equal(sample.image[..., 0], sample.image[..., 1]) and np.array_equal(
+                sample.image[..., 0], sample.image[..., 2])
+            self._pending[relative] = sample.image[..., 0] if gray else sample.image
+        return relative
 
     def mask(self, sample: LabelledSlice, name: str) -> str:
-        pixels = sample.masks[name].astype(np.uint8) * 255
-        return self._save(f"masks/{sample.source}/{sample.patient}/{sample.slice_id}/{slug(name)}.png", pixels)
+        relative = f"masks/{sample.source}/{sample.patient}/{sample.slice_id}/{slug(name)}.png"
+        if relative not in self._pending:
+            self._pending[relative] = sample.masks[name]
+        return relative
+
+    def flush(self, rows: Iterable[dict]) -> None:
+        """Write the PNGs (8-bit gray or RGB images; masks 0/255) that ``rows`` refer to."""
+        needed = {row["image"] for row in rows} | {row["target_mask"] for row in rows if "target_mask" in row}
+        for relative in sorted(needed):
+            array = self._pending[relative]
+            path = self.out / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array.astype(np.uint8) * 255 if array.dtype == bool else array).save(path)
 
 
 def _base(sample: LabelledSlice, writer: BenchWriter, task: str, query: str) -> dict:
@@ -225,6 +231,7 @@ def build(out: str | Path, sources: Sequence[str] = SOURCES, split: str = "dev",
                 rows.extend(_detect_rows(candidates, max_per_source, rng))
             elif key != "observe":
                 rows.extend(_cap(candidates, max_per_source, rng))
+    writer.flush(rows)
     _write_manifest(out, rows)
     return rows
 
