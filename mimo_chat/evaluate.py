@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bench", help="benchmark folder with manifest.jsonl")
     parser.add_argument("--out", help="report.json to write")
     parser.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)}")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N rows (after --tasks)")
+    parser.add_argument("--limit", type=int, default=None, help="only N rows, spread evenly over the manifest (after --tasks)")
     parser.add_argument("--checkpoint", default=None, help="model folder (default: the embedded lite model)")
     parser.add_argument("--model", default="lite", choices=("lite", "tiny", *ENGINE_MODELS),
                         help="engine = bare SegmentationPredictor (box_seg/point_seg only) with its prompt "

@@ -46,7 +46,11 @@ class BenchmarkError(ValueError):
 
 
 def load_manifest(bench: str | Path, tasks: Sequence[str] | None = None, limit: int | None = None) -> list[dict]:
-    """Rows of ``bench/manifest.jsonl`` (validated), filtered to ``tasks``, first ``limit`` rows."""
+    """Rows of ``bench/manifest.jsonl`` (validated), filtered to ``tasks``.
+
+    ``limit`` keeps that many rows spread evenly over the manifest (so a quick run still sees
+    every task and source of a manifest written task by task), in manifest order.
+    """
     folder = Path(bench)
     path = folder / "manifest.jsonl"
     if not path.is_file():
@@ -69,7 +73,10 @@ def load_manifest(bench: str | Path, tasks: Sequence[str] | None = None, limit: 
             seen.add(row["id"])
             if tasks is None or row["task"] in tasks:
                 rows.append(row)
-    return rows[:limit] if limit is not None else rows
+    if limit is None or limit >= len(rows):
+        return rows
+    keep = np.unique(np.linspace(0, len(rows) - 1, num=max(limit, 0)).round().astype(int))
+    return [rows[i] for i in keep]
 
 
 def load_image(bench: Path, relative: str) -> np.ndarray:
