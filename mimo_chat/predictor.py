@@ -253,3 +253,13 @@ class MimoPredictor:
             return self.model.save_pretrained(directory)
         finally:
             self.model.language_model.merge_lora()
+
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = True) -> str:
+        """Upload the trained parameters + config to a Hugging Face model repo (needs an account)."""
+        if self.model.language_model.quantized:
+            raise ValueError("This predictor's language model is quantized for inference; push an unquantized one")
+        self.model.language_model.unmerge_lora()
+        try:
+            return self.model.push_to_hub(repo_id, token=token, private=private)
+        finally:
+            self.model.language_model.merge_lora()

@@ -101,3 +101,12 @@ def test_lite_language_model_from_the_gguf_cache_answers() -> None:
     context = predictor.encode(image)
     reply = predictor.ask(context, "Segment the pancreas.", reply_prefix="<p>pancreas</p><SEG>", max_new_tokens=2)
     assert reply.phrases[0].phrase == "pancreas" and reply.phrases[0].mask.shape == (200, 160)
+
+
+def test_int8_predictor_streams_masks_and_refuses_to_save(ct_image, tmp_path) -> None:
+    quantized = MimoPredictor.from_pretrained("tiny", quantize="int8")
+    assert quantized.model.language_model.quantized and any("int8" in note for note in quantized.notes)
+    reply = quantized.ask(quantized.encode(ct_image), "Segment the pancreas.", reply_prefix=PREFIX, max_new_tokens=2)
+    assert reply.phrases[0].phrase == "pancreas" and reply.phrases[0].mask.shape == ct_image.shape
+    with pytest.raises(ValueError, match="quantized"):
+        quantized.save_pretrained(tmp_path)

@@ -11,7 +11,8 @@ Protocol (both measured in the same run, same inputs, same thread count):
   of new tokens), then a second full forward pass to collect the ``<SEG>`` hidden states and decode
   the mask.
 
-Keys: ``ttft_s`` (request to first token), ``tokens_per_s`` (decode rate after the first token),
+Keys: ``ttft_s`` (request to first token), ``tokens_per_s`` (decode rate after the first token,
+not counting the time spent decoding masks in between),
 ``seg_to_mask_s`` (``<SEG>`` token produced -> mask at the original resolution; for the baseline
 the ``<SEG>`` position is reached at its first token), ``end_to_end_s`` (request -> reply and all
 masks), the same with ``baseline_``, and ratios.
@@ -50,7 +51,9 @@ def bench_image() -> tuple[np.ndarray, str]:
 
 def _rates(start: float, token_times: list[float], seg_times: list[float], mask_times: list[float], end: float) -> dict:
     seg_delays = [mask - seg for seg, mask in zip(seg_times, mask_times, strict=False)]
-    decode_time = token_times[-1] - token_times[0]
+    # decode rate: time between the first and last token, minus mask decoding done in between
+    inside = [delay for seg, delay in zip(seg_times, seg_delays, strict=False) if seg < token_times[-1]]
+    decode_time = token_times[-1] - token_times[0] - sum(inside)
     return {
         "ttft_s": token_times[0] - start,
         "tokens_per_s": (len(token_times) - 1) / decode_time if decode_time > 0 else float("nan"),
