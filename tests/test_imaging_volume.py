@@ -150,6 +150,16 @@ def test_bad_niftis(ct, tmp_path):
         header.write_to(handle)
     with pytest.raises(ImageLoadError, match="too large"):
         load_study(tmp_path / "huge.nii")
+    header.set_data_shape((4096, 4096, 40))  # each side allowed, but 2.5 GB once decoded
+    with open(tmp_path / "heavy.nii", "wb") as handle:
+        header.write_to(handle)
+    with pytest.raises(ImageLoadError, match="GB"):
+        load_study(tmp_path / "heavy.nii")
+    header.set_data_shape((16, 0, 16))
+    with open(tmp_path / "empty.nii", "wb") as handle:
+        header.write_to(handle)
+    with pytest.raises(ImageLoadError, match="empty"):
+        load_study(tmp_path / "empty.nii")
 
 
 @pytest.mark.parametrize("case", ["lung1", "brain1", "breast1"])
