@@ -8,6 +8,7 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from mimo_chat.imaging import ImageLoadError, load_study, mask_to_volume, save_mask_nifti
@@ -126,6 +127,19 @@ def test_mask_round_trip_lands_on_the_right_voxels(ct, labels, label_ids, liver,
     assert (data[tuple(source_index)] == label_ids["liver"]).all()
     if plane == "axial":  # and through our own loader, back onto the same display slice
         np.testing.assert_array_equal(load_study(saved).slice(index, plane) > 0, drawn)
+
+
+def test_square_pixel_display_and_its_masks(ct, labels, label_ids, liver):
+    j = int(liver.sum(axis=(0, 2)).argmax())
+    assert ct.slice_spacing("coronal") == pytest.approx((2.5, 0.703125))
+    shown = ct.display(j, "coronal", square_pixels=True)
+    assert shown.shape == (473, 512, 3)  # 133 slices x 2.5 mm / 0.703 mm per pixel
+    drawn_native = _label_slice(labels, label_ids, ["liver"], j, "coronal")
+    drawn = np.asarray(
+        Image.fromarray(drawn_native.astype(np.uint8)).resize((512, 473), Image.Resampling.NEAREST)
+    )  # a mask drawn on the stretched display
+    volume = mask_to_volume(ct, drawn, j, "coronal")
+    np.testing.assert_array_equal(volume[::-1, j, ::-1].T > 0, drawn_native)
 
 
 def test_four_d_nifti_takes_the_first_volume(ct, tmp_path):

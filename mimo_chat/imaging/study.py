@@ -116,10 +116,34 @@ class Study:
             return self._auto
         return resolve_window(window)
 
-    def display(self, index: int | None = None, plane: str = "axial", window: Window | None = None) -> np.ndarray:
-        """The windowed display slice as (H, W, 3) uint8; ``index`` None is the middle slice."""
+    def display_shape(self, plane: str = "axial", square_pixels: bool = False) -> tuple[int, int]:
+        """(H, W) of ``display(..., square_pixels=...)`` for ``plane``."""
+        height, width = self.slice(None, plane).shape[:2]
+        if not square_pixels:
+            return height, width
+        row_mm, column_mm = self.slice_spacing(plane)
+        return max(1, round(height * row_mm / column_mm)), width
+
+    def display(
+        self,
+        index: int | None = None,
+        plane: str = "axial",
+        window: Window | None = None,
+        square_pixels: bool = False,
+    ) -> np.ndarray:
+        """The windowed display slice as (H, W, 3) uint8; ``index`` None is the middle slice.
+
+        ``square_pixels``: stretch the rows so one pixel covers as many mm down as across
+        (coronal/sagittal views of thick-slice volumes); ``mask_to_volume`` accepts masks of
+        either shape.
+        """
         values = self.slice(index, plane)
         gray = apply_window(values, self.window_values(window))
+        shape = self.display_shape(plane, square_pixels)
+        if shape != gray.shape[:2]:
+            from PIL import Image
+
+            gray = np.asarray(Image.fromarray(gray).resize(shape[::-1], Image.Resampling.BILINEAR))
         if gray.ndim == 2:
             gray = np.repeat(gray[:, :, None], 3, axis=2)
         return np.ascontiguousarray(gray)
@@ -137,15 +161,19 @@ class Study:
 def mask_to_volume(study: Study, mask2d: np.ndarray, index: int | None = None, plane: str = "axial") -> np.ndarray:
     """Place a mask drawn on a display slice back into the study's voxel grid.
 
-    mask2d: (H, W), the shape of ``study.slice(index, plane)``; non-zero = inside.
-    Returns uint8 (X, Y, Z) for a volume (zeros outside the slice) or (H, W) for a 2D image.
+    mask2d: (H, W), the shape of ``study.slice(index, plane)`` or of the square-pixel display;
+    non-zero = inside. Returns uint8 (X, Y, Z) for a volume (zeros outside the slice) or (H, W)
+    for a 2D image.
     """
     plane = _plane_name(plane)
-    mask2d = np.asarray(mask2d)
-    expected = study.slice(index, plane).shape[:2]
-    if mask2d.shape != expected:
-        raise ValueError(f"The mask is {mask2d.shape} but the {plane} slice is {expected}.")
-    binary = (mask2d != 0).astype(np.uint8)
+    binary = (np.asarray(mask2d) != 0).astype(np.uint8)
+    expected = study.display_shape(plane)
+    if binary.shape != expected:
+        if binary.shape != study.display_shape(plane, square_pixels=True):
+            raise ValueError(f"The mask is {binary.shape} but the {plane} slice is {expected}.")
+        from PIL import Image
+
+        binary = np.asarray(Image.fromarray(binary).resize(expected[::-1], Image.Resampling.NEAREST))
     if not study.is_volume:
         return binary
     volume = np.zeros(study.pixels.shape, dtype=np.uint8)
