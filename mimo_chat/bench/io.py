@@ -84,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         f"  DICOM 512x512 ({report['dicom_file']}): {report['dicom_load_s']:.3f} / {report['dicom_load_p95_s']:.3f} s"
         f"   target < {DICOM_TARGET_S} s"
     )
-    print(f"  DICOM 128x128 (CT_small.dcm):     {report['dicom_small_load_s']:.3f} / {report['dicom_small_load_p95_s']:.3f} s")
-    print(f"  display of an axial slice:        {report['display_slice_s']:.3f} / {report['display_slice_p95_s']:.3f} s")
+    print(
+        f"  DICOM 128x128 (CT_small.dcm):     {report['dicom_small_load_s']:.3f} / {report['dicom_small_load_p95_s']:.3f} s"
+    )
+    print(
+        f"  display of an axial slice:        {report['display_slice_s']:.3f} / {report['display_slice_p95_s']:.3f} s"
+    )
     print("  within targets" if report["within_targets"] else "  NOT within targets")
     return 0
 

@@ -170,7 +170,9 @@ def _positions(dataset, frames: int, orientation: np.ndarray | None) -> np.ndarr
     if frames == 1:
         position = _vector(dataset, "ImagePositionPatient", 3)
         return None if position is None else position[None]
-    per_frame = [_functional_group(dataset, "PlanePositionSequence", "ImagePositionPatient", frame) for frame in range(frames)]
+    per_frame = [
+        _functional_group(dataset, "PlanePositionSequence", "ImagePositionPatient", frame) for frame in range(frames)
+    ]
     if all(group is not None for group in per_frame):
         positions = [_vector(group, "ImagePositionPatient", 3) for group in per_frame]
         if all(position is not None for position in positions):
@@ -251,18 +253,23 @@ def _study_2d(slices: Slices, notes: list[str]) -> Study:
     )
 
 
-def _affine(slices: Slices, positions: np.ndarray, notes: list[str]) -> np.ndarray:
-    """voxel (column, row, slice) -> RAS mm, from frames already sorted along the slice normal."""
-    orientation = slices.orientation
-    row_spacing, column_spacing = slices.pixel_spacing or (1.0, 1.0)
+def _affine(
+    orientation: np.ndarray,
+    positions: np.ndarray,
+    pixel_spacing: tuple[float, float] | None,
+    slice_step: float | None,
+    notes: list[str],
+) -> np.ndarray:
+    """voxel (column, row, slice) -> RAS mm, from frame positions already sorted along the slice normal."""
+    row_spacing, column_spacing = pixel_spacing or (1.0, 1.0)
     normal = np.cross(orientation[:3], orientation[3:])
     if len(positions) > 1:
-        step = (positions[-1] - positions[0]) / (len(positions) - 1)
+        step = (positions[-1] - positions[0]) / (len(positions) - 1)  # follows gantry tilt too
         gaps = np.diff(positions @ normal)
         if np.ptp(gaps) > 0.1 * abs(np.mean(gaps)) + 1e-3:
             notes.append("The slices are not evenly spaced; distances along the stack are approximate.")
     else:
-        step = normal * (slices.slice_step or 1.0)
+        step = normal * (slice_step or 1.0)
     lps = np.eye(4)
     lps[:3, 0] = orientation[:3] * column_spacing
     lps[:3, 1] = orientation[3:] * row_spacing
@@ -280,23 +287,23 @@ def slices_to_study(slices: Slices, notes: list[str]) -> Study:
         return _study_2d(slices, notes)
     if frames == 1 and (slices.modality == "XR" or slices.orientation is None):
         return _study_2d(slices, notes)  # a projection image, or no geometry: shown as stored
-    if slices.orientation is None:
-        slices.orientation = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])  # frames shown as stored
-    if slices.positions is None:
+    # no orientation: frames shown as stored (rows down, columns right, frames stacked)
+    orientation = slices.orientation if slices.orientation is not None else np.array([1.0, 0, 0, 0, 1, 0])
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = slices.positions
+    if positions is None:
         if frames > 1:
             notes.append("The file does not record where each frame lies; frames are shown in stored order.")
-        normal = np.cross(slices.orientation[:3], slices.orientation[3:])
-        slices.positions = np.arange(frames)[:, None] * normal[None] * (slices.slice_step or 1.0)
-    normal = np.cross(slices.orientation[:3], slices.orientation[3:])
-    order = np.argsort(slices.positions @ normal, kind="stable")
-    positions = slices.positions[order]
+        positions = np.arange(frames)[:, None] * normal[None] * (slices.slice_step or 1.0)
+    order = np.argsort(positions @ normal, kind="stable")
+    positions = positions[order]
     if frames > 1 and np.min(np.diff(positions @ normal)) < 1e-4:
         raise ImageLoadError(
             "This series has several images at the same position (e.g. several echoes or time points); "
             "open one of them on its own."
         )
     volume = np.transpose(slices.pixels[order], (2, 1, 0))  # (F, R, C) -> (C, R, F)
-    affine = _affine(slices, positions, notes)
+    affine = _affine(orientation, positions, slices.pixel_spacing, slices.slice_step, notes)
     window = slices.window or default_window(slices.modality)
     study = make_volume_study(volume, affine, notes, modality=slices.modality, **slices.descriptors)
     study.default_window = window
@@ -360,7 +367,9 @@ def load_dicom_series(members: Sequence[tuple[str, Callable[[], bytes]]]) -> Stu
     notes: list[str] = []
     series = max(groups.values(), key=len)
     if len(groups) > 1:
-        notes.append(f"This folder holds {len(groups)} image series; showing the one with the most images ({len(series)}).")
+        notes.append(
+            f"This folder holds {len(groups)} image series; showing the one with the most images ({len(series)})."
+        )
     if len(series) == 1:
         return slices_to_study(read_slices(series[0]), notes)
     return slices_to_study(_merge(series), notes)

@@ -32,4 +32,6 @@ def check_size(shape: tuple[int, ...], what: str = "image") -> None:
         decoded *= int(side)
     if decoded > MAX_DECODED_BYTES:
         gigabytes = decoded / 1024**3
-        raise ImageLoadError(f"This {what} is too large to open: it would need {gigabytes:.1f} GB of memory (limit 2 GB).")
+        raise ImageLoadError(
+            f"This {what} is too large to open: it would need {gigabytes:.1f} GB of memory (limit 2 GB)."
+        )

@@ -57,10 +57,7 @@ def _kind(path: Path) -> str:
 
 def _folder_members(folder: Path) -> list[tuple[str, object]]:
     files = sorted(
-        Path(root) / name
-        for root, dirs, names in os.walk(folder)
-        for name in names
-        if not name.startswith(".")
+        Path(root) / name for root, dirs, names in os.walk(folder) for name in names if not name.startswith(".")
     )
     total = sum(file.stat().st_size for file in files)
     if total > MAX_DECODED_BYTES:

@@ -68,7 +68,9 @@ class Study:
         expected = 3 if self.is_volume else (2, 3)
         if self.is_volume and self.pixels.ndim != expected:
             raise ValueError(f"A volume needs (X, Y, Z) pixels, got shape {self.pixels.shape}.")
-        if not self.is_volume and (self.pixels.ndim not in expected or (self.pixels.ndim == 3 and self.pixels.shape[2] != 3)):
+        if not self.is_volume and (
+            self.pixels.ndim not in expected or (self.pixels.ndim == 3 and self.pixels.shape[2] != 3)
+        ):
             raise ValueError(f"A 2D study needs (H, W) or (H, W, 3) pixels, got shape {self.pixels.shape}.")
 
     def __repr__(self) -> str:
@@ -181,9 +183,7 @@ def mask_to_volume(study: Study, mask2d: np.ndarray, index: int | None = None, p
     return volume
 
 
-def save_mask_nifti(
-    study: Study, mask2d: np.ndarray, index: int | None, plane: str, path: str | Path
-) -> Path:
+def save_mask_nifti(study: Study, mask2d: np.ndarray, index: int | None, plane: str, path: str | Path) -> Path:
     """Write a display-slice mask as NIfTI aligned with the study (volume: the study's affine).
 
     Only geometry is written: no descriptors, names or dates go into the header.

@@ -29,7 +29,7 @@ def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def guess_modality(pixels: np.ndarray) -> str:
-    """"CT" when values look like Hounsfield units (a visible share of air near -1000), else "OT" (unknown)."""
+    """Return "CT" when values look like Hounsfield units (a share of air near -1000), else "OT" (unknown)."""
     step = max(1, round((pixels.size / 300_000) ** (1 / pixels.ndim)))
     sample = pixels[(slice(None, None, step),) * pixels.ndim]  # strided view: no copy of the volume
     air = np.count_nonzero((sample >= -1100) & (sample <= -900)) / sample.size
@@ -100,7 +100,9 @@ def load_nifti(path: Path) -> Study:
         else:
             extra = shape[3:]
             if extra and int(np.prod(extra)) > 1:
-                notes.append(f"This is a {len(shape)}D file with {int(np.prod(extra))} volumes; showing the first volume.")
+                notes.append(
+                    f"This is a {len(shape)}D file with {int(np.prod(extra))} volumes; showing the first volume."
+                )
             pixels = np.asarray(image.dataobj[(slice(None),) * 3 + (0,) * len(extra)], dtype=np.float32)
     except ImageLoadError:
         raise
@@ -133,7 +135,9 @@ def _nrrd_affine(header: dict, spatial_axes: list[int], notes: list[str]) -> np.
     space = str(header.get("space", "")).lower()
     affine = np.eye(4)
     if directions is not None and space in _SPACE_SIGNS:
-        matrix = np.asarray([np.asarray(directions[axis], dtype=np.float64)[:3] for axis in spatial_axes])  # rows = axes
+        matrix = np.asarray(
+            [np.asarray(directions[axis], dtype=np.float64)[:3] for axis in spatial_axes]
+        )  # rows = axes
         if len(matrix) == 2:  # a 2D image in 3D space: add a unit normal as the third axis
             normal = np.cross(matrix[0], matrix[1])
             matrix = np.vstack([matrix, normal / max(np.linalg.norm(normal), 1e-12)])
@@ -142,7 +146,9 @@ def _nrrd_affine(header: dict, spatial_axes: list[int], notes: list[str]) -> np.
             affine[:3, 3] = np.asarray(origin, dtype=np.float64)[:3]
         return np.diag([*_SPACE_SIGNS[space], 1.0]) @ affine
     spacings = header.get("spacings")
-    steps = [float(spacings[axis]) if spacings is not None and np.isfinite(spacings[axis]) else 1.0 for axis in spatial_axes]
+    steps = [
+        float(spacings[axis]) if spacings is not None and np.isfinite(spacings[axis]) else 1.0 for axis in spatial_axes
+    ]
     affine[:3, :3] = np.diag(steps + [1.0] * (3 - len(steps)))
     notes.append("The file does not record the patient orientation; the volume is shown as stored.")
     return affine
