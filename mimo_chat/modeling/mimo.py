@@ -326,6 +326,9 @@ def resolve_pretrained_dir(name_or_path: str | Path) -> Path:
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; expected a folder written by save_pretrained")
         return path
+    text = str(name_or_path)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"No model folder at {text!r} (and it is not a hub repo id 'owner/name')")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(repo_id=str(name_or_path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
