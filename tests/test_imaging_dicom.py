@@ -79,6 +79,7 @@ def test_radiograph_monochrome1_is_inverted_and_uses_its_voi_window():
         ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),  # JPEG-LS lossless
         ("emri_small_jpeg_2k_lossless.dcm", "emri_small.dcm"),  # multi-frame JPEG 2000
         ("emri_small_RLE.dcm", "emri_small.dcm"),  # multi-frame RLE
+        ("SC_rgb_jpeg_gdcm.dcm", "SC_rgb.dcm"),  # JPEG lossless (process 14), colour
     ],
 )
 def test_lossless_compressed_files_equal_their_uncompressed_sibling(compressed, reference):
@@ -94,6 +95,15 @@ def test_jpeg_ls_near_lossless_and_jpeg_baseline_decode():
     reference = load_study(pydicom_test_file("SC_rgb.dcm"))
     assert colour.pixels.shape == reference.pixels.shape == (100, 100, 3)
     assert np.abs(colour.pixels - reference.pixels).mean() < 8  # lossy JPEG of the same picture
+
+
+def test_jpeg_extended_12_bit_matches_the_lossless_copy_and_a_broken_stream_is_reported():
+    lossy, lossless = load_study(pydicom_test_file("JPGExtended.dcm")), load_study(pydicom_test_file("JPEG-LL.dcm"))
+    assert lossy.pixels.shape == lossless.pixels.shape == (1024, 256)
+    assert np.abs(lossy.pixels - lossless.pixels).mean() < 0.25 * np.abs(lossless.pixels).mean()
+    # JPEG-lossy.dcm has a non-conformant JPEG stream that no installed decoder accepts
+    with pytest.raises(ImageLoadError, match=r"could not be decoded \(JPEG Extended"):
+        load_study(pydicom_test_file("JPEG-lossy.dcm"))
 
 
 def test_multi_frame_file_is_a_volume_in_stored_frame_order():
