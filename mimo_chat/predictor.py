@@ -177,7 +177,7 @@ class MimoPredictor:
         steps = decode_steps(
             self.model.language_model,
             inputs_embeds,
-            max_new_tokens or self.config.max_new_tokens,
+            self.config.max_new_tokens if max_new_tokens is None else max_new_tokens,
             stop_ids,
             temperature,
             forced_token_ids=self.processor.reply_prefix_ids(reply_prefix) if reply_prefix else None,
@@ -218,6 +218,8 @@ class MimoPredictor:
 
     def _text_delta(self, state: _StreamState, partial: bool) -> TextDelta | None:
         text = render_plain_text(self.processor.decode(state.generated), partial=partial)
+        if partial:  # hold back what may still change: trailing spaces, half of a multi-byte character
+            text = text.rstrip().rstrip("\ufffd")
         if len(text) <= len(state.shown) or not text.startswith(state.shown):
             return None
         delta, state.shown = text[len(state.shown) :], text

@@ -73,3 +73,15 @@ def test_visual_prompts_change_the_grounded_mask(predictor, ct_image) -> None:
     )
     assert plain.phrases[0].mask.shape == boxed.phrases[0].mask.shape == ct_image.shape
     assert plain.phrases[0].score != boxed.phrases[0].score
+
+
+def test_streamed_text_equals_the_final_text_around_boxes_and_punctuation(predictor, ct_image) -> None:
+    context = predictor.encode(ct_image)
+    prefix = "The <p>liver</p> {<10><20><60><70>} . Also  <p>spleen</p><SEG> , ok"
+    events = list(predictor.stream(context, "Where is the liver?", reply_prefix=prefix, max_new_tokens=0))
+    reply = events[-1].reply
+    assert reply.text == "The liver. Also spleen, ok"
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == reply.text
+    liver, spleen = reply.phrases
+    assert liver.mask is None and liver.box == [12.0, 25.6, 72.0, 89.6]  # MiniGPT box on a 120 x 128 image
+    assert spleen.mask is not None
