@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", default=None, help="window preset (abdomen, lung, ...), 'auto' or W,L")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--prefix", default=None, help='force the start of the reply, e.g. "<p>liver</p><SEG>"')
-    parser.add_argument("--quantize", choices=["int8"], default=None, help="faster CPU decoding")
+    parser.add_argument("--quantize", choices=["int8", "int8-weights"], default=None, help="faster CPU decoding")
     parser.add_argument("--device", default="cpu")
     return parser
 

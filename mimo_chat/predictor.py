@@ -94,8 +94,8 @@ class MimoPredictor:
         """``"tiny"`` (random), ``"lite"`` (registry weights + ``checkpoints/mimo-lite`` when present),
         or a folder / hub repo id written by ``MimoModel.save_pretrained``.
 
-        ``quantize="int8"``: dynamic int8 language-model linears for faster CPU decoding (inference
-        only; greedy text can differ from float32)."""
+        ``quantize``: ``"int8"`` (dynamic int8, fastest) or ``"int8-weights"`` (weight-only int8,
+        text nearly identical to float32) language-model linears for faster CPU decoding (inference only)."""
         notes: list[str] = []
         source = str(name_or_path)
         if source == "lite" and (LITE_CHECKPOINT / WEIGHTS_NAME).is_file():
@@ -118,11 +118,9 @@ class MimoPredictor:
         model = model.to(device).eval()
         if merge_lora or quantize:
             model.language_model.merge_lora()
-        if quantize == "int8":
-            model.language_model.quantize_int8()
-            notes.append("The language model runs with dynamic int8 linears (faster on CPU; text can differ).")
-        elif quantize is not None:
-            raise ValueError(f"Unknown quantize={quantize!r}; expected None or 'int8'")
+        if quantize is not None:
+            model.language_model.quantize(quantize)
+            notes.append(f"The language model runs with {quantize} linear layers (faster on CPU; text can differ).")
         return cls(model, MimoProcessor(config, tokenizer), trained=trained, notes=notes)
 
     @property

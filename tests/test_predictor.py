@@ -103,10 +103,24 @@ def test_lite_language_model_from_the_gguf_cache_answers() -> None:
     assert reply.phrases[0].phrase == "pancreas" and reply.phrases[0].mask.shape == (200, 160)
 
 
-def test_int8_predictor_streams_masks_and_refuses_to_save(ct_image, tmp_path) -> None:
-    quantized = MimoPredictor.from_pretrained("tiny", quantize="int8")
-    assert quantized.model.language_model.quantized and any("int8" in note for note in quantized.notes)
+@pytest.mark.parametrize("mode", ["int8", "int8-weights"])
+def test_quantized_predictor_streams_masks_and_refuses_to_save(mode, predictor, ct_image, tmp_path) -> None:
+    quantized = MimoPredictor.from_pretrained("tiny", quantize=mode)
+    assert quantized.model.language_model.quantized and any(mode in note for note in quantized.notes)
     reply = quantized.ask(quantized.encode(ct_image), "Segment the pancreas.", reply_prefix=PREFIX, max_new_tokens=2)
     assert reply.phrases[0].phrase == "pancreas" and reply.phrases[0].mask.shape == ct_image.shape
     with pytest.raises(ValueError, match="quantized"):
         quantized.save_pretrained(tmp_path)
+
+
+def test_weight_only_int8_linear_is_close_to_float() -> None:
+    from mimo_chat.modeling.quantization import Int8WeightOnlyLinear
+
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(576, 192)
+    inputs = torch.randn(3, 5, 576, generator=generator)
+    expected = linear(inputs)
+    with torch.no_grad():
+        got = Int8WeightOnlyLinear(linear)(inputs)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert (got - expected).norm() / expected.norm() < 0.02

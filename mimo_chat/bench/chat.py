@@ -6,7 +6,8 @@ Protocol (both measured in the same run, same inputs, same thread count):
   last-position logits, argmax, LoRA merged; each ``<SEG>`` is decoded to a mask the moment it is
   produced. The reply starts with the forced prefix ``The <p>pancreas</p><SEG>`` (decoded step by
   step like generated tokens) so that a mask is produced even when no trained MIMO weights exist.
-* **int8** (``int8_`` keys) – ours again after ``quantize_int8()`` (dynamic int8 LM linears).
+* **int8w** / **int8** (``int8w_`` / ``int8_`` keys) – ours again with weight-only int8 or dynamic
+  int8 LM linears (``GroundingLanguageModel.quantize``).
 * **baseline** (LISA style) – HF ``generate()`` on the same prompt + prefix (greedy, the same number
   of new tokens), then a second full forward pass to collect the ``<SEG>`` hidden states and decode
   the mask.
@@ -21,6 +22,7 @@ masks), the same with ``baseline_``, and ratios.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -133,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument(
-        "--int8", choices=["also", "no"], default="also",
-        help="also measure ours with dynamic int8 LM linears (keys prefixed int8_); baseline stays fp32",
+        "--quantized", choices=["also", "no"], default="also",
+        help="also measure ours with int8-weights (keys int8w_) and dynamic int8 (keys int8_) LMs",
     )
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args(argv)
@@ -147,15 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_baseline:
         baseline = run_baseline(predictor, ctx, args.max_new_tokens)
     ours = run_ours(predictor, ctx, args.max_new_tokens)
-    quantized = {}
-    if args.int8 == "also":
-        predictor.model.language_model.quantize_int8()
-        run_ours(predictor, ctx, 2)
-        quantized = run_ours(predictor, ctx, args.max_new_tokens)
+    variants: dict[str, dict] = {}
+    if args.quantized == "also":
+        for prefix, mode in (("int8w", "int8-weights"), ("int8", "int8")):
+            variant = MimoPredictor(copy.deepcopy(predictor.model), predictor.processor)
+            variant.model.language_model.quantize(mode)
+            run_ours(variant, ctx, 2)
+            variants[prefix] = run_ours(variant, ctx, args.max_new_tokens)
+            del variant
     result = {
         **ours,
         **{f"baseline_{key}": value for key, value in baseline.items()},
-        **{f"int8_{key}": value for key, value in quantized.items()},
+        **{f"{prefix}_{key}": value for prefix, keys in variants.items() for key, value in keys.items()},
         "model": args.model,
         "trained_weights": predictor.trained,
         "threads": args.threads,
@@ -167,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         result["tokens_per_s_speedup"] = ours["tokens_per_s"] / baseline["tokens_per_s"]
         result["seg_to_mask_speedup"] = baseline["seg_to_mask_s"] / ours["seg_to_mask_s"]
         result["end_to_end_speedup"] = baseline["end_to_end_s"] / ours["end_to_end_s"]
-        if quantized:
-            result["int8_tokens_per_s_speedup"] = quantized["tokens_per_s"] / baseline["tokens_per_s"]
-            result["int8_end_to_end_speedup"] = baseline["end_to_end_s"] / quantized["end_to_end_s"]
+        for prefix, keys in variants.items():
+            result[f"{prefix}_tokens_per_s_speedup"] = keys["tokens_per_s"] / baseline["tokens_per_s"]
+            result[f"{prefix}_end_to_end_speedup"] = baseline["end_to_end_s"] / keys["end_to_end_s"]
     if args.json:
         print(json.dumps(result))
     else:

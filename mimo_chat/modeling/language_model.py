@@ -176,17 +176,12 @@ class GroundingLanguageModel(nn.Module):
         if hasattr(self.model, "merge_adapter"):
             self.model.merge_adapter()
 
-    def quantize_int8(self) -> None:
-        """Inference only: dynamic int8 (per-channel weights) for every linear layer of the LM.
+    def quantize(self, mode: str = "int8") -> None:
+        """Inference only: int8 linear layers (``"int8"`` dynamic or ``"int8-weights"``, see
+        ``modeling/quantization.py``). Call after :meth:`merge_lora`; the result cannot be trained."""
+        from mimo_chat.modeling.quantization import quantize_linears
 
-        Call after :meth:`merge_lora`. Roughly 2-3x faster CPU decoding; the result cannot be trained."""
-        import warnings
-
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(self.causal_lm(), {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+        quantize_linears(self.causal_lm(), mode)
         self.quantized = True
 
     def unmerge_lora(self) -> None:
