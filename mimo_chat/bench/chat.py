@@ -54,7 +54,7 @@ def bench_image() -> tuple[np.ndarray, str]:
 def _rates(start: float, token_times: list[float], seg_times: list[float], mask_times: list[float], end: float) -> dict:
     seg_delays = [mask - seg for seg, mask in zip(seg_times, mask_times, strict=False)]
     # decode rate: time between the first and last token, minus mask decoding done in between
-    inside = [delay for seg, delay in zip(seg_times, seg_delays, strict=False) if seg < token_times[-1]]
+    inside = [mask - seg for seg, mask in zip(seg_times, mask_times, strict=False) if mask < token_times[-1]]
     decode_time = token_times[-1] - token_times[0] - sum(inside)
     return {
         "ttft_s": token_times[0] - start,
