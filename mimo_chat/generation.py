@@ -41,13 +41,16 @@ def decode_steps(
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
     forced_token_ids: Sequence[int] | None = None,
+    past_key_values: DynamicCache | None = None,
 ) -> Iterator[Step]:
     """Prefill (1, L, H) prompt embeddings, then yield one :class:`Step` per new token.
 
     The first steps take ``forced_token_ids`` instead of choosing (an assistant prefix, or teacher
     forcing for scoring); then up to ``max_new_tokens`` are chosen. Stops after a stop token (yielded).
+    ``past_key_values``: a cache already holding a prompt prefix (``inputs_embeds`` is the rest);
+    it is extended in place.
     """
-    cache = DynamicCache()
+    cache = DynamicCache() if past_key_values is None else past_key_values
     output = language_model(inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
     hidden, logits = output.hidden_states[0, -1], output.logits[0, -1]  # (H,), (V,)
     forced = list(forced_token_ids or [])

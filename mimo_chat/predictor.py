@@ -13,12 +13,14 @@ calls (one image encoder). The context is a plain object kept by the caller.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.cache_utils import DynamicCache
 
 from mimo_chat.generation import decode_steps
 from mimo_chat.grounding import GroundedReply, build_reply, mask_to_box, parse_grounded_text, render_plain_text
@@ -82,6 +84,8 @@ class MimoPredictor:
         self.segmenter = SegmentationPredictor(model.sam, processor.transform)
         self.trained = trained  # False: aligner / <SEG> head / LoRA are untrained
         self.notes = list(notes or [])
+        self.use_prefix_cache = True
+        self._prefix_caches: dict[tuple[int, ...], DynamicCache] = {}
 
     @classmethod
     def from_pretrained(
@@ -169,16 +173,18 @@ class MimoPredictor:
         embedding = ctx.image.embedding.to(device)
         inputs_embeds = self.model.embed_inputs(
             inputs.input_ids.to(device), embedding, inputs.question_ids.to(device), None, prompt_embeddings, None
-        )
+        )  # (1, L, H)
+        cache, cached_length = self._prefix_cache(inputs.input_ids)
         state = _StreamState()
         stop_ids = self.processor.stop_token_ids
         steps = decode_steps(
             self.model.language_model,
-            inputs_embeds,
+            inputs_embeds[:, cached_length:],
             self.config.max_new_tokens if max_new_tokens is None else max_new_tokens,
             stop_ids,
             temperature,
             forced_token_ids=self.processor.reply_prefix_ids(reply_prefix) if reply_prefix else None,
+            past_key_values=cache,
         )
         for step in steps:
             if on_token is not None:
@@ -213,6 +219,25 @@ class MimoPredictor:
             if isinstance(event, Done):
                 return event.reply
         raise RuntimeError("stream ended without a Done event")
+
+    def _prefix_cache(self, input_ids: torch.Tensor) -> tuple[DynamicCache | None, int]:
+        """A copy of the KV cache of the fixed prompt start (system turn + user header), computed once.
+
+        The start is everything before the first ``<image>`` placeholder; it is the same for every
+        question, so prefilling it once cuts the time to first token."""
+        if not self.use_prefix_cache:
+            return None, 0
+        ids = input_ids[0].tolist()
+        if self.model.image_token_id not in ids:
+            return None, 0
+        prefix = tuple(ids[: ids.index(self.model.image_token_id)])
+        if prefix not in self._prefix_caches:
+            cache = DynamicCache()
+            language_model = self.model.language_model
+            prefix_ids = torch.tensor([prefix], device=self.device)
+            language_model(language_model.embed(prefix_ids), past_key_values=cache, use_cache=True, logits_to_keep=-1)
+            self._prefix_caches = {prefix: cache}  # keep one (replaced, never mutated: requests copy it)
+        return copy.deepcopy(self._prefix_caches[prefix]), len(prefix)
 
     def _text_delta(self, state: _StreamState, partial: bool) -> TextDelta | None:
         text = render_plain_text(self.processor.decode(state.generated), partial=partial)

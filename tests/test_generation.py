@@ -85,3 +85,17 @@ def test_streamed_text_equals_the_final_text_around_boxes_and_punctuation(predic
     liver, spleen = reply.phrases
     assert liver.mask is None and liver.box == [12.0, 25.6, 72.0, 89.6]  # MiniGPT box on a 120 x 128 image
     assert spleen.mask is not None
+
+
+def test_prefix_cache_changes_nothing_but_speed(predictor, ct_image) -> None:
+    context = predictor.encode(ct_image)
+    history = [("Where is the pancreas?", PREFIX)]
+    replies = []
+    for use_cache in (False, True, True):  # without, first with (fills the cache), second with (reuses it)
+        predictor.use_prefix_cache = use_cache
+        replies.append(predictor.ask(context, "And the spleen?", history=history, reply_prefix=PREFIX, max_new_tokens=6))
+    predictor.use_prefix_cache = True
+    assert replies[0].raw_text == replies[1].raw_text == replies[2].raw_text
+    for phrase in zip(*(reply.phrases for reply in replies), strict=True):
+        assert all(np.array_equal(phrase[0].mask, other.mask) for other in phrase[1:])
+        assert phrase[0].score == pytest.approx(phrase[1].score, abs=1e-5) == phrase[2].score
