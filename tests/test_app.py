@@ -218,6 +218,7 @@ def test_browser_upload_box_question_highlight_and_overlay(served, ct_file):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
+            before = set(workdir.iterdir())  # folders of the gradio_client sessions of other tests
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(app)
             page.locator("#mimo-upload input[type=file]").set_input_files(str(ct_file))
@@ -254,7 +255,7 @@ def test_browser_upload_box_question_highlight_and_overlay(served, ct_file):
             page.wait_for_timeout(300)
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT))
-            folders = {path for path in workdir.iterdir() if any(path.joinpath("upload").glob("*"))}
+            folders = set(workdir.iterdir()) - before  # this browser session's folder
             assert any((folder / "upload" / ct_file.name).is_file() for folder in folders)
             page.close()  # closing the tab ends the session: its folder (with the upload) is deleted
             page = browser.new_page()

@@ -162,7 +162,7 @@ def build_demo(
         gr.on([question.submit, send.click], respond, [question, state], answer, api_name="chat")
         for text, button in zip(QUICK_ACTIONS, quick):
             name = "quick_" + "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
-            button.click(respond, [button, state], answer, api_name=name)
+            button.click(functools.partial(respond, text), state, answer, api_name=name)
         export.click(functools.partial(api.export, callbacks), state, [downloads, chatbot],
                      api_name="export")
         api_ask.click(ask, [api_file, api_question, api_boxes, api_points, api_state],
