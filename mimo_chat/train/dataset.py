@@ -16,10 +16,9 @@ import torch
 from PIL import Image
 
 from mimo_chat.data.conversations import read_conversations
-from mimo_chat.processing import MimoProcessor, VisualPrompts
+from mimo_chat.processing import MimoInputs, MimoProcessor, VisualPrompts, pad_prompt_embeddings
+from mimo_chat.processing import collate as collate_inputs
 from mimo_chat.train.embeddings_cache import EmbeddingCache
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -92,39 +91,21 @@ class ConversationDataset:
                        embedding=self.cache.load(record["image_hash"]))
 
 
-def _pad(rows: list[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(row) for row in rows)
-    padded = torch.full((len(rows), length), value, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for index, row in enumerate(rows):
-        padded[index, : len(row)] = row
-        mask[index, : len(row)] = 1
-    return padded, mask
-
-
 def collate(examples: list[Example], pad_token_id: int) -> Batch:
-    """Right-pad a list of examples into one batch."""
-    input_ids, attention_mask = _pad([e.input_ids for e in examples], pad_token_id)
-    labels, _ = _pad([e.labels for e in examples], IGNORE_INDEX)
-    question_ids, question_mask = _pad([e.question_ids for e in examples], pad_token_id)
+    """Right-pad a list of examples into one batch (token padding by ``mimo_chat.processing.collate``)."""
+    tensors = collate_inputs(
+        [MimoInputs(input_ids=e.input_ids[None], question_ids=e.question_ids[None], prompts=e.prompts,
+                    labels=e.labels[None]) for e in examples], pad_token_id)
     return Batch(
-        records=[e.record for e in examples], input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-        question_ids=question_ids, question_mask=question_mask, prompts=[e.prompts for e in examples],
+        records=[e.record for e in examples], prompts=[e.prompts for e in examples],
         target_masks=torch.cat([e.target_masks for e in examples]),
-        image_embeddings=torch.stack([e.embedding for e in examples]),
+        image_embeddings=torch.stack([e.embedding for e in examples]), **tensors,
     )
 
 
 def prompt_embeddings(model, prompts: list[VisualPrompts]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(B, P, C) padded sparse prompt embeddings and (B, P) mask (1 = real), or (None, None) without prompts."""
-    rows = [model.embed_visual_prompts(points=p.points, boxes=p.boxes)[0] for p in prompts]  # (P_i, C)
-    longest = max(row.shape[0] for row in rows)
-    if longest == 0:
+    """(B, P, C) padded sparse prompt embeddings and (B, P) mask (True = real), or (None, None) without prompts."""
+    rows = [model.embed_visual_prompts(points=p.points, boxes=p.boxes) for p in prompts]  # (1, P_i, C)
+    if max(row.shape[1] for row in rows) == 0:
         return None, None
-    channels = rows[0].shape[1]
-    embeddings = rows[0].new_zeros(len(rows), longest, channels)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long, device=embeddings.device)
-    for index, row in enumerate(rows):
-        embeddings[index, : row.shape[0]] = row
-        mask[index, : row.shape[0]] = 1
-    return embeddings, mask
+    return pad_prompt_embeddings(rows)
