@@ -109,8 +109,9 @@ class MimoPredictor:
             tokenizer = load_tokenizer(config)
             model = MimoModel.from_config(config, tokenizer)
             trained = False
+            where = "random test weights" if source == "tiny" else f"no {LITE_CHECKPOINT / WEIGHTS_NAME}"
             notes.append(
-                f"The '{source}' preset has no trained MIMO weights (no {LITE_CHECKPOINT / WEIGHTS_NAME}): "
+                f"The '{source}' preset has no trained MIMO weights ({where}): "
                 "the aligner, <SEG> head and LoRA are random, so replies and masks are not meaningful."
             )
         else:
@@ -273,18 +274,24 @@ class MimoPredictor:
         """Trained parameters + config (LoRA is unmerged for saving and merged back)."""
         if self.model.language_model.quantized:
             raise ValueError("This predictor's language model is quantized for inference; save from an unquantized one")
-        self.model.language_model.unmerge_lora()
+        language_model = self.model.language_model
+        merged = language_model.lora_merged
+        language_model.unmerge_lora()
         try:
             return self.model.save_pretrained(directory)
         finally:
-            self.model.language_model.merge_lora()
+            if merged:
+                language_model.merge_lora()
 
     def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = True) -> str:
         """Upload the trained parameters + config to a Hugging Face model repo (needs an account)."""
         if self.model.language_model.quantized:
             raise ValueError("This predictor's language model is quantized for inference; push an unquantized one")
-        self.model.language_model.unmerge_lora()
+        language_model = self.model.language_model
+        merged = language_model.lora_merged
+        language_model.unmerge_lora()
         try:
             return self.model.push_to_hub(repo_id, token=token, private=private)
         finally:
-            self.model.language_model.merge_lora()
+            if merged:
+                language_model.merge_lora()

@@ -150,6 +150,7 @@ class GroundingLanguageModel(nn.Module):
             base = get_peft_model(base, lora)
         self.model = base
         self.quantized = False
+        self.lora_merged = False
         base_embeddings = self.causal_lm().get_input_embeddings().weight  # (V0, H)
         self.base_vocab_size = base_embeddings.shape[0]
         self.hidden_size = base_embeddings.shape[1]
@@ -173,8 +174,9 @@ class GroundingLanguageModel(nn.Module):
 
     def merge_lora(self) -> None:
         """Fold LoRA into the base weights for faster inference (reversible with ``unmerge_lora``)."""
-        if hasattr(self.model, "merge_adapter"):
+        if hasattr(self.model, "merge_adapter") and not self.lora_merged:
             self.model.merge_adapter()
+            self.lora_merged = True
 
     def quantize(self, mode: str = "int8") -> None:
         """Inference only: int8 linear layers (``"int8"`` dynamic or ``"int8-weights"``, see
@@ -185,8 +187,9 @@ class GroundingLanguageModel(nn.Module):
         self.quantized = True
 
     def unmerge_lora(self) -> None:
-        if hasattr(self.model, "unmerge_adapter"):
+        if hasattr(self.model, "unmerge_adapter") and self.lora_merged:
             self.model.unmerge_adapter()
+            self.lora_merged = False
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, L, H) input embeddings (new tokens from ``new_input_embeddings``)."""
