@@ -179,7 +179,11 @@ class LiteMedSam(nn.Module):
         return self.prompt_encoder(points=sam_points, boxes=sam_boxes, masks=masks)
 
     def decode(
-        self, image_embedding: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+        self,
+        image_embedding: torch.Tensor,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        image_pe: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Single-mask decoding of N prompts.
 
@@ -187,6 +191,9 @@ class LiteMedSam(nn.Module):
             image_embedding: (1, C, E, E) shared by all N prompts, or (N, C, E, E) one per prompt.
             sparse: (N, T, C) sparse prompt embeddings.
             dense: (N, C, E, E) dense prompt embeddings.
+            image_pe: (1 or N, C, E, E) positional encoding of the embedding grid; default the
+                prompt encoder's full grid. Training passes the PE of a crop of the grid together
+                with the same crop of the embedding (prompts keep their absolute coordinates).
 
         Returns:
             low_res_logits (N, 1, 4E, 4E) in the model frame (scale 4E / S), iou (N, 1).
@@ -200,7 +207,9 @@ class LiteMedSam(nn.Module):
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (1+M, C)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(count, -1, -1), sparse], dim=1)  # (N, 1+M+T, C)
         source = image_embedding.expand(count, -1, -1, -1) + dense  # (N, C, E, E)
-        position = self.prompt_encoder.get_dense_pe().expand(count, -1, -1, -1)  # (N, C, E, E)
+        if image_pe is None:
+            image_pe = self.prompt_encoder.get_dense_pe()  # (1, C, E, E)
+        position = image_pe.expand(count, -1, -1, -1)  # (N, C, E, E)
         batch, channels, height, width = source.shape
         hidden, source = decoder.transformer(source, position, tokens)  # (N, 1+M+T, C), (N, E*E, C)
         iou_token_out = hidden[:, 0, :]  # (N, C)

@@ -143,25 +143,64 @@ def batch_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return intersection / union  # (B,)
 
 
-def train_step(model: LiteMedSam, teacher: LiteMedSam, examples: Examples, batch: int, rng: random.Random) -> dict:
-    pairs = [examples.sample(rng) for _ in range(batch)]
-    embeddings = torch.stack([embedding.float() for embedding, _, _ in pairs])  # (B, C, E, E)
-    targets_np = [target for _, target, _ in pairs]
-    others_np = [others for _, _, others in pairs]
-    targets = torch.from_numpy(np.stack(targets_np)).float()[:, None]  # (B, 1, 256, 256)
-    is_box = [rng.random() < 0.35 for _ in range(batch)]
-    box_rows = [i for i in range(batch) if is_box[i]]
-    click_rows = [i for i in range(batch) if not is_box[i]]
+def crop_window(target: np.ndarray, rng: random.Random, grid: int, crop: int) -> tuple[int, int]:
+    """(row, col) of a ``crop`` x ``crop`` window of the ``grid`` embedding cells around the target."""
+    if crop >= grid:
+        return 0, 0
+    rows, cols = np.nonzero(target)
+    cell = target.shape[0] / grid  # model-frame pixels per embedding cell
+    centre_row, centre_col = (rows.min() + rows.max()) / 2 / cell, (cols.min() + cols.max()) / 2 / cell
+    if rng.random() < 0.5:  # sometimes centre on a random pixel of the structure instead
+        pick = rng.randrange(len(rows))
+        centre_row, centre_col = rows[pick] / cell, cols[pick] / cell
+    shift = crop // 4
+    row = int(np.floor(centre_row - crop / 2 + rng.randint(-shift, shift) + 0.5))
+    col = int(np.floor(centre_col - crop / 2 + rng.randint(-shift, shift) + 0.5))
+    return min(max(row, 0), grid - crop), min(max(col, 0), grid - crop)
+
+
+def train_step(model: LiteMedSam, teacher: LiteMedSam, examples: Examples, batch: int, rng: random.Random,
+               crop: int = 32) -> dict:
+    """One batch of ``batch`` structures, each decoded on a ``crop`` x ``crop`` window of its embedding grid.
+
+    Cropping the embedding and its positional encoding together keeps prompt coordinates
+    absolute and makes the decoder ~(E / crop)^2 times cheaper; the targets are cropped alike.
+    """
+    grid = model.config.image_embedding_size
+    full_pe = model.prompt_encoder.get_dense_pe()[0]  # (C, E, E)
+    scale = model.config.low_res_size // grid  # low-res pixels per cell (4)
+    embeddings, pes, targets_np, others_np, offsets = [], [], [], [], []
+    for _ in range(batch):
+        embedding, target, others = examples.sample(rng)
+        row, col = crop_window(target, rng, grid, crop)
+        window = (slice(row * scale, (row + crop) * scale), slice(col * scale, (col + crop) * scale))
+        if target[window].sum() < 4:
+            row, col = crop_window(target, rng, grid, crop)
+            window = (slice(row * scale, (row + crop) * scale), slice(col * scale, (col + crop) * scale))
+        embeddings.append(embedding[:, row:row + crop, col:col + crop].float())
+        pes.append(full_pe[:, row:row + crop, col:col + crop])
+        targets_np.append(target[window])
+        others_np.append(others[window])
+        offsets.append((col * scale, row * scale))
+    embeddings_t, pe_t = torch.stack(embeddings), torch.stack(pes)  # (B, C, crop, crop)
+    targets = torch.from_numpy(np.stack(targets_np)).float()[:, None]  # (B, 1, 4 crop, 4 crop)
+    box_rows = [i for i in range(batch) if rng.random() < 0.35 and targets_np[i].sum() >= 4]
+    click_rows = [i for i in range(batch) if i not in box_rows and targets_np[i].sum() >= 1]
     logits_all, iou_all, kd_terms = [], [], []
-    order = box_rows + click_rows
+
+    def run(network: LiteMedSam, rows: list[int], **prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse, dense = network.embed_prompts(**prompts)
+        dense = dense[..., : crop, : crop] if dense.shape[-1] != crop else dense
+        return network.decode(embeddings_t[rows], sparse, dense, image_pe=pe_t[rows])
+
     if box_rows:
-        boxes = torch.tensor([jittered_box(targets_np[i], rng) for i in box_rows])
+        boxes = torch.tensor([
+            [v + offsets[i][k % 2] for k, v in enumerate(jittered_box(targets_np[i], rng))] for i in box_rows
+        ])
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            sparse, dense = model.embed_prompts(boxes=boxes)
-            logits, iou = model.decode(embeddings[box_rows], sparse, dense)
+            logits, iou = run(model, box_rows, boxes=boxes)
             with torch.no_grad():
-                teacher_sparse, teacher_dense = teacher.embed_prompts(boxes=boxes)
-                teacher_logits, _ = teacher.decode(embeddings[box_rows], teacher_sparse, teacher_dense)
+                teacher_logits, _ = run(teacher, box_rows, boxes=boxes)
         logits = logits.float()
         kd_terms.append(F.binary_cross_entropy_with_logits(logits, torch.sigmoid(teacher_logits.float())))
         logits_all.append(logits)
@@ -177,16 +216,16 @@ def train_step(model: LiteMedSam, teacher: LiteMedSam, examples: Examples, batch
         coords = torch.zeros(len(rows), width, 2)
         labels = torch.full((len(rows), width), -1, dtype=torch.long)
         for k, clicks in enumerate(rows):
-            for j, (point, label) in enumerate(clicks):
-                coords[k, j] = torch.tensor(point)
+            offset = offsets[click_rows[k]]
+            for j, ((x, y), label) in enumerate(clicks):
+                coords[k, j] = torch.tensor([x + offset[0], y + offset[1]])
                 labels[k, j] = label
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            sparse, dense = model.embed_prompts(points=(coords, labels))
-            logits, iou = model.decode(embeddings[click_rows], sparse, dense)
+            logits, iou = run(model, click_rows, points=(coords, labels))
         logits_all.append(logits.float())
         iou_all.append(iou.float())
     logits, iou = torch.cat(logits_all), torch.cat(iou_all)
-    targets = targets[order]
+    targets = targets[box_rows + click_rows]
     seg = segmentation_loss(logits, targets)
     iou_loss = F.mse_loss(iou[:, 0], batch_iou(logits.detach(), targets))
     kd = torch.stack(kd_terms).mean() if kd_terms else torch.zeros(())
@@ -214,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--crop", type=int, default=32, help="embedding cells per side decoded in training")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     state_path = resources.cache_dir() / "points_state.pt"
@@ -238,14 +278,15 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.load_state_dict(state["optimizer"])
         step, rng = state["step"], state["rng"]
         print(f"resumed at step {step}", flush=True)
-    examples = Examples(load_cache((args.cache or default_cache()) / "train"), SamTransform(256))
+    train_folder = (args.cache or default_cache()) / "train"
+    examples = Examples(load_cache(train_folder), SamTransform(256))
     print({source: len(items) for source, items in examples.items.items()}, flush=True)
     started, running = time.time(), []
     while step < args.steps:
         scale = min(1.0, (step + 1) / 50)  # warm-up
         for group in optimizer.param_groups:
             group["lr"] = group["base"] * scale
-        losses = train_step(model, teacher, examples, args.batch, rng)
+        losses = train_step(model, teacher, examples, args.batch, rng, args.crop)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(parameters.values(), 1.0)
@@ -260,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
             save_weights(model, args.out, step, {"lr": args.lr, "batch": args.batch})
             torch.save({"model": {n: p.detach() for n, p in parameters.items()}, "optimizer": optimizer.state_dict(),
                         "step": step, "rng": rng}, state_path)
+            if len(list(train_folder.glob("*.pt"))) != len(examples.records):  # the cache is still growing
+                examples = Examples(load_cache(train_folder), SamTransform(256))
+                print({source: len(items) for source, items in examples.items.items()}, flush=True)
 
 
 if __name__ == "__main__":

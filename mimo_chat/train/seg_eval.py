@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from mimo_chat.segmentation import ImageContext, SegmentationPredictor
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="dev")
     parser.add_argument("--checkpoint", type=Path, default=None, help="prompt weights folder (default: checkpoints/segmenter)")
     parser.add_argument("--baseline", action="store_true", help="unmodified LiteMedSAM (no trained prompt weights)")
+    parser.add_argument("--sources", default=None, help="comma-separated sources to keep (default: all)")
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.baseline:
         predictor = SegmentationPredictor.from_pretrained(checkpoint=None)
@@ -89,7 +92,11 @@ def main(argv: list[str] | None = None) -> None:
         predictor = SegmentationPredictor.from_pretrained(checkpoint=args.checkpoint)
     else:
         predictor = SegmentationPredictor.from_pretrained()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     records = load_cache((args.cache or default_cache()) / args.split)
+    if args.sources:
+        records = [record for record in records if record["source"] in args.sources.split(",")]
     print(json.dumps(evaluate(predictor, records), indent=1))
 
 
