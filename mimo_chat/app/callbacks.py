@@ -257,6 +257,12 @@ class Callbacks:
         return (gr.Image(value=image, visible=not boxes), gr.update(value=editor, visible=boxes))
 
     # ------------------------------------------------------------------ chat
+    def clear_chat(self, state: Session | None) -> tuple:
+        """The chat's trash button: forget the conversation (history and reply masks), keep the image."""
+        session = self.session(state)
+        session.messages, session.turns, session.reply_layers = [], [], []
+        return self.view_outputs(session)
+
     def respond(self, question: str | None, state: Session | None) -> Iterator[tuple]:
         """Stream one answer: (textbox, chat, viewer, box editor, legend, state) per update."""
         session = self.session(state)

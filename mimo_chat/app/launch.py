@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     predictor = MimoPredictor.from_pretrained(args.model, device=device)
     workdir = Path(tempfile.mkdtemp(prefix="mimo_chat_app_"))
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-    demo = build_demo(predictor, workdir=workdir, model_name=model_label(args.model))
+    label = model_label(args.model)
+    if args.model != "tiny" and not predictor.trained:
+        label += " — no trained MIMO weights found: the answers are not meaningful yet"
+    demo = build_demo(predictor, workdir=workdir, model_name=label)
     demo.launch(**launch_options(workdir, args.host, args.port, args.share))
     return 0

@@ -138,7 +138,7 @@ def build_demo(
 
         upload.upload(callbacks.load_upload, [upload, state], loaded, api_name="load_study").then(
             callbacks.prepare, state, state, api_name="prepare_upload", show_progress="hidden")
-        example.input(callbacks.load_example, [example, state], loaded, api_name="load_example").then(
+        example.select(callbacks.load_example, [example, state], loaded, api_name="load_example").then(
             callbacks.prepare, state, state, api_name="prepare_example", show_progress="hidden")
         view_inputs = [plane, slider, window, width, level, state]
         view_outputs = [*view, slider, width, level, chatbot]
@@ -163,6 +163,7 @@ def build_demo(
         for text, button in zip(QUICK_ACTIONS, quick):
             name = "quick_" + "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
             button.click(functools.partial(respond, text), state, answer, api_name=name)
+        chatbot.clear(callbacks.clear_chat, state, view, api_name="clear_chat")
         export.click(functools.partial(api.export, callbacks), state, [downloads, chatbot],
                      api_name="export")
         api_ask.click(ask, [api_file, api_question, api_boxes, api_points, api_state],
