@@ -143,9 +143,14 @@ def test_save_load_round_trip_is_exact(tiny, ct_image, tmp_path) -> None:
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.01 * torch.randn_like(parameter))
+    for parameter in model.aligner.parameters():  # a training stage that freezes the aligner for a while
+        parameter.requires_grad_(False)
     model.save_pretrained(tmp_path)
+    for parameter in model.aligner.parameters():
+        parameter.requires_grad_(True)
     stored = load_file(str(tmp_path / WEIGHTS_NAME))
-    assert set(stored) == set(model.trainable_state_dict())
+    assert set(stored) == set(model.trainable_state_dict()) == set(model.trained_parameter_names)
+    assert any(name.startswith("aligner.") for name in stored)
     assert sum(t.numel() for t in stored.values()) < 0.1 * sum(p.numel() for p in model.parameters())
     loaded = MimoModel.from_pretrained(tmp_path, processor.tokenizer).eval()
     assert loaded.config == model.config

@@ -86,6 +86,8 @@ class MimoModel(nn.Module):
         self.token_ids = dict(token_ids)
         for parameter in self.sam.parameters():
             parameter.requires_grad_(False)
+        # what we train, fixed at construction (a training stage may freeze some of it for a while)
+        self.trained_parameter_names = tuple(name for name, p in self.named_parameters() if p.requires_grad)
 
     @property
     def seg_token_id(self) -> int:
@@ -137,8 +139,9 @@ class MimoModel(nn.Module):
         )
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Exactly the parameters that train: aligner, seg head, LoRA, new-token rows."""
-        return {name: p.detach().cpu().contiguous() for name, p in self.named_parameters() if p.requires_grad}
+        """Exactly the parameters we train: aligner, seg head, LoRA, new-token rows (even if frozen now)."""
+        parameters = dict(self.named_parameters())
+        return {name: parameters[name].detach().cpu().contiguous() for name in self.trained_parameter_names}
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` (trained parameters only)."""
