@@ -48,6 +48,15 @@ def test_tiny_decode_broadcasts_and_pairs_embeddings():
         )
         torch.testing.assert_close(shared, reference)
         torch.testing.assert_close(model.decode(embedding[:1], sparse, dense)[1], reference_iou)
+        # with mask prompts each object has its own dense map (no shared image side)
+        masked_sparse, masked_dense = model.embed_prompts(boxes=boxes, masks=torch.randn(2, 1, 64, 64))
+        masked, _ = model.decode(embedding[:1], masked_sparse, masked_dense)
+        masked_reference, _ = model.mask_decoder(
+            image_embeddings=embedding[:1], image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=masked_sparse, dense_prompt_embeddings=masked_dense, multimask_output=False,
+        )
+        torch.testing.assert_close(masked, masked_reference)
+        assert not torch.allclose(masked, shared)
         with pytest.raises(ValueError):
             model.decode(torch.cat([embedding, embedding]), sparse, dense)
 

@@ -206,11 +206,18 @@ class LiteMedSam(nn.Module):
         decoder = self.mask_decoder
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (1+M, C)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(count, -1, -1), sparse], dim=1)  # (N, 1+M+T, C)
-        source = image_embedding.expand(count, -1, -1, -1) + dense  # (N, C, E, E)
         if image_pe is None:
             image_pe = self.prompt_encoder.get_dense_pe()  # (1, C, E, E)
-        position = image_pe.expand(count, -1, -1, -1)  # (N, C, E, E)
-        batch, channels, height, width = source.shape
+        shared_dense = dense.shape[0] == 1 or dense.stride(0) == 0  # no mask prompts: one dense map for all
+        if image_embedding.shape[0] == 1 and image_pe.shape[0] == 1 and shared_dense:
+            # One image for all prompts: keep batch 1 on the image side; the attention layers
+            # broadcast it, so the first block's image projections are computed once, not N times.
+            source, position = image_embedding + dense[:1], image_pe  # (1, C, E, E)
+        else:
+            source = image_embedding.expand(count, -1, -1, -1) + dense  # (N, C, E, E)
+            position = image_pe.expand(count, -1, -1, -1)  # (N, C, E, E)
+        _, channels, height, width = source.shape
+        batch = count
         hidden, source = decoder.transformer(source, position, tokens)  # (N, 1+M+T, C), (N, E*E, C)
         iou_token_out = hidden[:, 0, :]  # (N, C)
         mask_token_out = hidden[:, 1, :]  # (N, C): the single-mask output token
@@ -270,4 +277,5 @@ def load_lite_medsam_weights(model: LiteMedSam) -> LiteMedSam:
         raise ValueError("LiteMedSAM weights need SamConfig.lite()")
     state = torch.load(resources.lite_medsam_weights(), weights_only=True, map_location="cpu")
     model.load_state_dict(state, strict=True)
+    model.train(model.training)  # TinyViT caches its attention biases when the mode is set: refresh them
     return model
