@@ -86,3 +86,21 @@ def test_command_line_runs_cascaded_stages_from_a_yaml_config(dataset, tmp_path)
     log = [json.loads(line) for line in (tmp_path / "cli" / "log.jsonl").read_text().splitlines()]
     assert [e["stage"] for e in log if e["event"] == "train"] == ["organs", "pancreas"]
     assert (tmp_path / "export" / "model.safetensors").is_file() and (tmp_path / "export" / "config.json").is_file()
+
+
+def test_shipped_configs_parse_and_reject_markup_in_the_system_prompt():
+    from pathlib import Path
+
+    from mimo_chat.train.loop import mimo_config_of
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"mimo-lite.yaml", "mimo-full.yaml", "mimo-tiny-smoke.yaml"}
+    for path in configs:
+        config = load_train_config(path)
+        assert [s.name for s in config.stages] == ["organs", "pancreas", "tumour"]  # the cascade
+        assert config.stage_at(0)[1].name == "organs" and config.stage_at(config.total_steps - 1)[1].name == "tumour"
+        assert mimo_config_of(config).system_prompt
+    bad = TrainConfig(stages=(StageConfig(name="x", steps=1),), model="tiny",
+                      model_overrides={"system_prompt": "Answer as <p>name</p><SEG>."})
+    with pytest.raises(ValueError, match="special tokens"):
+        mimo_config_of(bad)

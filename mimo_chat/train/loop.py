@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from mimo_chat.data.prepare import default_out
 from mimo_chat.modeling.config import MimoConfig
+from mimo_chat.modeling.language_model import NEW_TOKENS
 from mimo_chat.modeling.mimo import MimoModel, load_tokenizer
 from mimo_chat.processing import MimoProcessor
 from mimo_chat.train.config import TrainConfig
@@ -43,7 +44,11 @@ class TrainState:
 
 def mimo_config_of(config: TrainConfig) -> MimoConfig:
     values = {**MimoConfig.preset(config.model).to_dict(), **config.model_overrides}
-    return MimoConfig.from_dict(values)
+    mimo_config = MimoConfig.from_dict(values)
+    markup = [token for token in NEW_TOKENS if token in mimo_config.system_prompt]
+    if markup:  # they would become real <SEG>/<image> tokens and break the mask targets
+        raise ValueError(f"The system prompt must not contain the special tokens {markup}.")
+    return mimo_config
 
 
 def encode_missing(dataset_root: Path, records: list[dict], mimo_config: MimoConfig, cache: EmbeddingCache) -> int:
