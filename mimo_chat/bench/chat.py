@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 
 import numpy as np
@@ -139,42 +140,43 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure ours with int8-weights (keys int8w_) and dynamic int8 (keys int8_) LMs",
     )
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     predictor = MimoPredictor.from_pretrained(args.model)
     image, source = bench_image()
     ctx = predictor.encode(image)
-    run_ours(predictor, ctx, 2)  # warm-up (allocations, lazy initialisation)
-    baseline = {}
+    runners = {"": lambda: run_ours(predictor, ctx, args.max_new_tokens)}
     if not args.no_baseline:
-        baseline = run_baseline(predictor, ctx, args.max_new_tokens)
-    ours = run_ours(predictor, ctx, args.max_new_tokens)
-    variants: dict[str, dict] = {}
+        runners["baseline_"] = lambda: run_baseline(predictor, ctx, args.max_new_tokens)
     if args.quantized == "also":
-        for prefix, mode in (("int8w", "int8-weights"), ("int8", "int8")):
+        for prefix, mode in (("int8w_", "int8-weights"), ("int8_", "int8")):
             variant = MimoPredictor(copy.deepcopy(predictor.model), predictor.processor)
             variant.model.language_model.quantize(mode)
-            run_ours(variant, ctx, 2)
-            variants[prefix] = run_ours(variant, ctx, args.max_new_tokens)
-            del variant
-    result = {
-        **ours,
-        **{f"baseline_{key}": value for key, value in baseline.items()},
-        **{f"{prefix}_{key}": value for prefix, keys in variants.items() for key, value in keys.items()},
+            runners[prefix] = lambda variant=variant: run_ours(variant, ctx, args.max_new_tokens)
+    for prefix, run in runners.items():  # warm-up: allocations, the prompt-prefix cache
+        if prefix != "baseline_":
+            run()
+    # interleaved rounds, so that the shared CPU's changing load hits every variant alike
+    rounds = [{prefix: run() for prefix, run in runners.items()} for _ in range(args.repeats)]
+    result: dict = {}
+    for prefix in runners:
+        for key in rounds[0][prefix]:
+            result[prefix + key] = float(np.median([r[prefix][key] for r in rounds]))
+    result.update({
         "model": args.model,
         "trained_weights": predictor.trained,
         "threads": args.threads,
+        "repeats": args.repeats,
         "image": source,
-        "load_average_1min": round(__import__("os").getloadavg()[0], 2),
-    }
-    if baseline:
-        result["ttft_speedup"] = baseline["ttft_s"] / ours["ttft_s"]
-        result["tokens_per_s_speedup"] = ours["tokens_per_s"] / baseline["tokens_per_s"]
-        result["seg_to_mask_speedup"] = baseline["seg_to_mask_s"] / ours["seg_to_mask_s"]
-        result["end_to_end_speedup"] = baseline["end_to_end_s"] / ours["end_to_end_s"]
-        for prefix, keys in variants.items():
-            result[f"{prefix}_tokens_per_s_speedup"] = keys["tokens_per_s"] / baseline["tokens_per_s"]
-            result[f"{prefix}_end_to_end_speedup"] = baseline["end_to_end_s"] / keys["end_to_end_s"]
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    })
+    if "baseline_" in runners:
+        for prefix in [p for p in runners if p != "baseline_"]:
+            result[f"{prefix}ttft_speedup"] = result["baseline_ttft_s"] / result[f"{prefix}ttft_s"]
+            result[f"{prefix}tokens_per_s_speedup"] = result[f"{prefix}tokens_per_s"] / result["baseline_tokens_per_s"]
+            result[f"{prefix}seg_to_mask_speedup"] = result["baseline_seg_to_mask_s"] / result[f"{prefix}seg_to_mask_s"]
+            result[f"{prefix}end_to_end_speedup"] = result["baseline_end_to_end_s"] / result[f"{prefix}end_to_end_s"]
     if args.json:
         print(json.dumps(result))
     else:
