@@ -118,13 +118,15 @@ class Session:
         return self.study.num_slices(plane)
 
     def image(self) -> np.ndarray:
-        """The current display image, (H, W, 3) uint8."""
+        """The current display image, (H, W, 3) uint8 (square pixels for volumes; masks map back on export)."""
         if self.study is None:
             raise RuntimeError("no study loaded")
         key = self.view_key()
         if self._display is None or self._display[0] != key:
             index = self.slice_index if self.study.is_volume else None
-            self._display = (key, self.study.display(index, self.plane, self.window))
+            # volumes: square pixels, so thick-slice coronal/sagittal views are not squashed
+            image = self.study.display(index, self.plane, self.window, square_pixels=self.study.is_volume)
+            self._display = (key, image)
         return self._display[1]
 
     def view_key(self) -> tuple:
