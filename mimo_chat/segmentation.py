@@ -75,6 +75,20 @@ def tight_boxes(masks: np.ndarray) -> np.ndarray:
     return boxes
 
 
+def clicks_agree(logits: torch.Tensor, model_points, scale: float) -> torch.Tensor:
+    """(N,) True where every positive click is inside and every negative click outside the mask.
+
+    logits (N, 1, L, L); model_points = (coords (N, K, 2) model frame, labels (N, K)); scale = S / L.
+    """
+    coords, labels = model_points
+    side = logits.shape[-1]
+    cells = (coords / scale).long().clamp(0, side - 1)  # (N, K, 2) low-res pixel of each click
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None].expand_as(labels)
+    inside = logits[rows, 0, cells[..., 1], cells[..., 0]] > 0  # (N, K)
+    agree = torch.where(labels == 1, inside, torch.where(labels == 0, ~inside, torch.ones_like(inside)))
+    return agree.all(dim=1)
+
+
 def validate_prompts(
     original_size: tuple[int, int], boxes=None, points=None, point_labels=None, mask_input=None
 ) -> Prompts:
@@ -134,11 +148,18 @@ def validate_prompts(
 
 
 class SegmentationPredictor:
-    """LiteMedSAM with our point-prompt weights; see the module docstring for prompt batching."""
+    """LiteMedSAM with our point-prompt weights; see the module docstring for prompt batching.
 
-    def __init__(self, model: LiteMedSam, transform: SamTransform | None = None) -> None:
+    ``refine_clicks``: for objects prompted by clicks only, a second batched decoder call adds the
+    first mask's box (widened by 10 %) to the clicks; the refined mask is kept where it still
+    agrees with every click and the decoder rates it at least as high (helps large organs that a
+    single click under-segments).
+    """
+
+    def __init__(self, model: LiteMedSam, transform: SamTransform | None = None, refine_clicks: bool = True) -> None:
         self.model = model.eval()
         self.transform = transform or SamTransform(model.config.image_size)
+        self.refine_clicks = refine_clicks
 
     @classmethod
     def from_pretrained(
@@ -210,7 +231,30 @@ class SegmentationPredictor:
         sparse, dense = self.model.embed_prompts(points=model_points, boxes=model_boxes, masks=masks)
         if sparse.shape[0] != prompts.count:  # mask-only prompts: the prompt encoder sees no batch
             sparse = sparse.expand(prompts.count, -1, -1)
-        return self.model.decode(context.embedding, sparse, dense)
+        logits, iou = self.model.decode(context.embedding, sparse, dense)
+        if self.refine_clicks and model_points is not None and model_boxes is None and masks is None:
+            logits, iou = self._refine(context, model_points, logits, iou)
+        return logits, iou
+
+    def _refine(self, context: ImageContext, model_points, logits: torch.Tensor, iou: torch.Tensor):
+        """Clicks only: decode again with the clicks plus the first mask's box, widened by 10 %."""
+        scale = self.model.config.image_size / logits.shape[-1]
+        found = logits[:, 0] > 0  # (N, L, L)
+        if not found.any():
+            return logits, iou
+        boxes = torch.as_tensor(tight_boxes(found.cpu().numpy()), device=logits.device) * scale  # (N, 4) model frame
+        size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1)
+        margin = (0.1 * size + 2).repeat(1, 2) * torch.tensor([-1.0, -1.0, 1.0, 1.0], device=logits.device)
+        height, width = context.input_size
+        limit = torch.tensor([width, height, width, height], dtype=torch.float32, device=logits.device)
+        boxes = torch.minimum((boxes + margin).clamp(min=0), limit)
+        sparse, dense = self.model.embed_prompts(points=model_points, boxes=boxes)
+        refined, refined_iou = self.model.decode(context.embedding, sparse, dense)
+        # keep the refined mask only where the first mask was not empty and the clicks still agree
+        keep = found.flatten(1).any(dim=1) & clicks_agree(refined, model_points, scale)  # (N,)
+        keep &= refined_iou[:, 0] >= iou[:, 0]  # and the decoder rates it at least as good
+        logits = torch.where(keep[:, None, None, None], refined, logits)
+        return logits, torch.where(keep[:, None], refined_iou, iou)
 
     def postprocess(self, context: ImageContext, logits: torch.Tensor, iou: torch.Tensor) -> SegmentationResult:
         full = self.transform.postprocess_logits(logits.float(), context.original_size)  # (N, 1, H, W)

@@ -253,9 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--crop", type=int, default=32, help="embedding cells per side decoded in training")
+    parser.add_argument("--crops", default="32,64",
+                        help="embedding-grid crop sizes (cells per side), one picked at random per step; 64 = full")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    crops = [int(value) for value in args.crops.split(",")]
     state_path = resources.cache_dir() / "points_state.pt"
     teacher = load_lite_medsam_weights(build_sam(SamConfig.lite())).eval()
     teacher.image_encoder = torch.nn.Identity()  # embeddings are cached; drop the encoder
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         scale = min(1.0, (step + 1) / 50)  # warm-up
         for group in optimizer.param_groups:
             group["lr"] = group["base"] * scale
-        losses = train_step(model, teacher, examples, args.batch, rng, args.crop)
+        losses = train_step(model, teacher, examples, args.batch, rng, rng.choice(crops))
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(parameters.values(), 1.0)

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", action="store_true", help="unmodified LiteMedSAM (no trained prompt weights)")
     parser.add_argument("--sources", default=None, help="comma-separated sources to keep (default: all)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-refine", action="store_true", help="clicks: skip the second decode with the first mask's box")
     args = parser.parse_args(argv)
     if args.baseline:
         predictor = SegmentationPredictor.from_pretrained(checkpoint=None)
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         predictor = SegmentationPredictor.from_pretrained()
     if args.threads:
         torch.set_num_threads(args.threads)
+    predictor.refine_clicks = not args.no_refine
     records = load_cache((args.cache or default_cache()) / args.split)
     if args.sources:
         records = [record for record in records if record["source"] in args.sources.split(",")]
