@@ -97,8 +97,9 @@ def test_shipped_configs_parse_and_reject_markup_in_the_system_prompt():
     assert {p.name for p in configs} >= {"mimo-lite.yaml", "mimo-full.yaml", "mimo-tiny-smoke.yaml"}
     for path in configs:
         config = load_train_config(path)
-        assert [s.name for s in config.stages] == ["organs", "pancreas", "tumour"]  # the cascade
-        assert config.stage_at(0)[1].name == "organs" and config.stage_at(config.total_steps - 1)[1].name == "tumour"
+        assert [s.name for s in config.stages][:3] == ["organs", "pancreas", "tumour"]  # the cascade
+        assert config.stage_at(0)[1].name == "organs"
+        assert config.stage_at(config.stages[0].steps)[1].name == "pancreas"
         assert mimo_config_of(config).system_prompt
     bad = TrainConfig(stages=(StageConfig(name="x", steps=1),), model="tiny",
                       model_overrides={"system_prompt": "Answer as <p>name</p><SEG>."})
