@@ -31,16 +31,8 @@ from scipy import ndimage
 
 from mimo_chat import resources
 from mimo_chat.data.sources import SOURCES, LabelledSlice, iter_source
+from mimo_chat.evaluation.runner import TASKS
 
-TASKS = ("text_seg", "box_seg", "point_seg", "box_name", "detect_box", "observe")
-PROMPTS = {
-    "text_seg": "Segment the {query}.",
-    "box_seg": "Segment the structure in the box.",
-    "point_seg": "Segment the structure at the point.",
-    "box_name": "What is the structure in the box?",
-    "detect_box": "Where is the {query}? Give its bounding box.",
-    "observe": "Is there a {query} in this image? Answer yes or no.",
-}
 BENCH_STRUCTURES = (
     "liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas", "aorta", "inferior vena cava",
     "gallbladder", "oesophagus", "duodenum", "heart", "tumour", "lesion",
