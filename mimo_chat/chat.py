@@ -20,7 +20,7 @@ from PIL import Image
 
 from mimo_chat.grounding import describe_phrase
 from mimo_chat.imaging import ImageLoadError, load_study, save_mask_nifti
-from mimo_chat.predictor import Done, MaskReady, MimoPredictor, TextDelta
+from mimo_chat.predictor import QUANTIZE_CHOICES, Done, MaskReady, MimoPredictor, TextDelta, default_quantization
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", default=None, help="window preset (abdomen, lung, ...), 'auto' or W,L")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--prefix", default=None, help='force the start of the reply, e.g. "<p>liver</p><SEG>"')
-    parser.add_argument("--quantize", choices=["int8", "int8-weights"], default=None, help="faster CPU decoding")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
+                        help="language-model precision: auto = int8 weights on a CPU, float32 on a GPU")
     parser.add_argument("--device", default="cpu")
     return parser
 
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     points = [*(args.point or []), *(args.negative_point or [])]
     labels = [1] * len(args.point or []) + [0] * len(args.negative_point or [])
-    predictor = MimoPredictor.from_pretrained(args.model, device=args.device, quantize=args.quantize)
+    quantize = default_quantization(args.quantize, args.model, args.device)
+    predictor = MimoPredictor.from_pretrained(args.model, device=args.device, quantize=quantize)
     for note in [*study.notes, *predictor.notes]:
         print(f"note: {note}", file=sys.stderr)
     context = predictor.encode(image)

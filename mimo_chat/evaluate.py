@@ -61,15 +61,16 @@ def engine_checkpoint(model: str, checkpoint: str | None) -> str | None:
     return str(path) if (path / "model.safetensors").is_file() else None
 
 
-def load_driver(model: str, checkpoint: str | None) -> Driver:
+def load_driver(model: str, checkpoint: str | None, quantize: str = "auto") -> Driver:
     """A driver for ``--model``/``--checkpoint`` (imports the predictors lazily)."""
     if model in ENGINE_MODELS:
         from mimo_chat.segmentation import SegmentationPredictor
 
         return EngineDriver(SegmentationPredictor.from_pretrained(checkpoint=engine_checkpoint(model, checkpoint)))
-    from mimo_chat.predictor import MimoPredictor
+    from mimo_chat.predictor import MimoPredictor, default_quantization
 
-    return ChatDriver(MimoPredictor.from_pretrained(checkpoint or model))
+    source = checkpoint or model
+    return ChatDriver(MimoPredictor.from_pretrained(source, quantize=default_quantization(quantize, source, "cpu")))
 
 
 def evaluate(driver: Driver, bench: str | Path, out: str | Path, *, tasks: Sequence[str] | None = None,
@@ -104,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="lite", choices=("lite", "tiny", *ENGINE_MODELS),
                         help="engine = bare SegmentationPredictor (box_seg/point_seg only) with its prompt "
                              "weights; litemedsam = the unmodified LiteMedSAM")
+    parser.add_argument("--quantize", default="auto", choices=("auto", "none", "int8-weights", "int8"),
+                        help="language-model precision, as in the app: auto = int8 weights on a CPU")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the prediction cache")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--compare", nargs="+", metavar="REPORT", help="print a side-by-side table and exit")
@@ -118,7 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown tasks {sorted(set(tasks) - set(TASKS))}; choose from {TASKS}")
     checkpoint = engine_checkpoint(args.model, args.checkpoint) if args.model in ENGINE_MODELS else args.checkpoint
     fingerprint = model_fingerprint(args.model, checkpoint)
-    report = evaluate(load_driver(args.model, args.checkpoint), args.bench, args.out, tasks=tasks, limit=args.limit,
+    if args.model not in ENGINE_MODELS:
+        fingerprint += f":quantize={args.quantize}"
+    report = evaluate(load_driver(args.model, args.checkpoint, args.quantize), args.bench, args.out, tasks=tasks, limit=args.limit,
                       fingerprint=fingerprint, use_cache=not args.no_cache, make_plots=not args.no_plots,
                       progress=sys.stderr.isatty())
     for task, values in report["tasks"].items():

@@ -73,6 +73,19 @@ class _StreamState:
     shown: str = ""
 
 
+QUANTIZE_CHOICES = ("auto", "none", "int8-weights", "int8")
+
+
+def default_quantization(choice: str, name_or_path: str | Path, device: str | torch.device) -> str | None:
+    """Resolve a ``--quantize`` choice. ``"auto"`` is weight-only int8 on a CPU (about 2.5x the float32
+    decode rate, replies nearly identical) except for the random ``tiny`` preset; float32 elsewhere."""
+    if choice != "auto":
+        return None if choice == "none" else choice
+    on_cpu = torch.device(device).type == "cpu"
+    has_kernel = hasattr(torch, "_weight_int8pack_mm")
+    return "int8-weights" if on_cpu and has_kernel and str(name_or_path) != "tiny" else None
+
+
 class MimoPredictor:
     """Streaming, grounded chat about one image at a time (per-user state lives in the context)."""
 

@@ -124,3 +124,14 @@ def test_weight_only_int8_linear_is_close_to_float() -> None:
         got = Int8WeightOnlyLinear(linear)(inputs)
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert (got - expected).norm() / expected.norm() < 0.02
+
+
+def test_auto_precision_is_int8_weights_on_cpu_only_for_real_models() -> None:
+    from mimo_chat.predictor import default_quantization
+
+    assert default_quantization("auto", "lite", "cpu") == "int8-weights"
+    assert default_quantization("auto", "checkpoints/mimo-lite", "cpu") == "int8-weights"
+    assert default_quantization("auto", "tiny", "cpu") is None  # random test weights stay exact
+    assert default_quantization("auto", "lite", "cuda") is None
+    assert default_quantization("none", "lite", "cpu") is None
+    assert default_quantization("int8", "tiny", "cpu") == "int8"
