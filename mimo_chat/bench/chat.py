@@ -2,13 +2,15 @@
 
 Protocol (both measured in the same run, same inputs, same thread count):
 
-* **ours** – ``MimoPredictor.stream`` for "Segment the pancreas.": our decode loop with a KV cache,
+* **ours** – ``MimoPredictor.stream`` at the app's default precision (``--quantize auto``: weight-only
+  int8 language-model linears on a CPU) for "Segment the pancreas.": our decode loop with a KV cache,
   last-position logits, argmax, LoRA merged; each ``<SEG>`` is decoded to a mask the moment it is
   produced. The reply starts with the forced prefix ``The <p>pancreas</p><SEG>`` (decoded step by
   step like generated tokens) so that a mask is produced even when no trained MIMO weights exist.
-* **int8w** / **int8** (``int8w_`` / ``int8_`` keys) – ours again with weight-only int8 or dynamic
-  int8 LM linears (``GroundingLanguageModel.quantize``).
-* **baseline** (LISA style) – HF ``generate()`` on the same prompt + prefix (greedy, the same number
+* **fp32** / **int8w** / **int8** (``fp32_`` / ``int8w_`` / ``int8_`` keys) – ours again with float32,
+  weight-only int8 or dynamic int8 LM linears (``GroundingLanguageModel.quantize``); the one equal to
+  the default precision is not repeated.
+* **baseline** (LISA style) – float32 HF ``generate()`` on the same prompt + prefix (greedy, the same number
   of new tokens), then a second full forward pass to collect the ``<SEG>`` hidden states and decode
   the mask.
 
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from mimo_chat import resources
-from mimo_chat.predictor import MaskReady, MimoContext, MimoPredictor
+from mimo_chat.predictor import QUANTIZE_CHOICES, MaskReady, MimoContext, MimoPredictor, default_quantization
 
 QUESTION = "Segment the pancreas."
 PREFIX = "The <p>pancreas</p><SEG>"
@@ -137,23 +139,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument(
         "--quantized", choices=["also", "no"], default="also",
-        help="also measure ours with int8-weights (keys int8w_) and dynamic int8 (keys int8_) LMs",
+        help="also measure ours at the other precisions (keys fp32_, int8w_, int8_)",
     )
+    parser.add_argument("--quantize", default="auto", choices=QUANTIZE_CHOICES,
+                        help="precision of 'ours', as in the app: auto = int8 weights on a CPU")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    predictor = MimoPredictor.from_pretrained(args.model)
+    predictor = MimoPredictor.from_pretrained(args.model)  # float32: the baseline's model
     image, source = bench_image()
     ctx = predictor.encode(image)
-    runners = {"": lambda: run_ours(predictor, ctx, args.max_new_tokens)}
+    default = default_quantization(args.quantize, args.model, "cpu")
+    variants = {None: predictor}
+    for mode in {default} | ({None, "int8-weights", "int8"} if args.quantized == "also" else set()):
+        if mode is not None:
+            variants[mode] = MimoPredictor(copy.deepcopy(predictor.model), predictor.processor)
+            variants[mode].model.language_model.quantize(mode)
+    prefixes = {None: "fp32_", "int8-weights": "int8w_", "int8": "int8_"}
+    runners = {"": lambda: run_ours(variants[default], ctx, args.max_new_tokens)}
     if not args.no_baseline:
         runners["baseline_"] = lambda: run_baseline(predictor, ctx, args.max_new_tokens)
-    if args.quantized == "also":
-        for prefix, mode in (("int8w_", "int8-weights"), ("int8_", "int8")):
-            variant = MimoPredictor(copy.deepcopy(predictor.model), predictor.processor)
-            variant.model.language_model.quantize(mode)
-            runners[prefix] = lambda variant=variant: run_ours(variant, ctx, args.max_new_tokens)
+    for mode, variant in variants.items():
+        if mode != default and (args.quantized == "also"):
+            runners[prefixes[mode]] = lambda variant=variant: run_ours(variant, ctx, args.max_new_tokens)
     for prefix, run in runners.items():  # warm-up: allocations, the prompt-prefix cache
         if prefix != "baseline_":
             run()
@@ -165,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             result[prefix + key] = float(np.median([r[prefix][key] for r in rounds]))
     result.update({
         "model": args.model,
+        "precision": default or "float32",
         "trained_weights": predictor.trained,
         "threads": args.threads,
         "repeats": args.repeats,
