@@ -146,11 +146,11 @@ def import_seg_cache(seg_cache: str | Path, data: str | Path, config: MimoConfig
         if path.exists():
             for record in read_conversations(path):
                 keys[(record["source"], record["patient"], record["slice_id"])] = record["image_hash"]
-    allowed = [np.core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint8))]
+    from mimo_chat.train.seg_cache import read_record
+
     copied = 0
     for path in sorted(Path(seg_cache).glob("*/*.pt")):
-        with torch.serialization.safe_globals(allowed):
-            entry = torch.load(path, weights_only=True)
+        entry = read_record(path)
         key = keys.get((entry["source"], entry["patient"], entry["slice_id"]))
         if key is not None and key not in cache:
             cache.save(key, entry["embedding"])

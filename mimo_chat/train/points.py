@@ -275,10 +275,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     step, rng = 0, random.Random(args.seed)
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=True)
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
-        step, rng = state["step"], state["rng"]
+        step = state["step"]
+        rng.setstate(state["rng"])
         print(f"resumed at step {step}", flush=True)
     train_folder = (args.cache or default_cache()) / "train"
     examples = Examples(load_cache(train_folder), SamTransform(256))
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.save_every == 0 or step == args.steps:
             save_weights(model, args.out, step, {"lr": args.lr, "batch": args.batch})
             torch.save({"model": {n: p.detach() for n, p in parameters.items()}, "optimizer": optimizer.state_dict(),
-                        "step": step, "rng": rng}, state_path)
+                        "step": step, "rng": rng.getstate()}, state_path)
             if len(list(train_folder.glob("*.pt"))) != len(examples.records):  # the cache is still growing
                 examples = Examples(load_cache(train_folder), SamTransform(256))
                 print({source: len(items) for source, items in examples.items.items()}, flush=True)

@@ -47,9 +47,16 @@ def unpack_mask(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
 
 
+def read_record(path: Path) -> dict:
+    """One cached slice (the dict written by :func:`build`); only tensors and packed numpy masks are allowed."""
+    allowed = [np.core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint8))]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, weights_only=True)
+
+
 def load_cache(folder: Path) -> list[dict]:
     """Every cached slice of one split folder, as the dicts written by :func:`build`."""
-    return [torch.load(path, weights_only=False) for path in sorted(Path(folder).glob("*.pt"))]
+    return [read_record(path) for path in sorted(Path(folder).glob("*.pt"))]
 
 
 @torch.inference_mode()
