@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from mimo_chat.bench.timing import time_calls
 
 NIFTI_TARGET_S = 2.0
 DICOM_TARGET_S = 0.2
@@ -25,12 +26,7 @@ DICOM_TARGET_S = 0.2
 
 def _timed(function: Callable[[], object], runs: int) -> tuple[float, float]:
     """(median, p95) seconds of ``runs`` calls after one warm-up call."""
-    function()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
+    times = time_calls(function, runs)
     return float(np.median(times)), float(np.percentile(times, 95))
 
 

@@ -19,25 +19,15 @@ import argparse
 import json
 import resource
 import sys
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from mimo_chat.bench.timing import time_calls
+
 ENCODE_TARGET_S = 1.0
 DECODE_TARGET_S = 0.07
 DECODE_EXTRA_TARGET_S = 0.02
-
-
-def _timed(function: Callable[[], object], runs: int) -> list[float]:
-    function()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def _stats(times: list[float]) -> tuple[float, float]:
@@ -99,11 +89,11 @@ def run(runs: int = 5, prompts: int = 8) -> dict:
     # interleave ours and the baseline so machine load affects both alike
     encode, base_encode, decode, decode_many, base_decode = [], [], [], [], []
     for _ in range(runs):
-        encode += _timed(lambda: predictor.encode(image), 1)
-        base_encode += _timed(baseline_encode, 1)
-        decode += _timed(lambda: predictor.segment(context, boxes=boxes[:1]), 1)
-        decode_many += _timed(lambda: predictor.segment(context, boxes=boxes), 1)
-        base_decode += _timed(baseline_decode, 1)
+        encode += time_calls(lambda: predictor.encode(image), 1)
+        base_encode += time_calls(baseline_encode, 1)
+        decode += time_calls(lambda: predictor.segment(context, boxes=boxes[:1]), 1)
+        decode_many += time_calls(lambda: predictor.segment(context, boxes=boxes), 1)
+        base_decode += time_calls(baseline_decode, 1)
     encode_s, encode_p95 = _stats(encode)
     base_encode_s, base_encode_p95 = _stats(base_encode)
     decode_s, decode_p95 = _stats(decode)
