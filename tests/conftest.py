@@ -37,3 +37,13 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("../shared/data is not beside this checkout")
     return path
+
+
+@pytest.fixture(scope="session")
+def ct_small_gray():
+    """pydicom's real CT_small.dcm slice, min-max scaled to (128, 128) uint8."""
+    import numpy as np
+    import pydicom
+
+    pixels = pydicom.dcmread(resources.pydicom_test_file("CT_small.dcm")).pixel_array.astype(np.float32)
+    return ((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255).astype(np.uint8)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pydicom
 import pytest
 
-from mimo_chat import resources
 from mimo_chat.grounding import mask_to_box
 from mimo_chat.predictor import Done, MaskReady, MimoPredictor, TextDelta
 
@@ -19,10 +17,8 @@ def predictor() -> MimoPredictor:
 
 
 @pytest.fixture(scope="module")
-def ct_image() -> np.ndarray:
-    pixels = pydicom.dcmread(resources.pydicom_test_file("CT_small.dcm")).pixel_array.astype(np.float32)
-    gray = ((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255).astype(np.uint8)
-    return np.ascontiguousarray(gray[:, 8:])  # non-square (128, 120): masks must come back at this size
+def ct_image(ct_small_gray) -> np.ndarray:
+    return np.ascontiguousarray(ct_small_gray[:, 8:])  # non-square (128, 120): masks must come back at this size
 
 
 def test_events_in_order_and_every_mask_matches_a_phrase(predictor, ct_image) -> None:

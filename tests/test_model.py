@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pydicom
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from mimo_chat import resources
 from mimo_chat.generation import decode_steps
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import load_tokenizer
@@ -20,10 +18,8 @@ ANSWER = "The <p>pancreas</p><SEG> is next to the <p>left kidney</p><SEG>."
 
 
 @pytest.fixture(scope="module")
-def ct_image() -> np.ndarray:
-    """pydicom's real CT slice (128 x 128), min-max scaled to uint8."""
-    pixels = pydicom.dcmread(resources.pydicom_test_file("CT_small.dcm")).pixel_array.astype(np.float32)
-    return ((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255).astype(np.uint8)
+def ct_image(ct_small_gray) -> np.ndarray:
+    return ct_small_gray
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 import torch
 from PIL import Image
 
-from mimo_chat import resources
 from mimo_chat.chat import main as chat_main
 from mimo_chat.modeling.mimo import CONFIG_NAME, WEIGHTS_NAME
 from mimo_chat.predictor import MimoPredictor
@@ -23,9 +21,8 @@ def predictor() -> MimoPredictor:
 
 
 @pytest.fixture(scope="module")
-def ct_image() -> np.ndarray:
-    pixels = pydicom.dcmread(resources.pydicom_test_file("CT_small.dcm")).pixel_array.astype(np.float32)
-    return ((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255).astype(np.uint8)
+def ct_image(ct_small_gray) -> np.ndarray:
+    return ct_small_gray
 
 
 def test_tiny_preset_says_it_is_untrained(predictor) -> None:

@@ -9,8 +9,10 @@ nanoGPT style: one dataclass rebuilds the whole model. Two presets:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from mimo_chat.config_dict import config_from_dict
 
 SMOLLM2_GGUF = "smollm2-gguf"  # the default language-model source (see language_model.py)
 TINY_RANDOM = "tiny-random"  # a random LlamaForCausalLM of ``tiny_lm_*`` sizes with the SmolLM2 tokenizer
@@ -99,12 +101,7 @@ class MimoConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> MimoConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"Unknown MimoConfig keys: {sorted(unknown)}")
-        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**converted)
+        return config_from_dict(cls, values, "MimoConfig")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

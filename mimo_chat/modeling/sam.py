@@ -14,7 +14,7 @@ coordinates (it adds 0.5 to reach pixel centres); ``LiteMedSam.embed_prompts`` c
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 from mimo_chat import resources
+from mimo_chat.config_dict import config_from_dict
 
 
 @dataclass
@@ -77,12 +78,7 @@ class SamConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> SamConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"Unknown SamConfig keys: {sorted(unknown)}")
-        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**converted)
+        return config_from_dict(cls, values, "SamConfig")
 
 
 class ConvImageEncoder(nn.Module):

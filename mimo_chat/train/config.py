@@ -8,8 +8,10 @@ trains for ``steps`` optimizer steps on the records its filters select, optional
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from mimo_chat.config_dict import check_keys, config_from_dict
 
 
 @dataclass(frozen=True)
@@ -75,17 +77,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"Unknown training config keys: {sorted(unknown)}")
-        stage_fields = {f.name for f in fields(StageConfig)}
-        stages = []
-        for raw in values.get("stages") or []:
-            extra = set(raw) - stage_fields
-            if extra:
-                raise ValueError(f"Unknown stage keys: {sorted(extra)}")
-            stages.append(StageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}))
+        check_keys(cls, values, "training config")
+        stages = [config_from_dict(StageConfig, raw, "stage") for raw in values.get("stages") or []]
         if not stages:
             raise ValueError("A training config needs at least one stage.")
         return cls(**{**values, "stages": tuple(stages)})
