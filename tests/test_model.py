@@ -11,7 +11,9 @@ from mimo_chat.generation import decode_steps
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import load_tokenizer
 from mimo_chat.modeling.mimo import WEIGHTS_NAME, MimoModel
+from mimo_chat.modeling.locator import region_cells
 from mimo_chat.modeling.seg_head import select_seg_hidden_states
+from mimo_chat.predictor import MaskReady, MimoPredictor
 from mimo_chat.processing import IGNORE_INDEX, MimoProcessor
 
 ANSWER = "The <p>pancreas</p><SEG> is next to the <p>left kidney</p><SEG>."
@@ -42,6 +44,7 @@ def training_batch(model: MimoModel, processor: MimoProcessor, image: np.ndarray
         "image_embeddings": image_embeddings,
         "question_ids": example.question_ids,
         "prompt_embeddings": model.embed_visual_prompts(prompts.points, prompts.boxes),
+        "region_cells": region_cells(image_embeddings.shape[-1], processor.config.image_size, prompts.boxes)[None],
         "labels": example.labels,
         "target_masks": targets,
     }
@@ -58,12 +61,14 @@ def test_forward_backward_shapes_and_trainable_parameters(tiny, ct_image) -> Non
     assert output.seg_hidden_states.shape == (2, 32)
     assert output.low_res_masks.shape == (2, 1, size, size)
     assert output.iou_scores.shape == (2,)
-    assert all(torch.isfinite(t) for t in (output.loss, output.lm_loss, output.mask_bce_loss, output.mask_dice_loss))
+    assert output.heatmaps.shape == (2, *image_shape(batch)) and output.presence.shape == (2,)
+    assert all(torch.isfinite(t) for t in (output.loss, output.lm_loss, output.heatmap_loss, output.presence_loss))
     model.zero_grad(set_to_none=True)
     output.loss.backward()
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(model.trainable_state_dict())
-    assert any(name.startswith("aligner.") for name in trainable) and any(name.startswith("seg_head.") for name in trainable)
+    assert any(name.startswith("aligner.") for name in trainable) and any(name.startswith("locator.") for name in trainable)
+    assert {"presence_feedback.weight", "evidence_scale"} <= trainable
     assert "language_model.new_input_embeddings" in trainable and "language_model.new_output_embeddings" in trainable
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -95,26 +100,53 @@ def test_placeholder_count_mismatch_raises(tiny, ct_image) -> None:
         model(**{**batch, "target_masks": batch["target_masks"][:1]})
 
 
+def image_shape(batch: dict) -> tuple[int, int]:
+    return tuple(batch["image_embeddings"].shape[-2:])
+
+
 @torch.no_grad()
-def test_seg_selection_identical_in_teacher_forcing_and_step_decoding(tiny, ct_image) -> None:
+def test_teacher_forcing_and_streaming_agree_on_seg_states_feedback_and_masks(tiny, ct_image) -> None:
+    """The training forward and the streaming predictor see the same <SEG> hidden states (with the
+    locator's feedback on each <SEG> input) and decode the same masks."""
     model, processor = tiny
-    batch = training_batch(model, processor, ct_image)
-    forward = model(**batch)
-    prompt = processor.encode("Segment the pancreas and the kidney.", ct_image.shape, boxes=[[20, 30, 90, 100]])
-    answer_ids = processor.reply_prefix_ids(ANSWER) + processor.stop_token_ids
-    assert batch["input_ids"][0, -len(answer_ids) - 1 : -1].tolist() == answer_ids  # same tokens, "\n" follows
-    embeds = model.embed_inputs(
-        prompt.input_ids, batch["image_embeddings"], prompt.question_ids, None, batch["prompt_embeddings"]
-    )
-    steps = list(decode_steps(model.language_model, embeds, 0, forced_token_ids=answer_ids))
-    hidden = torch.stack([step.hidden_state for step in steps])[None]  # (1, n, H)
-    tokens = torch.tensor([[step.token_id for step in steps]])  # (1, n)
-    stepped, index = select_seg_hidden_states(hidden, tokens, model.seg_token_id)
-    assert stepped.shape[0] == forward.seg_hidden_states.shape[0] == 2
-    torch.testing.assert_close(stepped, forward.seg_hidden_states, atol=1e-5, rtol=1e-4)
-    # ... and the masks decoded from them agree with the training forward
-    masks, _scores = model.decode_masks(stepped, index[:, 0], batch["image_embeddings"], batch["prompt_embeddings"])
-    torch.testing.assert_close(masks, forward.low_res_masks, atol=1e-4, rtol=1e-4)
+    question = "Segment the pancreas and the kidney."
+    example = processor.encode_conversation([(question, ANSWER)], ct_image.shape)
+    image_embeddings = model.encode_images(processor.preprocess_image(ct_image))
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    try:
+        model.presence_feedback.weight.normal_()  # a feedback that changes what follows each <SEG>
+        model.presence_feedback.bias.normal_()
+        model.locator.phrase_mlp[-1].bias[-1] += 6.0  # every phrase "present": masks are decoded
+        forward = model(example.input_ids, image_embeddings, example.question_ids)
+        assert forward.seg_hidden_states.shape[0] == 2 and bool((forward.presence > 0).all())
+        prompt = processor.encode(question, ct_image.shape)
+        answer_ids = processor.reply_prefix_ids(ANSWER) + processor.stop_token_ids
+        assert example.input_ids[0, -len(answer_ids) - 1 : -1].tolist() == answer_ids
+        embeds = model.embed_inputs(prompt.input_ids, image_embeddings, prompt.question_ids)
+        feedback = iter(model.feedback(forward.presence))
+
+        def embed_token(token: int) -> torch.Tensor:
+            embedding = model.language_model.embed(torch.tensor([[token]]))
+            return embedding + next(feedback) if token == model.seg_token_id else embedding
+
+        steps = list(decode_steps(model.language_model, embeds, 0, forced_token_ids=answer_ids, embed_token=embed_token))
+        hidden = torch.stack([step.hidden_state for step in steps])[None]  # (1, n, H)
+        tokens = torch.tensor([[step.token_id for step in steps]])  # (1, n)
+        stepped, _ = select_seg_hidden_states(hidden, tokens, model.seg_token_id)
+        torch.testing.assert_close(stepped, forward.seg_hidden_states, atol=1e-5, rtol=1e-4)
+        # the predictor's streamed masks are the forward's masks
+        predictor = MimoPredictor(model, processor)
+        context = predictor.encode(ct_image)
+        events = list(predictor.stream(context, question, reply_prefix=ANSWER, max_new_tokens=0))
+        streamed = [event.mask for event in events if isinstance(event, MaskReady)]
+        full = processor.transform.postprocess_logits(forward.low_res_masks.float(), ct_image.shape[:2])[:, 0] > 0
+        assert len(streamed) == 2 and any(mask.any() for mask in streamed)
+        for mask, expected in zip(streamed, full.numpy(), strict=True):
+            assert np.array_equal(mask, expected)
+    finally:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                parameter.copy_(saved[name])
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ def test_one_image_embedding_serves_chat_and_plain_segmentation(predictor, ct_im
 
 def test_save_and_load_through_the_predictor_reproduces_replies(predictor, ct_image, tmp_path) -> None:
     with torch.no_grad():
-        predictor.model.seg_head.mlp[-1].bias.add_(0.5)  # a "trained" change that must survive the round trip
+        predictor.model.locator.phrase_mlp[-1].bias.add_(0.5)  # a "trained" change that must survive the round trip
     predictor.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     loaded = MimoPredictor.from_pretrained(tmp_path)

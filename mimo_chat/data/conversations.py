@@ -65,7 +65,7 @@ class Conversation:
     sample: LabelledSlice = field(repr=False)
     task: str
     turns: list[dict]
-    masks: list[np.ndarray] = field(default_factory=list, repr=False)
+    masks: list[np.ndarray | None] = field(default_factory=list, repr=False)  # None: <SEG> without a mask
     prompt: dict | None = None
     kb_keys: list[str] = field(default_factory=list)
     label: str | None = None  # "yes" / "no" for observe conversations
@@ -76,7 +76,7 @@ class Conversation:
 
     @property
     def boxes(self) -> list[list[float]]:
-        return [tight_box(mask) for mask in self.masks]
+        return [None if mask is None else tight_box(mask) for mask in self.masks]
 
     def record(self, image_ref: str, image_hash: str, mask_refs: list[str]) -> dict:
         sample = self.sample
@@ -166,7 +166,8 @@ class _SliceBuilder:
             name = _pick(self.absent, self.rng)
             entry = entry_for(self.sample, name, self.kb)
             question = _pick(T.INSTRUCTIONS["text_seg"], self.rng).format(query=name)
-            yield self.make("text_seg", question, _pick(T.RESPONSES["absent"], self.rng).format(name=entry.name), [], [entry.key])
+            answer = T.presence_answer("absent", entry.name, _pick(T.RESPONSES["absent"], self.rng))
+            yield self.make("text_seg", question, answer, [None], [entry.key])
 
     def multi_seg(self) -> Iterator[Conversation]:
         if len(self.present) < 2:
@@ -236,7 +237,8 @@ class _SliceBuilder:
         if name is not None:
             entry = entry_for(self.sample, name, self.kb)
             question = _pick(T.INSTRUCTIONS["detect_box"], self.rng).format(query=name)
-            yield self.make("detect_box", question, _pick(T.RESPONSES["box_absent"], self.rng).format(name=entry.name), [], [entry.key])
+            answer = T.presence_answer("box_absent", entry.name, _pick(T.RESPONSES["box_absent"], self.rng))
+            yield self.make("detect_box", question, answer, [None], [entry.key])
 
     def observe(self) -> Iterator[Conversation]:
         """Presence questions: a positive and, when the slice knows an absent structure, a negative."""
@@ -245,12 +247,12 @@ class _SliceBuilder:
             entry = self.kb.entries["pancreatic_tumour"]
             question = _pick(T.INSTRUCTIONS["observe"], self.rng).format(query=_pick(("tumour", "pancreatic tumour"), self.rng))
             kind = "yes_unmasked" if label["tumour"] == "yes" else "no"
-            answer = _pick(T.RESPONSES[kind], self.rng).format(name="tumour")
-            yield self.make("observe", question, answer, [], [entry.key], label=label["tumour"])
+            answer = T.presence_answer(kind, "tumour", _pick(T.RESPONSES[kind], self.rng))
+            yield self.make("observe", question, answer, [None], [entry.key], label=label["tumour"])
             if self.sample.source == "pancreas_tc":  # every crop shows the pancreas (unmasked)
                 question = _pick(T.INSTRUCTIONS["observe"], self.rng).format(query="pancreas")
-                answer = _pick(T.RESPONSES["yes_unmasked"], self.rng).format(name="pancreas")
-                yield self.make("observe", question, answer, [], ["pancreas"], label="yes")
+                answer = T.presence_answer("yes_unmasked", "pancreas", _pick(T.RESPONSES["yes_unmasked"], self.rng))
+                yield self.make("observe", question, answer, [None], ["pancreas"], label="yes")
         for name in self._observed(list(self.present)):
             entry, _ = self.present[name]
             question = _pick(T.INSTRUCTIONS["observe"], self.rng).format(query=self.query_word(name, entry))
@@ -259,8 +261,8 @@ class _SliceBuilder:
         for name in self._observed(self.absent):
             entry = entry_for(self.sample, name, self.kb)
             question = _pick(T.INSTRUCTIONS["observe"], self.rng).format(query=name)
-            answer = _pick(T.RESPONSES["no"], self.rng).format(name=entry.name)
-            yield self.make("observe", question, answer, [], [entry.key], label="no")
+            answer = T.presence_answer("no", entry.name, _pick(T.RESPONSES["no"], self.rng))
+            yield self.make("observe", question, answer, [None], [entry.key], label="no")
 
     def _observed(self, names: list[str]) -> list[str]:
         """The focus structures among ``names`` plus one other picked at random."""
@@ -317,7 +319,7 @@ class ConversationWriter:
             key = image_hash(image)
             gray = image[..., 0] if image.ndim == 3 and np.array_equal(image[..., 0], image[..., 2]) else image
             image_ref = self._png("images", key, np.asarray(gray, dtype=np.uint8))
-            mask_refs = [self._png("masks", _array_hash(m.astype(np.uint8)), m.astype(np.uint8) * 255)
+            mask_refs = [None if m is None else self._png("masks", _array_hash(m.astype(np.uint8)), m.astype(np.uint8) * 255)
                          for m in conversation.masks]
             split = conversation.sample.split
             with open(self.root / f"{split}.jsonl", "a", encoding="utf-8") as handle:

@@ -102,29 +102,30 @@ RESPONSES: dict[str, tuple[str, ...]] = {
         "This is the {phrases}.",
         "The structure is the {phrases}.",
     ),
-    "absent": (
-        "There is no {name} on this slice.",
-        "The {name} is not visible on this slice.",
-        "I cannot see the {name} in this image.",
+    # presence answers are grounded first: the <SEG> tells the model what the locator found on the
+    # image (modeling/locator.py), and the words after it follow that
+    "absent": (  # {phrases}: the one grounded phrase, whose mask is empty
+        "{phrases}: there is no {name} on this slice.",
+        "{phrases}: the {name} is not visible on this slice.",
     ),
     "box": (  # {box}: MiniGPT-v2 style tokens
         "The {phrases} is at {box}.",
         "{phrases} {box}.",
     ),
     "box_absent": (
-        "There is no {name} on this slice, so there is no box.",
+        "{phrases}: there is no {name} on this slice, so there is no box.",
     ),
     "yes": (
-        "Yes, the {phrases} is on this slice.",
-        "Yes. The {phrases} is visible.",
+        "{phrases}: yes, it is on this slice.",
+        "{phrases}: yes, it is visible.",
     ),
-    "yes_unmasked": (
-        "Yes, there is a {name} in this image.",
-        "Yes, a {name} is visible.",
+    "yes_unmasked": (  # present by an image-level label: the <SEG> has no mask target
+        "{phrases}: yes, there is a {name} in this image.",
+        "{phrases}: yes, it is visible.",
     ),
     "no": (
-        "No, there is no {name} on this slice.",
-        "No. The {name} is not visible in this image.",
+        "{phrases}: no, there is no {name} on this slice.",
+        "{phrases}: no, it is not visible in this image.",
     ),
     "reasoning": (
         "It is the {phrases}.",
@@ -147,6 +148,13 @@ FRAME_SENTENCES: tuple[str, ...] = tuple(
     for sentence in re.split(r"(?<=[.?!])\s+", template)
     if sentence.strip()
 )
+
+
+def presence_answer(kind: str, name: str, template: str) -> str:
+    """An ``absent`` / ``box_absent`` / ``yes_unmasked`` / ``no`` answer about ``name``, grounded first."""
+    if template not in RESPONSES[kind]:
+        raise ValueError(f"{template!r} is not a {kind!r} template")
+    return template.format(phrases=grounded_phrase(name), name=name)
 
 
 def grounded_phrase(name: str, with_mask: bool = True) -> str:

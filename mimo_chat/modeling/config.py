@@ -45,13 +45,12 @@ class MimoConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    # <SEG> head
-    seg_prompt_tokens: int = 2  # K decoder prompt tokens per <SEG>
-    seg_head_hidden: int = 512
+    # locator (<SEG> phrase + hidden state -> heatmap -> box prompt), see modeling/locator.py
+    locator_width: int = 128
+    locator_vocabulary: tuple[str, ...] = ()  # names scored inside a user's box / clicks (region evidence)
     # losses
     lm_loss_weight: float = 1.0
-    bce_loss_weight: float = 2.0
-    dice_loss_weight: float = 0.5
+    locator_loss_weight: float = 1.0
     # preprocessing that travels with the weights
     image_size: int = 256
     default_window: str = "abdomen"
@@ -79,8 +78,8 @@ class MimoConfig:
             max_question_tokens=32,
             lora_r=4,
             lora_alpha=8,
-            seg_prompt_tokens=2,
-            seg_head_hidden=64,
+            locator_width=16,
+            locator_vocabulary=("liver", "left kidney", "pancreas"),
             max_new_tokens=24,
         )
 

@@ -1,9 +1,19 @@
-"""MimoModel: segmentation engine + aligner + grounding LM + <SEG> head, one forward for training and inference.
+"""MimoModel: segmentation engine + aligner + grounding LM + locator, one forward for training and inference.
 
 Tensors only (strings, images and prompts are converted by ``mimo_chat.processing``). The image
 encoder is frozen and run outside ``forward`` (``encode_images``) so training can cache embeddings.
 Masks are in the segmentation engine's low-resolution model frame ``(4E, 4E)`` (256 x 256 for
 LiteMedSAM); ``SamTransform`` maps them to the original image.
+
+From ``<SEG>`` to mask (see ``modeling/locator.py``): the phrase that the ``<SEG>`` closes and
+the ``<SEG>`` hidden state give a heatmap over the image-embedding grid; its peak logit says
+whether the structure is shown, its extent gives a box, and the box is an ordinary box prompt
+of the SAM mask decoder (LiteMedSAM's best prompt). The language model sees what the locator
+found: the ``<SEG>`` token's input embedding gets ``presence_feedback(p)``, p = the phrase's
+presence probability, so the words after a ``<SEG>`` ("yes, it is on this slice" / "no, ...")
+can follow the image. With a user box or clicks, the aligner also gets ``region evidence``:
+the locator's scores of every vocabulary name inside the prompted region, as a softmax-weighted
+mix of those names' token embeddings, added to the last image token.
 """
 
 from __future__ import annotations
@@ -30,8 +40,16 @@ from mimo_chat.modeling.language_model import (
     build_language_model,
     load_tokenizer,
 )
+from mimo_chat.modeling.locator import (
+    PRESENCE_THRESHOLD,
+    StructureLocator,
+    heatmap_box,
+    locator_loss,
+    phrase_spans,
+    presence_logits,
+    target_fractions,
+)
 from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, load_lite_medsam_weights
-from mimo_chat.modeling.seg_head import SegHead, teacher_forced_seg_hidden_states
 from mimo_chat.segmentation import CHECKPOINT_DIR, load_prompt_weights
 
 SEGMENTER_CHECKPOINTS = CHECKPOINT_DIR.parent  # checkpoints/ of the repository
@@ -46,22 +64,16 @@ class MimoOutput:
 
     loss: torch.Tensor | None  # weighted sum of the losses below that could be computed
     lm_loss: torch.Tensor | None
-    mask_bce_loss: torch.Tensor | None
-    mask_dice_loss: torch.Tensor | None
+    heatmap_loss: torch.Tensor | None  # locator: per-cell BCE + soft Dice (+ presence, below)
+    presence_loss: torch.Tensor | None
     logits: torch.Tensor  # (B, L, V)
     hidden_states: torch.Tensor  # (B, L, H) last layer
     seg_hidden_states: torch.Tensor  # (N, H)
     seg_index: torch.Tensor  # (N, 2) (batch, position that predicted <SEG>)
+    heatmaps: torch.Tensor  # (N, E, E) locator logits
+    presence: torch.Tensor  # (N,) presence logits of the phrases (what the LM was told)
     low_res_masks: torch.Tensor | None  # (N, 1, 4E, 4E) logits in the model frame
     iou_scores: torch.Tensor | None  # (N,) decoder-predicted IoU
-
-
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Mean soft Dice loss over N masks; logits and targets (N, S, S)."""
-    probabilities = logits.sigmoid().flatten(1)
-    targets = targets.flatten(1)
-    overlap = (probabilities * targets).sum(1)
-    return (1 - (2 * overlap + eps) / (probabilities.sum(1) + targets.sum(1) + eps)).mean()
 
 
 class MimoModel(nn.Module):
@@ -74,15 +86,22 @@ class MimoModel(nn.Module):
         sam: LiteMedSam,
         language_model: GroundingLanguageModel,
         aligner: MultimodalAligner,
-        seg_head: SegHead,
+        locator: StructureLocator,
         token_ids: dict[str, int],
+        vocabulary_ids: list[list[int]] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.sam = sam
         self.language_model = language_model
         self.aligner = aligner
-        self.seg_head = seg_head
+        self.locator = locator
+        hidden = language_model.hidden_size
+        self.presence_feedback = nn.Linear(1, hidden)
+        nn.init.zeros_(self.presence_feedback.weight)
+        nn.init.zeros_(self.presence_feedback.bias)
+        self.evidence_scale = nn.Parameter(torch.ones(()))
+        self.vocabulary_ids = [list(ids) for ids in vocabulary_ids or []]  # token ids of the locator's names
         self.token_ids = dict(token_ids)
         for parameter in self.sam.parameters():
             parameter.requires_grad_(False)
@@ -126,20 +145,19 @@ class MimoModel(nn.Module):
                 lm_hidden=language_model.hidden_size,
                 grid=config.image_token_grid,
             )
-            seg_head = SegHead(
-                hidden_size=language_model.hidden_size,
-                hidden_dim=config.seg_head_hidden,
-                prompt_dim=sam.config.embed_dim,
-                num_tokens=config.seg_prompt_tokens,
+            locator = StructureLocator(
+                image_channels=sam.config.embed_dim, text_hidden=language_model.hidden_size, width=config.locator_width
             )
         names = (PHRASE_START, PHRASE_END, SEG_TOKEN, IMAGE_TOKEN)
         token_ids = dict(zip(names, tokenizer.convert_tokens_to_ids(list(names)), strict=True))
+        vocabulary_ids = [tokenizer(name, add_special_tokens=False).input_ids for name in config.locator_vocabulary]
         return cls(
-            config=config, sam=sam, language_model=language_model, aligner=aligner, seg_head=seg_head, token_ids=token_ids
+            config=config, sam=sam, language_model=language_model, aligner=aligner, locator=locator,
+            token_ids=token_ids, vocabulary_ids=vocabulary_ids,
         )
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Exactly the parameters we train: aligner, seg head, LoRA, new-token rows (even if frozen now)."""
+        """Exactly the parameters we train: aligner, locator, feedback, LoRA, new-token rows (even if frozen now)."""
         parameters = dict(self.named_parameters())
         return {name: parameters[name].detach().cpu().contiguous() for name in self.trained_parameter_names}
 
@@ -207,6 +225,49 @@ class MimoModel(nn.Module):
             parts.append(self.sam.embed_prompts(boxes=boxes)[0].reshape(1, -1, channels))  # (1, 2N, C)
         return torch.cat(parts, dim=1)
 
+    def phrase_embeddings(self, phrases: list[list[int]]) -> torch.Tensor:
+        """(N, H) mean input embedding of each phrase's token ids (zeros for an empty phrase)."""
+        hidden = self.language_model.hidden_size
+        rows = []
+        for ids in phrases:
+            if ids:
+                rows.append(self.language_model.embed(torch.tensor([ids], device=self.device))[0].mean(0))
+            else:
+                rows.append(torch.zeros(hidden, device=self.device))
+        return torch.stack(rows) if rows else torch.zeros(0, hidden, device=self.device)
+
+    def seg_phrases(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+        """Every ``<SEG>`` of (B, L) ids in row-major order: (N, 2) (row, position) and its phrase ids."""
+        index, phrases = [], []
+        for row, ids in enumerate(input_ids.tolist()):
+            for position, phrase in phrase_spans(
+                ids, self.token_ids[PHRASE_START], self.token_ids[PHRASE_END], self.seg_token_id
+            ):
+                index.append((row, position))
+                phrases.append(phrase)
+        return torch.tensor(index, dtype=torch.long, device=self.device).reshape(-1, 2), phrases
+
+    def feedback(self, presence: torch.Tensor) -> torch.Tensor:
+        """(N,) presence logits -> (N, H) additions to the ``<SEG>`` input embeddings."""
+        return self.presence_feedback(presence.detach().sigmoid().unsqueeze(-1).to(self.presence_feedback.weight.dtype))
+
+    def region_evidence(self, features: torch.Tensor, region_cells: torch.Tensor) -> torch.Tensor:
+        """(B, H): the vocabulary names the locator finds inside each row's prompted cells (B, E, E)
+        as a softmax-weighted mix of the names' embeddings; zero for rows without a region."""
+        batch = features.shape[0]
+        hidden = self.language_model.hidden_size
+        if not self.vocabulary_ids or not bool(region_cells.any()):
+            return features.new_zeros(batch, hidden)
+        names = self.phrase_embeddings(self.vocabulary_ids)  # (V, H)
+        count = len(self.vocabulary_ids)
+        rows = torch.arange(batch, device=features.device).repeat_interleave(count)
+        heatmaps = self.locator(features, rows, names.repeat(batch, 1)).reshape(batch, count, -1)  # (B, V, E*E)
+        cells = region_cells.flatten(1).to(heatmaps.dtype)  # (B, E*E)
+        inside = (heatmaps * cells[:, None]).sum(-1) / cells.sum(-1, keepdim=True).clamp(min=1)  # (B, V)
+        weights = inside.softmax(dim=-1)
+        has_region = (cells.sum(-1, keepdim=True) > 0).to(weights.dtype)
+        return (weights @ names) * has_region
+
     def embed_inputs(
         self,
         input_ids: torch.Tensor,
@@ -215,8 +276,13 @@ class MimoModel(nn.Module):
         question_mask: torch.Tensor | None = None,
         prompt_embeddings: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        region_cells: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, L) ids with ``num_queries`` ``<image>`` placeholders per row -> (B, L, H) LM input embeddings."""
+        """(B, L) ids with ``num_queries`` ``<image>`` placeholders per row -> (B, L, H) LM input embeddings.
+
+        ``features``: the locator's image features (computed here when needed and not given);
+        ``region_cells``: (B, E, E) cells of each row's box / clicks, for the region evidence."""
         is_image = input_ids == self.image_token_id  # (B, L)
         counts = is_image.sum(dim=1)
         expected = self.aligner.num_queries
@@ -230,41 +296,43 @@ class MimoModel(nn.Module):
         image_features = self.aligner(
             image_embeddings, question_embeddings, question_mask, prompt_embeddings, prompt_mask
         )  # (B, Q, H)
+        if region_cells is not None and self.vocabulary_ids and bool(region_cells.any()):
+            if features is None:
+                features = self.locator.image_features(image_embeddings)
+            evidence = self.region_evidence(features, region_cells)  # (B, H)
+            image_features = torch.cat(
+                [image_features[:, :-1], image_features[:, -1:] + self.evidence_scale * evidence[:, None]], dim=1
+            )
         return embeddings.masked_scatter(is_image.unsqueeze(-1), image_features.to(embeddings.dtype))
 
     def decode_masks(
-        self,
-        seg_hidden_states: torch.Tensor,
-        batch_index: torch.Tensor,
-        image_embeddings: torch.Tensor,
-        prompt_embeddings: torch.Tensor | None = None,
-        prompt_mask: torch.Tensor | None = None,
+        self, heatmaps: torch.Tensor, presence: torch.Tensor, batch_index: torch.Tensor, image_embeddings: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks for N ``<SEG>`` hidden states (N, H) of batch rows ``batch_index`` (N,).
+        """Masks of N located phrases: heatmaps (N, E, E), presence logits (N,) of rows ``batch_index``.
 
-        Each ``<SEG>`` gives K prompt tokens, concatenated with that row's user prompt tokens; the
-        dense prompt is the no-mask embedding. Returns low-res logits (N, 1, 4E, 4E) and IoU (N,).
-        """
-        seg_tokens = self.seg_head(seg_hidden_states)  # (N, K, C)
-        _, dense = self.sam.embed_prompts()  # (1, C, E, E) no-mask embedding
-        logits, scores = [], []
+        A phrase whose presence logit is not above ``PRESENCE_THRESHOLD`` gets an empty mask and
+        score 0; the others get the box around their heatmap as a box prompt of the SAM mask
+        decoder (one batched call per image). Returns low-res logits (N, 1, 4E, 4E) and IoU (N,)."""
+        size = self.sam.config.low_res_size
+        count = heatmaps.shape[0]
+        logits = heatmaps.new_full((count, 1, size, size), -20.0)
+        scores = heatmaps.new_zeros(count)
+        cell = self.sam.config.image_size / heatmaps.shape[-1] if count else 1.0
+        boxes = [
+            heatmap_box(heatmaps[n].detach().float().cpu().numpy(), cell) if float(presence[n].detach()) > PRESENCE_THRESHOLD
+            else None
+            for n in range(count)
+        ]
         for row in batch_index.unique(sorted=True).tolist():
-            selected = (batch_index == row).nonzero().squeeze(1)
-            sparse = seg_tokens[selected]  # (n, K, C)
-            if prompt_embeddings is not None and prompt_embeddings.shape[1] > 0:
-                user = prompt_embeddings[row]  # (P, C)
-                if prompt_mask is not None:
-                    user = user[prompt_mask[row].bool()]
-                sparse = torch.cat([sparse, user.unsqueeze(0).expand(len(selected), -1, -1)], dim=1)
-            row_logits, row_iou = self.sam.decode(
-                image_embeddings[row : row + 1], sparse, dense.expand(len(selected), -1, -1, -1)
-            )
-            logits.append(row_logits)
-            scores.append(row_iou[:, 0])
-        if not logits:
-            size = self.sam.config.low_res_size
-            return seg_hidden_states.new_zeros(0, 1, size, size), seg_hidden_states.new_zeros(0)
-        return torch.cat(logits), torch.cat(scores)
+            chosen = [n for n in range(count) if int(batch_index[n]) == row and boxes[n] is not None]
+            if not chosen:
+                continue
+            box_tensor = torch.tensor([boxes[n] for n in chosen], dtype=torch.float32, device=self.device)
+            sparse, dense = self.sam.embed_prompts(boxes=box_tensor)
+            row_logits, row_iou = self.sam.decode(image_embeddings[row : row + 1], sparse, dense)
+            logits[chosen] = row_logits.to(logits.dtype)
+            scores[chosen] = row_iou[:, 0].to(scores.dtype)
+        return logits, scores
 
     def forward(
         self,
@@ -275,48 +343,62 @@ class MimoModel(nn.Module):
         question_mask: torch.Tensor | None = None,
         prompt_embeddings: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
+        region_cells: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         target_masks: torch.Tensor | None = None,
+        target_known: torch.Tensor | None = None,
         decode_masks: bool = True,
     ) -> MimoOutput:
-        """Teacher-forced pass: LM loss on ``labels`` (B, L; -100 = ignore) and BCE + Dice on
-        ``target_masks`` (N, 4E, 4E) in {0, 1}, one per ``<SEG>`` in row-major order."""
+        """Teacher-forced pass: LM loss on ``labels`` (B, L; -100 = ignore) and locator losses on
+        ``target_masks`` (N, 4E, 4E) in {0, 1}, one per ``<SEG>`` in row-major order (all zero =
+        absent); ``target_known`` (N,) False marks present structures without a mask."""
+        features = self.locator.image_features(image_embeddings)
         inputs_embeds = self.embed_inputs(
-            input_ids, image_embeddings, question_ids, question_mask, prompt_embeddings, prompt_mask
+            input_ids, image_embeddings, question_ids, question_mask, prompt_embeddings, prompt_mask,
+            features=features, region_cells=region_cells,
+        )
+        seg_index, phrases = self.seg_phrases(input_ids)  # (N, 2) positions of the <SEG> tokens
+        rows, positions = seg_index[:, 0], seg_index[:, 1]
+        phrase_embeddings = self.phrase_embeddings(phrases)
+        presence = presence_logits(self.locator(features, rows, phrase_embeddings))  # (N,) what the LM is told
+        inputs_embeds = inputs_embeds.index_put(
+            (rows, positions), self.feedback(presence).to(inputs_embeds.dtype), accumulate=True
         )
         output = self.language_model(inputs_embeds, attention_mask=attention_mask)
-        seg_hidden, seg_index = teacher_forced_seg_hidden_states(output.hidden_states, input_ids, self.seg_token_id)
+        # the hidden state of the position that predicted each <SEG> (see modeling/seg_head.py)
+        seg_hidden = output.hidden_states[rows, (positions - 1).clamp(min=0)]
+        heatmaps = self.locator(features, rows, phrase_embeddings, seg_hidden)
         low_res, iou = None, None
         if decode_masks:
-            low_res, iou = self.decode_masks(seg_hidden, seg_index[:, 0], image_embeddings, prompt_embeddings, prompt_mask)
-        lm_loss = bce = dice = None
+            low_res, iou = self.decode_masks(heatmaps, presence, rows, image_embeddings)
+        lm_loss = heat = presence_loss = None
         if labels is not None:
             lm_loss = F.cross_entropy(
                 output.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        if target_masks is not None and low_res is not None:
-            if target_masks.shape[0] != low_res.shape[0]:
-                raise ValueError(f"{target_masks.shape[0]} target masks for {low_res.shape[0]} {SEG_TOKEN} tokens")
-            if low_res.shape[0] > 0:
-                predicted = low_res[:, 0].float()  # (N, S, S)
-                targets = target_masks.to(predicted.dtype)
-                bce = F.binary_cross_entropy_with_logits(predicted, targets)
-                dice = dice_loss(predicted, targets)
-        weighted = [
-            (self.config.lm_loss_weight, lm_loss),
-            (self.config.bce_loss_weight, bce),
-            (self.config.dice_loss_weight, dice),
-        ]
+        if target_masks is not None:
+            if target_masks.shape[0] != heatmaps.shape[0]:
+                raise ValueError(f"{target_masks.shape[0]} target masks for {heatmaps.shape[0]} {SEG_TOKEN} tokens")
+            if heatmaps.shape[0] > 0:
+                known = torch.ones(heatmaps.shape[0], dtype=torch.bool, device=heatmaps.device)
+                if target_known is not None:
+                    known = target_known.to(heatmaps.device).bool()
+                targets = target_fractions(target_masks, heatmaps.shape[-1]).to(heatmaps.dtype)
+                terms = locator_loss(heatmaps.float(), targets.float(), known)
+                heat, presence_loss = terms["loss"], terms.get("presence")
+        weighted = [(self.config.lm_loss_weight, lm_loss), (self.config.locator_loss_weight, heat)]
         terms = [weight * value for weight, value in weighted if value is not None]
         return MimoOutput(
             loss=sum(terms) if terms else None,
             lm_loss=lm_loss,
-            mask_bce_loss=bce,
-            mask_dice_loss=dice,
+            heatmap_loss=heat,
+            presence_loss=presence_loss,
             logits=output.logits,
             hidden_states=output.hidden_states,
             seg_hidden_states=seg_hidden,
             seg_index=seg_index,
+            heatmaps=heatmaps,
+            presence=presence,
             low_res_masks=low_res,
             iou_scores=iou,
         )
@@ -341,4 +423,4 @@ def read_config(directory: str | Path) -> MimoConfig:
     return MimoConfig.from_dict(json.loads((Path(directory) / CONFIG_NAME).read_text()))
 
 
-__all__ = ["MimoModel", "MimoOutput", "dice_loss", "load_tokenizer", "read_config", "resolve_pretrained_dir"]
+__all__ = ["MimoModel", "MimoOutput", "load_tokenizer", "read_config", "resolve_pretrained_dir"]

@@ -1,4 +1,4 @@
-"""From ``<SEG>`` hidden states to mask-decoder prompts, and the one selection rule for them.
+"""Which hidden state belongs to a ``<SEG>`` token: the one selection rule (the locator reads it).
 
 Convention (as LISA): the hidden state used for a ``<SEG>`` token is the last-layer hidden state
 of the position that *predicted* it. In teacher-forced training that is ``hidden[:, t - 1]`` for
@@ -10,7 +10,6 @@ it picks ``<SEG>`` – so the mask can be decoded at once, without another LM st
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 
 def select_seg_hidden_states(
@@ -37,22 +36,3 @@ def teacher_forced_seg_hidden_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training form: the next token of position t is ``input_ids[:, t + 1]``."""
     return select_seg_hidden_states(hidden_states[:, :-1], input_ids[:, 1:], seg_token_id)
-
-
-class SegHead(nn.Module):
-    """MLP from a ``<SEG>`` hidden state (N, H) to K sparse prompt tokens (N, K, C) of the mask decoder."""
-
-    def __init__(self, *, hidden_size: int, hidden_dim: int, prompt_dim: int, num_tokens: int) -> None:
-        super().__init__()
-        self.num_tokens = num_tokens
-        self.prompt_dim = prompt_dim
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(hidden_size),
-            nn.Linear(hidden_size, hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, num_tokens * prompt_dim),
-        )
-
-    def forward(self, seg_hidden_states: torch.Tensor) -> torch.Tensor:
-        """(N, H) -> (N, K, C)."""
-        return self.mlp(seg_hidden_states).reshape(-1, self.num_tokens, self.prompt_dim)

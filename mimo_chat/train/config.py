@@ -40,6 +40,9 @@ class TrainConfig:
     model: str = "lite"  # MimoConfig preset
     model_overrides: dict = field(default_factory=dict)  # MimoConfig fields to change
     init_from: str | None = None  # folder written by save_pretrained to start from
+    # folder written by ``python -m mimo_chat.train.locator``: its weights start the locator and its
+    # vocabulary becomes ``locator_vocabulary`` (unless model_overrides sets one)
+    init_locator: str | None = None
     data: str | None = None  # dataset folder (default: python -m mimo_chat.data.prepare's output)
     embeddings: str | None = None  # embedding cache root (default: cache_dir()/embeddings)
     encode_missing: bool = False  # encode images that are not cached yet (else skip their records)

@@ -2,7 +2,8 @@
 
 The full benchmark evaluation is ``python -m mimo_chat.evaluate``; these numbers only track
 training: answer-token accuracy, mask IoU of every ``<SEG>`` against its target, and for
-``observe`` records whether the first answer token ("Yes"/"No") is predicted correctly.
+``observe`` records whether the yes/no answer is predicted correctly (the first word after the
+first ``<SEG>``: answers are grounded first, ``<p>pancreas</p><SEG>: yes, ...``).
 Records come from dev-split patients only, and metrics are also reported per source.
 """
 
@@ -24,10 +25,14 @@ def evaluate_batch_metrics(batch, output, tokenizer) -> list[dict]:
     for row, record in enumerate(batch.records):
         supervised = targets[row] != IGNORE_INDEX
         correct = (predicted[row] == targets[row]) & supervised
-        first = int(supervised.nonzero()[0]) if bool(supervised.any()) else None
+        segs = output.seg_index[output.seg_index[:, 0] == row, 1].tolist() if output.seg_index.numel() else []
+        # positions in ``targets`` are shifted by one: targets[p] is token p + 1; the answer word is
+        # two tokens after <SEG> (":" then " yes" / " no")
+        answer = segs[0] + 1 if segs else None
+        usable = answer is not None and answer < supervised.shape[0] and bool(supervised[answer])
         rows.append({"source": record["source"], "task": record["task"], "ious": [],
                      "token_accuracy": float(correct.sum() / supervised.sum().clamp(min=1)),
-                     "first_token_correct": bool(correct[first]) if first is not None else None})
+                     "first_token_correct": bool(correct[answer]) if usable else None})
     if output.low_res_masks is not None and output.low_res_masks.shape[0] == batch.target_masks.shape[0]:
         masks = output.low_res_masks[:, 0] > 0  # (N, S, S)
         targets_bool = batch.target_masks > 0.5

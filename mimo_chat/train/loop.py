@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mimo_chat.data.prepare import default_out
@@ -43,7 +43,11 @@ class TrainState:
 
 
 def mimo_config_of(config: TrainConfig) -> MimoConfig:
-    values = {**MimoConfig.preset(config.model).to_dict(), **config.model_overrides}
+    values = MimoConfig.preset(config.model).to_dict()
+    if config.init_locator:
+        meta = json.loads((Path(config.init_locator) / "locator.json").read_text())
+        values.update(locator_width=meta["width"], locator_vocabulary=tuple(meta["vocabulary"]))
+    values.update(config.model_overrides)
     mimo_config = MimoConfig.from_dict(values)
     markup = [token for token in NEW_TOKENS if token in mimo_config.system_prompt]
     if markup:  # they would become real <SEG>/<image> tokens and break the mask targets
@@ -86,6 +90,8 @@ class Trainer:
         model = MimoModel.from_config(self.mimo_config, tokenizer)
         if config.init_from:
             model.load_trained_weights(Path(config.init_from) / "model.safetensors")
+        elif config.init_locator:
+            model.load_state_dict(load_file(str(Path(config.init_locator) / "locator.safetensors")), strict=False)
         self.processor = MimoProcessor(self.mimo_config, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.processor.stop_token_ids[0]
         cache = EmbeddingCache(config.embeddings, self.mimo_config)
@@ -146,7 +152,9 @@ class Trainer:
         return self.model(
             input_ids=batch.input_ids, image_embeddings=batch.image_embeddings, question_ids=batch.question_ids,
             attention_mask=batch.attention_mask, question_mask=batch.question_mask, prompt_embeddings=prompts,
-            prompt_mask=prompt_mask, labels=batch.labels, target_masks=batch.target_masks)
+            prompt_mask=prompt_mask, region_cells=batch.region_cells, labels=batch.labels,
+            target_masks=batch.target_masks, target_known=batch.target_known,
+            decode_masks=not unwrapped.training)  # masks go through a box: not differentiable
 
     def train_step(self, step: int) -> dict:
         self.model.train()
@@ -161,7 +169,7 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad()
-            for name in ("loss", "lm_loss", "mask_bce_loss", "mask_dice_loss"):
+            for name in ("loss", "lm_loss", "heatmap_loss", "presence_loss"):
                 value = getattr(output, name)
                 if value is not None:
                     losses.setdefault(name, []).append(float(value.detach()))

