@@ -3,6 +3,7 @@ and a resumed run continues from the saved step with the saved weights and optim
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -105,3 +106,27 @@ def test_shipped_configs_parse_and_reject_markup_in_the_system_prompt():
                       model_overrides={"system_prompt": "Answer as <p>name</p><SEG>."})
     with pytest.raises(ValueError, match="special tokens"):
         mimo_config_of(bad)
+
+
+def test_init_locator_starts_from_pretrained_locator_weights_and_vocabulary(dataset, tmp_path):
+    from safetensors.torch import save_file
+
+    from mimo_chat.modeling.locator import StructureLocator
+
+    folder = tmp_path / "locator"
+    folder.mkdir()
+    torch.manual_seed(3)
+    locator = StructureLocator(image_channels=32, text_hidden=32, width=16)  # the tiny preset's sizes
+    for parameter in locator.parameters():
+        torch.nn.init.normal_(parameter)
+    save_file({f"locator.{k}": v.contiguous() for k, v in locator.state_dict().items()}, folder / "locator.safetensors")
+    (folder / "locator.json").write_text(json.dumps({"width": 16, "vocabulary": ["liver", "pancreas"]}))
+    config = dataclasses.replace(tiny_config(dataset, tmp_path), init_locator=str(folder))
+    trainer = Trainer(config, progress=False)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert model.config.locator_vocabulary == ("liver", "pancreas") and len(model.vocabulary_ids) == 2
+    for name, value in locator.state_dict().items():
+        assert torch.equal(model.locator.state_dict()[name], value), name
+    save_file({"locator.adapter.0.weight": torch.zeros(1)}, folder / "locator.safetensors")
+    with pytest.raises(ValueError, match="locator"):
+        Trainer(config, progress=False)

@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     config = MimoConfig.lite()
     cache = EmbeddingCache(None, config)
     transform = SamTransform(config.image_size)
-    train = LocatorData(args.data, read_conversations(args.data / "train.jsonl"), cache, 64, transform)
+    train_records = read_conversations(args.data / "train.jsonl")
+    train = LocatorData(args.data, train_records, cache, 64, transform)
     dev = LocatorData(args.data, read_conversations(args.data / "dev.jsonl"), cache, 64, transform)
     print(json.dumps({"train_images": len(train.items), "train_skipped": train.skipped,
                       "dev_images": len(dev.items), "dev_skipped": dev.skipped,
@@ -278,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
             log.write(json.dumps({"step": step, "dev": metrics}) + "\n")
             log.flush()
             tqdm.write(f"step {step} dev box IoU {metrics['box_iou']:.3f} presence {metrics['presence_acc']:.3f}")
+            if train.skipped and sum(1 for key in {r["image_hash"] for r in train_records} if key in cache) > len(train.items):
+                train = LocatorData(args.data, train_records, cache, 64, transform, progress=False)  # the cache grew
+                tqdm.write(f"reloaded: {len(train.items)} training images ({train.skipped} not cached yet)")
             weights = {f"locator.{k}": v.detach().contiguous() for k, v in locator.state_dict().items()}
             save_file(weights, str(args.out / "locator.safetensors"))
             (args.out / "locator.json").write_text(json.dumps(

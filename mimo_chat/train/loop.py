@@ -45,7 +45,7 @@ class TrainState:
 def mimo_config_of(config: TrainConfig) -> MimoConfig:
     values = MimoConfig.preset(config.model).to_dict()
     if config.init_locator:
-        meta = json.loads((Path(config.init_locator) / "locator.json").read_text())
+        meta = json.loads((Path(config.init_locator).expanduser() / "locator.json").read_text())
         values.update(locator_width=meta["width"], locator_vocabulary=tuple(meta["vocabulary"]))
     values.update(config.model_overrides)
     mimo_config = MimoConfig.from_dict(values)
@@ -72,6 +72,15 @@ def encode_missing(dataset_root: Path, records: list[dict], mimo_config: MimoCon
     return len(missing)
 
 
+def load_locator(model: MimoModel, path: Path) -> None:
+    """Start the locator from ``python -m mimo_chat.train.locator``'s weights (every tensor must match)."""
+    state = load_file(str(path))
+    expected = {name for name in model.state_dict() if name.startswith("locator.")}
+    if set(state) != expected:
+        raise ValueError(f"{path} does not match this model's locator: {sorted(set(state) ^ expected)[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
 class Trainer:
     """Holds the model, data and optimizer of one run (built from a :class:`TrainConfig`)."""
 
@@ -83,7 +92,7 @@ class Trainer:
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)  # a batch may have no <SEG>
         self.accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation, kwargs_handlers=[ddp])
         self.output = Path(config.output)
-        self.data = Path(config.data) if config.data else default_out()
+        self.data = Path(config.data).expanduser() if config.data else default_out()
         self.mimo_config = mimo_config_of(config)
         torch.manual_seed(config.seed)
         tokenizer = load_tokenizer(self.mimo_config)
@@ -91,7 +100,7 @@ class Trainer:
         if config.init_from:
             model.load_trained_weights(Path(config.init_from) / "model.safetensors")
         elif config.init_locator:
-            model.load_state_dict(load_file(str(Path(config.init_locator) / "locator.safetensors")), strict=False)
+            load_locator(model, Path(config.init_locator).expanduser() / "locator.safetensors")
         self.processor = MimoProcessor(self.mimo_config, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.processor.stop_token_ids[0]
         cache = EmbeddingCache(config.embeddings, self.mimo_config)
