@@ -44,7 +44,13 @@ def grounded_tiny_predictor(max_steps: int = 120, target_loss: float = 0.25, see
     with torch.no_grad():
         embedding = model.encode_images(processor.preprocess_image(image))  # (1, C, E, E)
     inputs = processor.encode_conversation([("What is in the box?", GROUNDED_REPLY)], image.shape[:2])
+    # the locator learns to find "liver" in the middle of the slice (no box needed for a mask)
+    height, width = image.shape[:2]
+    region = torch.zeros(height, width)
+    region[height // 3 : 2 * height // 3, width // 3 : 2 * width // 3] = 1
+    target = processor.mask_target(region.numpy() > 0, model.sam.config.low_res_size)[None]
     parameters = [p for p in model.language_model.parameters() if p.is_floating_point()]
+    parameters += list(model.locator.parameters())
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.Adam(parameters, lr=6e-3)
@@ -52,11 +58,11 @@ def grounded_tiny_predictor(max_steps: int = 120, target_loss: float = 0.25, see
     for _ in range(max_steps):
         prompt_embeddings = model.embed_visual_prompts(None, None)  # (1, 0, C)
         output = model(inputs.input_ids, embedding, inputs.question_ids, prompt_embeddings=prompt_embeddings,
-                       labels=inputs.labels, decode_masks=False)
+                       labels=inputs.labels, target_masks=target, decode_masks=False)
         optimizer.zero_grad()
-        output.lm_loss.backward()
+        output.loss.backward()
         optimizer.step()
-        if float(output.lm_loss.detach()) < target_loss:
+        if float(output.lm_loss.detach()) < target_loss and float(output.presence[0].detach()) > 1.0:
             break
     model.eval()
     for parameter in parameters:
