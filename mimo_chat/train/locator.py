@@ -194,11 +194,12 @@ def validate(locator: StructureLocator, data: LocatorData, embed: PhraseEmbedder
     locator.eval()
     per_name: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"presence": [], "box_iou": []})
     for item in data.items:
-        features = locator.image_features(data.embeddings[item.image_hash].float()[None])
+        device = next(locator.parameters()).device
+        features = locator.image_features(data.embeddings[item.image_hash].float()[None].to(device))
         names = sorted(item.masks) + sorted(item.absent)[:3] + sorted(item.present)
         if not names:
             continue
-        heatmaps = locator(features, torch.zeros(len(names), dtype=torch.long), embed(names))
+        heatmaps = locator(features, torch.zeros(len(names), dtype=torch.long, device=device), embed(names).to(device)).cpu()
         present = presence_logits(heatmaps) > 0
         for index, name in enumerate(names):
             truth = name in item.masks or name in item.present
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda (the embeddings stay in CPU memory)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -242,13 +244,13 @@ def main(argv: list[str] | None = None) -> None:
                       "dev_images": len(dev.items), "dev_skipped": dev.skipped,
                       "sources": {s: len(v) for s, v in train.by_source.items()}}), flush=True)
     embed = PhraseEmbedder(config)
-    locator = StructureLocator(image_channels=256, text_hidden=embed.table.shape[1], width=args.width)
+    locator = StructureLocator(image_channels=256, text_hidden=embed.table.shape[1], width=args.width).to(args.device)
     optimizer = torch.optim.AdamW(locator.parameters(), lr=args.lr, weight_decay=0.01)
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.out / "state.pt"
     step, rng, best = 0, random.Random(args.seed), None
     if state_path.exists():
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, weights_only=True, map_location=args.device)
         locator.load_state_dict(state["locator"])
         optimizer.load_state_dict(state["optimizer"])
         step, best = state["step"], state.get("best")
@@ -261,8 +263,10 @@ def main(argv: list[str] | None = None) -> None:
         lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / args.steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        embeddings, rows, names, targets, supervised = sample_batch(train, args.batch, rng, args.max_shift)
-        heatmaps = locator(locator.image_features(embeddings), rows, embed(names))
+        embeddings, rows, names, targets, supervised = (
+            value.to(args.device) if isinstance(value, torch.Tensor) else value
+            for value in sample_batch(train, args.batch, rng, args.max_shift))
+        heatmaps = locator(locator.image_features(embeddings), rows, embed(names).to(args.device))
         losses = locator_loss(heatmaps, targets, supervised > 0.5)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -282,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
             if train.skipped and sum(1 for key in {r["image_hash"] for r in train_records} if key in cache) > len(train.items):
                 train = LocatorData(args.data, train_records, cache, 64, transform, progress=False)  # the cache grew
                 tqdm.write(f"reloaded: {len(train.items)} training images ({train.skipped} not cached yet)")
-            weights = {f"locator.{k}": v.detach().contiguous() for k, v in locator.state_dict().items()}
+            weights = {f"locator.{k}": v.detach().cpu().contiguous() for k, v in locator.state_dict().items()}
             save_file(weights, str(args.out / "locator.safetensors"))
             (args.out / "locator.json").write_text(json.dumps(
                 {"step": step, "width": args.width, "vocabulary": train.names(), "dev": metrics}, indent=1) + "\n")
