@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from mimo_chat.generation import decode_steps
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import load_tokenizer
-from mimo_chat.modeling.mimo import WEIGHTS_NAME, MimoModel
 from mimo_chat.modeling.locator import region_cells
+from mimo_chat.modeling.mimo import WEIGHTS_NAME, MimoModel
 from mimo_chat.modeling.seg_head import select_seg_hidden_states
 from mimo_chat.predictor import MaskReady, MimoPredictor
 from mimo_chat.processing import IGNORE_INDEX, MimoProcessor

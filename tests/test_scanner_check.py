@@ -7,7 +7,14 @@ import itertools
 import numpy as np
 
 from mimo_chat.data.sources import iter_pancreas_tc
-from mimo_chat.evaluation.scanner_check import f1, fit_logistic, logistic_scores, matched_pairs, rewindow, shortcut_features
+from mimo_chat.evaluation.scanner_check import (
+    f1,
+    fit_logistic,
+    logistic_scores,
+    matched_pairs,
+    rewindow,
+    shortcut_features,
+)
 
 
 def test_rewindow_maps_hounsfield_units_to_the_narrower_window() -> None:
@@ -27,8 +34,8 @@ def test_size_and_histogram_alone_separate_the_two_collections(shared_data) -> N
     """Why the check exists: the shortcut works across patients on real crops."""
     train = list(itertools.islice(iter_pancreas_tc(shared_data / "pancreas_tc", split="train"), 0, 2000, 4))
     dev = list(iter_pancreas_tc(shared_data / "pancreas_tc", split="dev"))[::3]
-    labels = lambda samples: np.array([int(s.image_label["tumour"] == "yes") for s in samples])  # noqa: E731
-    features = lambda samples: np.stack([shortcut_features(s.image[..., 0]) for s in samples])  # noqa: E731
+    labels = lambda samples: np.array([int(s.image_label["tumour"] == "yes") for s in samples])
+    features = lambda samples: np.stack([shortcut_features(s.image[..., 0]) for s in samples])
     model = fit_logistic(features(train), labels(train))
     result = f1(logistic_scores(model, features(dev)), labels(dev))
     assert len(set(labels(dev))) == 2 and result["f1"] > 0.6
