@@ -120,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tasks and set(tasks) - set(TASKS):
         parser.error(f"unknown tasks {sorted(set(tasks) - set(TASKS))}; choose from {TASKS}")
     checkpoint = engine_checkpoint(args.model, args.checkpoint) if args.model in ENGINE_MODELS else args.checkpoint
+    if checkpoint is None and args.model == "lite":  # the embedded default: its files identify it
+        from mimo_chat.predictor import LITE_CHECKPOINT
+
+        checkpoint = str(LITE_CHECKPOINT) if (LITE_CHECKPOINT / "model.safetensors").is_file() else None
     fingerprint = model_fingerprint(args.model, checkpoint)
     if args.model not in ENGINE_MODELS:
         fingerprint += f":quantize={args.quantize}"
