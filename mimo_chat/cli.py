@@ -12,7 +12,10 @@ COMMANDS = {
     "bench": ("mimo_chat.bench.__main__", "speed and memory benchmarks (io, segment, chat)"),
     "make-bench": ("mimo_chat.data.make_bench", "build a benchmark in the shared schema"),
     "prepare-data": ("mimo_chat.data.prepare", "fetch registry data and build training conversations"),
+    "train-locator": ("mimo_chat.train.locator", "pre-train the locator on cached image embeddings"),
     "train": ("mimo_chat.train.__main__", "train the MIMO model from a config"),
+    "scanner-check": ("mimo_chat.evaluation.scanner_check", "tumour answers: shortcut baseline, matched pairs"),
+    "screenshot": ("mimo_chat.app.screenshot", "the README screenshot from the real app"),
 }
 
 
@@ -21,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in COMMANDS:
         print("usage: mimo-chat COMMAND [ARGS...]\n\ncommands:")
         for name, (_, help_text) in COMMANDS.items():
-            print(f"  {name:<13} {help_text}")
+            print(f"  {name:<14} {help_text}")
         return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
