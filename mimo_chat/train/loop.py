@@ -45,7 +45,11 @@ class TrainState:
 def mimo_config_of(config: TrainConfig) -> MimoConfig:
     values = MimoConfig.preset(config.model).to_dict()
     if config.init_locator:
-        meta = json.loads((Path(config.init_locator).expanduser() / "locator.json").read_text())
+        path = Path(config.init_locator).expanduser() / "locator.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run python -m mimo_chat.train.locator --out "
+                                    f"{config.init_locator} first (init_locator in the training config)")
+        meta = json.loads(path.read_text())
         values.update(locator_width=meta["width"], locator_vocabulary=tuple(meta["vocabulary"]))
     values.update(config.model_overrides)
     mimo_config = MimoConfig.from_dict(values)
