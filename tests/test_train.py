@@ -136,3 +136,16 @@ def test_init_locator_starts_from_pretrained_locator_weights_and_vocabulary(data
     save_file({"locator.adapter.0.weight": torch.zeros(1)}, folder / "locator.safetensors")
     with pytest.raises(ValueError, match="locator"):
         Trainer(config, progress=False)
+
+
+def test_init_from_keeps_the_saved_model_config(tmp_path):
+    """A second training pass from a saved model rebuilds that model (e.g. its locator vocabulary)."""
+    from mimo_chat.modeling.config import MimoConfig
+    from mimo_chat.train.loop import mimo_config_of
+
+    saved = dataclasses.replace(MimoConfig.tiny(), locator_vocabulary=("spleen", "liver"), num_queries=3)
+    saved.save(tmp_path / "config.json")
+    config = TrainConfig(stages=(StageConfig(name="x", steps=1),), model="tiny", init_from=str(tmp_path),
+                         model_overrides={"max_new_tokens": 7})
+    rebuilt = mimo_config_of(config)
+    assert rebuilt.locator_vocabulary == ("spleen", "liver") and rebuilt.num_queries == 3 and rebuilt.max_new_tokens == 7

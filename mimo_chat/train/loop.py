@@ -43,7 +43,12 @@ class TrainState:
 
 
 def mimo_config_of(config: TrainConfig) -> MimoConfig:
-    values = MimoConfig.preset(config.model).to_dict()
+    """The preset (or ``init_from``'s saved config), the locator's width and vocabulary from
+    ``init_locator``, then ``model_overrides``."""
+    if config.init_from:
+        values = MimoConfig.load(Path(config.init_from).expanduser() / "config.json").to_dict()
+    else:
+        values = MimoConfig.preset(config.model).to_dict()
     if config.init_locator:
         path = Path(config.init_locator).expanduser() / "locator.json"
         if not path.is_file():
