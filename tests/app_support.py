@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mimo_chat.app.screenshot import free_port
 from mimo_chat.imaging import load_study
 from mimo_chat.predictor import MimoPredictor
 from mimo_chat.resources import pydicom_test_file
@@ -68,12 +69,6 @@ def grounded_tiny_predictor(max_steps: int = 120, target_loss: float = 0.25, see
     for parameter in parameters:
         parameter.requires_grad_(False)
     return predictor
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def serve(predictor, concurrency_limit: int = 2, max_file_size: str = "5mb"):

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from mimo_chat.data.sources import iter_pancreas_tc
+from mimo_chat.evaluation.metrics import binary_classification
 
 WINDOW = (-150.0, 250.0)  # the crops' window (../shared/data/README.md)
 NARROW = (-100.0, 200.0)
@@ -75,14 +76,8 @@ def logistic_scores(model, features: np.ndarray) -> np.ndarray:
 
 
 def f1(scores: np.ndarray, labels: np.ndarray) -> dict:
-    predicted = scores > 0
-    tp = int((predicted & (labels == 1)).sum())
-    fp = int((predicted & (labels == 0)).sum())
-    fn = int((~predicted & (labels == 1)).sum())
-    precision = tp / max(tp + fp, 1)
-    recall = tp / max(tp + fn, 1)
-    return {"f1": 2 * precision * recall / max(precision + recall, 1e-9), "accuracy": float((predicted == (labels == 1)).mean()),
-            "precision": precision, "recall": recall}
+    """accuracy, precision, recall and F1 of ``scores > 0`` against 0/1 ``labels`` (tumour = positive)."""
+    return binary_classification((scores > 0).tolist(), (labels == 1).tolist())
 
 
 def matched_pairs(stats: np.ndarray, labels: np.ndarray, limit: float) -> list[tuple[int, int]]:

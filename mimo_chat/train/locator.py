@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mimo_chat.data.conversations import read_conversations
+from mimo_chat.evaluation.metrics import box_iou
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import build_language_model
 from mimo_chat.modeling.locator import (
@@ -178,14 +179,6 @@ def sample_batch(data: LocatorData, batch: int, rng: random.Random, max_shift: i
             targets.append(torch.ones(grid, grid))  # only the presence logit is used
             supervised.append(0.0)
     return torch.stack(embeddings), torch.tensor(rows), names, torch.stack(targets), torch.tensor(supervised)
-
-
-def box_iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 @torch.no_grad()
