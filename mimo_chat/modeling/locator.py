@@ -90,6 +90,14 @@ class StructureLocator(nn.Module):
         return logits + query[:, self.width :, None]
 
 
+def phrase_embeddings(embed, phrases: list[list[int]], hidden: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(N, H) mean input embedding of each phrase's token ids (zeros for an empty phrase);
+    ``embed``: (1, L) ids -> (1, L, H), the language model's input embedding."""
+    rows = [embed(torch.tensor([ids], device=device))[0].mean(0) if ids else torch.zeros(hidden, device=device)
+            for ids in phrases]
+    return torch.stack(rows) if rows else torch.zeros(0, hidden, device=device)
+
+
 def presence_logits(heatmaps: torch.Tensor) -> torch.Tensor:
     """(N, E, E) heatmap logits -> (N,) presence logits: the largest cell."""
     return heatmaps.flatten(1).amax(dim=1)

@@ -45,6 +45,7 @@ from mimo_chat.modeling.locator import (
     StructureLocator,
     heatmap_box,
     locator_loss,
+    phrase_embeddings,
     phrase_spans,
     presence_logits,
     target_fractions,
@@ -227,14 +228,7 @@ class MimoModel(nn.Module):
 
     def phrase_embeddings(self, phrases: list[list[int]]) -> torch.Tensor:
         """(N, H) mean input embedding of each phrase's token ids (zeros for an empty phrase)."""
-        hidden = self.language_model.hidden_size
-        rows = []
-        for ids in phrases:
-            if ids:
-                rows.append(self.language_model.embed(torch.tensor([ids], device=self.device))[0].mean(0))
-            else:
-                rows.append(torch.zeros(hidden, device=self.device))
-        return torch.stack(rows) if rows else torch.zeros(0, hidden, device=self.device)
+        return phrase_embeddings(self.language_model.embed, phrases, self.language_model.hidden_size, self.device)
 
     def seg_phrases(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
         """Every ``<SEG>`` of (B, L) ids in row-major order: (N, 2) (row, position) and its phrase ids."""

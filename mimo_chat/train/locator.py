@@ -47,6 +47,7 @@ from mimo_chat.modeling.locator import (
     StructureLocator,
     heatmap_box,
     locator_loss,
+    phrase_embeddings,
     presence_logits,
     target_fractions,
 )
@@ -138,16 +139,16 @@ class PhraseEmbedder:
     """Mean LM input embedding of a name's tokens (the LM's frozen table; cached per name)."""
 
     def __init__(self, config: MimoConfig) -> None:
-        language_model, tokenizer = build_language_model(config)
-        self.table = language_model.causal_lm().get_input_embeddings().weight.detach()
-        self.tokenizer = tokenizer
+        self.language_model, self.tokenizer = build_language_model(config)
+        self.hidden = self.language_model.hidden_size
         self.cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, names: list[str]) -> torch.Tensor:
         for name in names:
             if name not in self.cache:
                 ids = self.tokenizer(name, add_special_tokens=False).input_ids
-                self.cache[name] = self.table[ids].float().mean(0)
+                with torch.no_grad():  # the same rule as MimoModel.phrase_embeddings
+                    self.cache[name] = phrase_embeddings(self.language_model.embed, [ids], self.hidden)[0].float()
         return torch.stack([self.cache[name] for name in names])
 
 
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
                       "dev_images": len(dev.items), "dev_skipped": dev.skipped,
                       "sources": {s: len(v) for s, v in train.by_source.items()}}), flush=True)
     embed = PhraseEmbedder(config)
-    locator = StructureLocator(image_channels=256, text_hidden=embed.table.shape[1], width=args.width).to(args.device)
+    locator = StructureLocator(image_channels=256, text_hidden=embed.hidden, width=args.width).to(args.device)
     optimizer = torch.optim.AdamW(locator.parameters(), lr=args.lr, weight_decay=0.01)
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.out / "state.pt"
