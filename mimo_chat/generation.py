@@ -43,6 +43,7 @@ def decode_steps(
     forced_token_ids: Sequence[int] | None = None,
     past_key_values: DynamicCache | None = None,
     embed_token: Callable[[int], torch.Tensor] | None = None,
+    follow: Callable[[int], Sequence[int]] | None = None,
 ) -> Iterator[Step]:
     """Prefill (1, L, H) prompt embeddings, then yield one :class:`Step` per new token.
 
@@ -52,16 +53,25 @@ def decode_steps(
     it is extended in place. ``embed_token(token_id) -> (1, 1, H)`` embeds each chosen token before
     it is fed back (default: the LM's input embedding; the predictor adds the locator's finding
     to a ``<SEG>``). It is called after the consumer has handled the token's :class:`Step`.
+    ``follow(token_id) -> ids`` may force the tokens that come next (e.g. the name a grounded
+    phrase must hold); forced tokens do not count against ``max_new_tokens``.
     """
     cache = DynamicCache() if past_key_values is None else past_key_values
     output = language_model(inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
     hidden, logits = output.hidden_states[0, -1], output.logits[0, -1]  # (H,), (V,)
-    forced = list(forced_token_ids or [])
-    for index in range(len(forced) + max_new_tokens):
-        token = forced[index] if index < len(forced) else choose_token(logits, temperature, generator)
+    pending = list(forced_token_ids or [])
+    chosen = 0
+    while pending or chosen < max_new_tokens:
+        if pending:
+            token = pending.pop(0)
+        else:
+            token = choose_token(logits, temperature, generator)
+            chosen += 1
         yield Step(token, hidden, logits)
         if token in stop_token_ids:
             return
+        if follow is not None:
+            pending.extend(follow(token))
         if embed_token is None:
             token_embedding = language_model.embed(torch.tensor([[token]], device=inputs_embeds.device))  # (1, 1, H)
         else:

@@ -7,6 +7,10 @@
     reply = predictor.ask(context, "Where is the liver?", boxes=[[x0, y0, x1, y1]])
     result = predictor.segment(context, points=[[x, y]], point_labels=[1])   # plain clicks
 
+In a reply to boxes or clicks, the i-th grounded phrase names the i-th prompted object: the
+engine segments the prompt, the locator names that mask (``MimoModel.name_regions``) and those
+name tokens are forced into the phrase the LM opens; the LM writes everything else.
+
 The image embedding in the context is shared by the MIMO mask decoding and plain ``segment``
 calls (one image encoder). The context is a plain object kept by the caller.
 """
@@ -26,7 +30,7 @@ from mimo_chat.generation import decode_steps
 from mimo_chat.grounding import GroundedReply, build_reply, mask_to_box, parse_grounded_text, render_plain_text
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import load_tokenizer
-from mimo_chat.modeling.locator import phrase_spans, presence_logits, region_cells
+from mimo_chat.modeling.locator import phrase_spans, presence_logits, region_cells, target_fractions
 from mimo_chat.modeling.mimo import CONFIG_NAME, WEIGHTS_NAME, MimoModel, resolve_pretrained_dir
 from mimo_chat.processing import MimoProcessor
 from mimo_chat.segmentation import ImageContext, SegmentationPredictor, SegmentationResult
@@ -75,9 +79,11 @@ class _StreamState:
     shown: str = ""
     prompted: SegmentationResult | None = None  # the user's boxes / clicks, segmented by the engine
     feedback: torch.Tensor | None = None  # (H,) what the locator found, added to the next <SEG> input
+    prompt_names: list[list[int]] = field(default_factory=list)  # token ids naming each prompted object
 
 
 QUANTIZE_CHOICES = ("auto", "none", "int8-weights", "int8")
+MIN_NAME_DICE = 0.05  # a prompted object whose best name matches less than this is named by the LM alone
 
 
 def default_quantization(choice: str, name_or_path: str | Path, device: str | torch.device) -> str | None:
@@ -189,8 +195,7 @@ class MimoPredictor:
         boxes_tensor = None if prompts.boxes is None else prompts.boxes.to(device)
         prompt_embeddings = self.model.embed_visual_prompts(points_tensor, boxes_tensor)  # (1, P, C)
         embedding = ctx.image.embedding.to(device)
-        if ctx.locator_features is None:
-            ctx.locator_features = self.model.locator.image_features(embedding)
+        self._locator_features(ctx)
         cells = region_cells(embedding.shape[-1], self.config.image_size, boxes_tensor, points_tensor)
         inputs_embeds = self.model.embed_inputs(
             inputs.input_ids.to(device), embedding, inputs.question_ids.to(device), None, prompt_embeddings, None,
@@ -200,6 +205,7 @@ class MimoPredictor:
         state = _StreamState()
         if not prompts.empty:
             state.prompted = self.segmenter.segment(ctx.image, boxes=boxes, points=points, point_labels=point_labels)
+            state.prompt_names = self._prompt_names(state.prompted, ctx)
         stop_ids = self.processor.stop_token_ids
         steps = decode_steps(
             self.model.language_model,
@@ -210,6 +216,7 @@ class MimoPredictor:
             forced_token_ids=self.processor.reply_prefix_ids(reply_prefix) if reply_prefix else None,
             past_key_values=cache,
             embed_token=lambda token: self._embed_token(token, state),
+            follow=lambda token: self._follow(token, state),
         )
         for step in steps:
             if on_token is not None:
@@ -272,6 +279,33 @@ class MimoPredictor:
             return None
         delta, state.shown = text[len(state.shown) :], text
         return TextDelta(delta)
+
+    def _locator_features(self, ctx: MimoContext) -> torch.Tensor:
+        """The locator's (1, W, E, E) features of the context's image, computed once per image."""
+        if ctx.locator_features is None:
+            ctx.locator_features = self.model.locator.image_features(ctx.image.embedding.to(self.device))
+        return ctx.locator_features
+
+    @torch.inference_mode()
+    def _prompt_names(self, prompted: SegmentationResult, ctx: MimoContext) -> list[list[int]]:
+        """Token ids of the name of each prompted object (the engine's mask of each box / click set,
+        named by the locator: ``MimoModel.name_regions``); [] for an object no name matches."""
+        if not self.model.vocabulary_ids or not len(prompted.masks):
+            return []
+        features = self._locator_features(ctx)
+        frames = torch.stack([self.processor.transform.apply_mask(mask) for mask in prompted.masks])  # (N, S, S)
+        index, dice = self.model.name_regions(features, target_fractions(frames.to(self.device), features.shape[-1]))
+        return [list(self.model.vocabulary_ids[i]) if float(d) >= MIN_NAME_DICE else [] for i, d in zip(index, dice, strict=True)]
+
+    def _follow(self, token: int, state: _StreamState) -> list[int]:
+        """Tokens forced after ``token``: a phrase opened for the i-th prompted object holds its name."""
+        model = self.model
+        if token != model.token_ids["<p>"]:
+            return []
+        phrase = state.generated.count(token) - 1
+        if phrase >= len(state.prompt_names) or not state.prompt_names[phrase]:
+            return []
+        return [*state.prompt_names[phrase], model.token_ids["</p>"], model.seg_token_id]
 
     def _embed_token(self, token: int, state: _StreamState) -> torch.Tensor:
         """(1, 1, H) input embedding of the next token; a ``<SEG>`` carries the locator's finding."""

