@@ -183,7 +183,7 @@ def mask_logits(decoder: nn.Module, keys: torch.Tensor, hyper: torch.Tensor, siz
     if not (isinstance(up1, nn.ConvTranspose2d) and up1.kernel_size == (2, 2) and up1.stride == (2, 2)
             and isinstance(up2, nn.ConvTranspose2d) and up2.kernel_size == (2, 2) and up2.stride == (2, 2)):
         raise ValueError("mask_logits expects SAM's two 2x2 stride-2 transposed convolutions")
-    count, positions, channels = keys.shape
+    count, positions, _ = keys.shape
     weight1, bias1 = _subpixel(up1)
     weight2, bias2 = _subpixel(up2)
     middle, out_channels = up1.out_channels, up2.out_channels
