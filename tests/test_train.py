@@ -99,6 +99,10 @@ def test_shipped_configs_parse_and_reject_markup_in_the_system_prompt():
     for path in configs:
         config = load_train_config(path)
         names = [s.name for s in config.stages]
+        if config.init_from:  # a continuation of a trained model (e.g. mimo-lite-refresh)
+            assert (path.parent / f"{Path(config.init_from).name}.yaml").is_file() or config.export
+            assert config.stage_at(0)[1].name == names[0]
+            continue
         # the MiniGPT-Pancreas cascade: a general stage, then pancreas, then tumour
         assert names[0] in ("organs", "grounding") and names.index("pancreas") < names.index("tumour")
         assert config.stage_at(0)[1].name == names[0]
@@ -133,6 +137,17 @@ def test_init_locator_starts_from_pretrained_locator_weights_and_vocabulary(data
     assert model.config.locator_vocabulary == ("liver", "pancreas") and len(model.vocabulary_ids) == 2
     for name, value in locator.state_dict().items():
         assert torch.equal(model.locator.state_dict()[name], value), name
+    # with init_from as well: that model's trained weights, this locator
+    for parameter in model.aligner.parameters():
+        torch.nn.init.normal_(parameter)
+    model.save_pretrained(tmp_path / "saved")
+    both = Trainer(dataclasses.replace(config, init_from=str(tmp_path / "saved"), output=str(tmp_path / "both")),
+                   progress=False)
+    continued = both.accelerator.unwrap_model(both.model)
+    for name, value in model.aligner.state_dict().items():
+        assert torch.equal(continued.aligner.state_dict()[name], value), name
+    for name, value in locator.state_dict().items():
+        assert torch.equal(continued.locator.state_dict()[name], value), name
     save_file({"locator.adapter.0.weight": torch.zeros(1)}, folder / "locator.safetensors")
     with pytest.raises(ValueError, match="locator"):
         Trainer(config, progress=False)

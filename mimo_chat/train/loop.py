@@ -107,8 +107,8 @@ class Trainer:
         tokenizer = load_tokenizer(self.mimo_config)
         model = MimoModel.from_config(self.mimo_config, tokenizer)
         if config.init_from:
-            model.load_trained_weights(Path(config.init_from) / "model.safetensors")
-        elif config.init_locator:
+            model.load_trained_weights(Path(config.init_from).expanduser() / "model.safetensors")
+        if config.init_locator:  # with init_from too: that model with this locator
             load_locator(model, Path(config.init_locator).expanduser() / "locator.safetensors")
         self.processor = MimoProcessor(self.mimo_config, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.processor.stop_token_ids[0]
