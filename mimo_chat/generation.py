@@ -44,6 +44,7 @@ def decode_steps(
     past_key_values: DynamicCache | None = None,
     embed_token: Callable[[int], torch.Tensor] | None = None,
     follow: Callable[[int], Sequence[int]] | None = None,
+    revise: Callable[[int], int] | None = None,
 ) -> Iterator[Step]:
     """Prefill (1, L, H) prompt embeddings, then yield one :class:`Step` per new token.
 
@@ -54,7 +55,9 @@ def decode_steps(
     it is fed back (default: the LM's input embedding; the predictor adds the locator's finding
     to a ``<SEG>``). It is called after the consumer has handled the token's :class:`Step`.
     ``follow(token_id) -> ids`` may force the tokens that come next (e.g. the name a grounded
-    phrase must hold); forced tokens do not count against ``max_new_tokens``.
+    phrase must hold); forced tokens do not count against ``max_new_tokens``. ``revise(token_id)``
+    may replace a chosen (not forced) token before it is yielded (e.g. a yes / no that must agree
+    with the locator).
     """
     cache = DynamicCache() if past_key_values is None else past_key_values
     output = language_model(inputs_embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -66,6 +69,8 @@ def decode_steps(
             token = pending.pop(0)
         else:
             token = choose_token(logits, temperature, generator)
+            if revise is not None:
+                token = revise(token)
             chosen += 1
         yield Step(token, hidden, logits)
         if token in stop_token_ids:

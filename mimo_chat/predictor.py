@@ -9,7 +9,9 @@
 
 In a reply to boxes or clicks, the i-th grounded phrase names the i-th prompted object: the
 engine segments the prompt, the locator names that mask (``MimoModel.name_regions``) and those
-name tokens are forced into the phrase the LM opens; the LM writes everything else.
+name tokens are forced into the phrase the LM opens; a yes / no the LM writes right after
+``<SEG>:`` (a grounded presence answer) is the locator's verdict on that phrase. The LM writes
+everything else.
 
 The image embedding in the context is shared by the MIMO mask decoding and plain ``segment``
 calls (one image encoder). The context is a plain object kept by the caller.
@@ -30,7 +32,13 @@ from mimo_chat.generation import decode_steps
 from mimo_chat.grounding import GroundedReply, build_reply, mask_to_box, parse_grounded_text, render_plain_text
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import load_tokenizer
-from mimo_chat.modeling.locator import phrase_spans, presence_logits, region_cells, target_fractions
+from mimo_chat.modeling.locator import (
+    PRESENCE_THRESHOLD,
+    phrase_spans,
+    presence_logits,
+    region_cells,
+    target_fractions,
+)
 from mimo_chat.modeling.mimo import CONFIG_NAME, WEIGHTS_NAME, MimoModel, resolve_pretrained_dir
 from mimo_chat.processing import MimoProcessor
 from mimo_chat.segmentation import ImageContext, SegmentationPredictor, SegmentationResult
@@ -80,6 +88,7 @@ class _StreamState:
     prompted: SegmentationResult | None = None  # the user's boxes / clicks, segmented by the engine
     feedback: torch.Tensor | None = None  # (H,) what the locator found, added to the next <SEG> input
     prompt_names: list[list[int]] = field(default_factory=list)  # token ids naming each prompted object
+    presence: float | None = None  # the locator's presence logit for the last <SEG>
 
 
 QUANTIZE_CHOICES = ("auto", "none", "int8-weights", "int8")
@@ -217,6 +226,7 @@ class MimoPredictor:
             past_key_values=cache,
             embed_token=lambda token: self._embed_token(token, state),
             follow=lambda token: self._follow(token, state),
+            revise=lambda token: self._revise(token, state),
         )
         for step in steps:
             if on_token is not None:
@@ -307,6 +317,13 @@ class MimoPredictor:
             return []
         return [*state.prompt_names[phrase], model.token_ids["</p>"], model.seg_token_id]
 
+    def _revise(self, token: int, state: _StreamState) -> int:
+        """A yes / no chosen right after ``<SEG>:`` (a grounded presence answer) is the locator's verdict."""
+        yes, no = self.processor.verdict_ids
+        if token not in (yes, no) or state.presence is None or state.generated[-2:] != self.processor.verdict_slot:
+            return token
+        return yes if state.presence > PRESENCE_THRESHOLD else no
+
     def _embed_token(self, token: int, state: _StreamState) -> torch.Tensor:
         """(1, 1, H) input embedding of the next token; a ``<SEG>`` carries the locator's finding."""
         embedding = self.model.language_model.embed(torch.tensor([[token]], device=self.device))
@@ -327,6 +344,7 @@ class MimoPredictor:
         features = ctx.locator_features
         presence = presence_logits(model.locator(features, rows, phrase))  # (1,) as in training
         state.feedback = model.feedback(presence)[0]
+        state.presence = float(presence[0])
         seg_index = len(state.masks)
         if state.prompted is not None and seg_index < len(state.prompted.masks):
             mask = state.prompted.masks[seg_index]

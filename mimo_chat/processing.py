@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mimo_chat.modeling.config import MimoConfig
-from mimo_chat.modeling.language_model import IMAGE_TOKEN, NEW_TOKENS, load_tokenizer
+from mimo_chat.modeling.language_model import IMAGE_TOKEN, NEW_TOKENS, SEG_TOKEN, load_tokenizer
 from mimo_chat.modeling.transforms import SamTransform
 
 IGNORE_INDEX = -100
@@ -61,6 +61,10 @@ class MimoProcessor:
         self.transform = SamTransform(config.image_size)
         ends = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
         self.stop_token_ids = sorted({i for i in ends if isinstance(i, int) and i != tokenizer.unk_token_id})
+        # a grounded presence answer, "<p>x</p><SEG>: yes, ...": the "<SEG>:" slot and the yes / no ids in it
+        yes_slot, no_slot = self._ids(f"{SEG_TOKEN}: yes"), self._ids(f"{SEG_TOKEN}: no")
+        self.verdict_slot: list[int] = yes_slot[:-1]
+        self.verdict_ids: tuple[int, int] = (yes_slot[-1], no_slot[-1])
 
     @classmethod
     def from_config(cls, config: MimoConfig) -> MimoProcessor:

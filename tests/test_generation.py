@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from mimo_chat.grounding import mask_to_box
 from mimo_chat.predictor import Done, MaskReady, MimoPredictor, TextDelta
@@ -111,3 +112,28 @@ def test_a_phrase_opened_for_a_box_holds_the_name_the_locator_gives_its_mask(pre
     # without a prompt nothing is forced: the same prefix is continued by the LM alone
     free = predictor.ask(context, "What is this?", reply_prefix="It is the <p>", max_new_tokens=4)
     assert free.raw_text.startswith("It is the <p>")
+
+
+def test_a_yes_or_no_after_seg_colon_is_the_locators_verdict(predictor) -> None:
+    from mimo_chat.predictor import _StreamState
+
+    yes, no = predictor.processor.verdict_ids
+    slot = predictor.processor.verdict_slot  # "<SEG>:" as tokenized in "<p>x</p><SEG>: yes, ..."
+    state = _StreamState(generated=[5, 6, *slot], presence=2.0)
+    assert predictor._revise(no, state) == yes and predictor._revise(yes, state) == yes
+    state.presence = -2.0
+    assert predictor._revise(yes, state) == no
+    assert predictor._revise(17, state) == 17  # not a yes / no: left alone
+    state.generated = [5, *slot, 9]  # not right after "<SEG>:"
+    assert predictor._revise(yes, state) == yes
+
+
+def test_decode_steps_revises_chosen_tokens_but_not_forced_ones(predictor, ct_image) -> None:
+    from mimo_chat.generation import decode_steps
+
+    language_model = predictor.model.language_model
+    ids = predictor.processor.reply_prefix_ids("It is")
+    prompt = language_model.embed(torch.tensor([[1, 2, 3]]))
+    with torch.inference_mode():
+        steps = list(decode_steps(language_model, prompt, 3, forced_token_ids=ids, revise=lambda token: 42))
+    assert [s.token_id for s in steps] == [*ids, 42, 42, 42]

