@@ -19,6 +19,7 @@ import torch
 
 from mimo_chat.app.screenshot import free_port
 from mimo_chat.imaging import load_study
+from mimo_chat.modeling.locator import presence_logits
 from mimo_chat.predictor import MimoPredictor
 from mimo_chat.resources import pydicom_test_file
 
@@ -50,6 +51,10 @@ def grounded_tiny_predictor(max_steps: int = 120, target_loss: float = 0.25, see
     region = torch.zeros(height, width)
     region[height // 3 : 2 * height // 3, width // 3 : 2 * width // 3] = 1
     target = processor.mask_target(region.numpy() > 0, model.sam.config.low_res_size)[None]
+    # and that the vocabulary's other names are not on it, so the box's object is named "liver"
+    # (a box reply's name comes from the locator, ``MimoModel.name_regions``)
+    others = [ids for name, ids in zip(model.config.locator_vocabulary, model.vocabulary_ids, strict=True)
+              if name != "liver"]
     parameters = [p for p in model.language_model.parameters() if p.is_floating_point()]
     parameters += list(model.locator.parameters())
     for parameter in parameters:
@@ -60,10 +65,14 @@ def grounded_tiny_predictor(max_steps: int = 120, target_loss: float = 0.25, see
         prompt_embeddings = model.embed_visual_prompts(None, None)  # (1, 0, C)
         output = model(inputs.input_ids, embedding, inputs.question_ids, prompt_embeddings=prompt_embeddings,
                        labels=inputs.labels, target_masks=target, decode_masks=False)
+        features = model.locator.image_features(embedding)
+        absent = model.locator(features, torch.zeros(len(others), dtype=torch.long), model.phrase_embeddings(others))
+        loss = output.loss + torch.nn.functional.softplus(absent).mean()  # BCE towards "nowhere"
         optimizer.zero_grad()
-        output.loss.backward()
+        loss.backward()
         optimizer.step()
-        if float(output.lm_loss.detach()) < target_loss and float(output.presence[0].detach()) > 1.0:
+        shown = float(output.presence[0].detach()) > 1.0 and float(presence_logits(absent).max().detach()) < -1.0
+        if float(output.lm_loss.detach()) < target_loss and shown:
             break
     model.eval()
     for parameter in parameters:
