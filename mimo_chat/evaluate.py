@@ -112,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--compare", nargs="+", metavar="REPORT", help="print a side-by-side table and exit")
     args = parser.parse_args(argv)
     if args.compare:
+        missing = [path for path in args.compare if not Path(path).is_file()]
+        if missing:
+            parser.error(f"--compare: no report at {', '.join(missing)}")
         print(compare(args.compare))
         return 0
     if not args.bench or not args.out:

@@ -167,3 +167,6 @@ def test_tiny_model_end_to_end_report_and_resume(bench10: Path, tmp_path: Path, 
     assert main(["--compare", str(out), str(out)]) == 0
     table = capsys.readouterr().out
     assert "text_seg.miou" in table and "observe.f1" in table
+    with pytest.raises(SystemExit):  # a report that is not there: argparse's error, not a traceback
+        main(["--compare", str(out), str(tmp_path / "missing.json")])
+    assert "no report at" in capsys.readouterr().err
