@@ -19,7 +19,7 @@ import torch
 
 from mimo_chat.app.screenshot import free_port
 from mimo_chat.imaging import load_study
-from mimo_chat.modeling.locator import presence_logits
+from mimo_chat.modeling.locator import locator_loss, presence_logits
 from mimo_chat.predictor import MimoPredictor
 from mimo_chat.resources import pydicom_test_file
 
@@ -67,7 +67,7 @@ def grounded_tiny_predictor(max_steps: int = 120, target_loss: float = 0.25, see
                        labels=inputs.labels, target_masks=target, decode_masks=False)
         features = model.locator.image_features(embedding)
         absent = model.locator(features, torch.zeros(len(others), dtype=torch.long), model.phrase_embeddings(others))
-        loss = output.loss + torch.nn.functional.softplus(absent).mean()  # BCE towards "nowhere"
+        loss = output.loss + locator_loss(absent, torch.zeros_like(absent), torch.ones(len(others), dtype=torch.bool))["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
