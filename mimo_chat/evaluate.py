@@ -33,6 +33,7 @@ from mimo_chat.evaluation.runner import (
     run,
 )
 from mimo_chat.evaluation.scoring import aggregate, score_row
+from mimo_chat.runtime import keep_freed_memory
 
 ENGINE_MODELS = ("engine", "litemedsam")
 
@@ -111,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--compare", nargs="+", metavar="REPORT", help="print a side-by-side table and exit")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # see mimo_chat/runtime.py
     if args.compare:
         missing = [path for path in args.compare if not Path(path).is_file()]
         if missing:

@@ -34,6 +34,7 @@ import torch
 
 from mimo_chat import resources
 from mimo_chat.predictor import QUANTIZE_CHOICES, MaskReady, MimoContext, MimoPredictor, default_quantization
+from mimo_chat.runtime import keep_freed_memory
 
 QUESTION = "Segment the pancreas."
 PREFIX = "The <p>pancreas</p><SEG>"
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # see mimo_chat/runtime.py
     torch.set_num_threads(args.threads)
     predictor = MimoPredictor.from_pretrained(args.model)  # float32: the baseline's model
     image, source = bench_image()

@@ -16,6 +16,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 
+from mimo_chat.runtime import keep_freed_memory
 from mimo_chat.train.config import load_train_config
 
 
@@ -29,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # see mimo_chat/runtime.py
     config = load_train_config(args.config)
     overrides = {key: value for key, value in (("output", args.output), ("data", args.data), ("export", args.export),
                                                 ("max_minutes", args.max_minutes)) if value is not None}

@@ -31,6 +31,7 @@ from mimo_chat.data.conversations import read_conversations
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.sam import SamConfig, build_sam, load_lite_medsam_weights
 from mimo_chat.modeling.transforms import SamTransform
+from mimo_chat.runtime import keep_freed_memory
 
 
 def encoder_fingerprint(config: MimoConfig) -> str:
@@ -170,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--import-seg-cache", default=None, help="a seg_cache folder to copy embeddings from")
     parser.add_argument("--import-only", action="store_true")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # see mimo_chat/runtime.py
     config = MimoConfig.preset(args.preset)
     if args.import_seg_cache:
         print(f"imported {import_seg_cache(args.import_seg_cache, args.data, config, args.cache)} embeddings")
