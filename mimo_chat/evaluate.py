@@ -3,13 +3,16 @@
     python -m mimo_chat.evaluate --bench DIR --out report.json [--tasks text_seg,observe] [--limit N]
         [--checkpoint PATH] [--model lite|tiny|engine|litemedsam] [--no-cache] [--no-plots]
     python -m mimo_chat.evaluate --compare a.json b.json [...]
+    python -m mimo_chat.evaluate --compare a.json b.json --paired
 
 The model is driven through ``mimo_chat.predictor.MimoPredictor`` — the same calls the app
 makes. ``--model engine`` evaluates the bare ``SegmentationPredictor`` (with the project's
 prompt weights when present) and ``--model litemedsam`` the unmodified LiteMedSAM, both on the
 visual-prompt tasks (``box_seg``, ``point_seg``) only. Predictions are cached in
 ``<report>.predictions.jsonl`` (keyed by row id and model fingerprint) so an interrupted
-run resumes. ``report.md`` and plots are written next to ``report.json``.
+run resumes. ``report.md`` and plots are written next to ``report.json``. ``--paired`` re-scores
+two reports' cached predictions row by row: B - A with bootstrap intervals over patients
+(``mimo_chat/evaluation/paired.py``).
 """
 
 from __future__ import annotations
@@ -111,14 +114,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the prediction cache")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--compare", nargs="+", metavar="REPORT", help="print a side-by-side table and exit")
+    parser.add_argument("--paired", action="store_true",
+                        help="with --compare A B: per-row differences B - A on the shared rows, with bootstrap "
+                             "intervals over patients (needs both reports' cached predictions)")
     args = parser.parse_args(argv)
     keep_freed_memory()  # see mimo_chat/runtime.py
     if args.compare:
         missing = [path for path in args.compare if not Path(path).is_file()]
         if missing:
             parser.error(f"--compare: no report at {', '.join(missing)}")
-        print(compare(args.compare))
+        if not args.paired:
+            print(compare(args.compare))
+            return 0
+        if len(args.compare) != 2:
+            parser.error("--paired compares exactly two reports: --compare A B --paired")
+        from mimo_chat.evaluation.paired import PairedError, paired_table
+
+        try:
+            print(paired_table(*args.compare))
+        except PairedError as error:
+            parser.error(f"--paired: {error}")
         return 0
+    if args.paired:
+        parser.error("--paired goes with --compare A B")
     if not args.bench or not args.out:
         parser.error("--bench and --out are required (unless --compare)")
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None

