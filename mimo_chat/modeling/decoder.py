@@ -152,7 +152,14 @@ def two_way_transformer(
     keys = image.flatten(2).transpose(1, 2)  # (1 or N, P, C)
     key_pe = image_pe.flatten(2).transpose(1, 2)
     count = tokens.shape[0]
-    if keys.shape[0] > 1 or count == 1:
+    if keys.shape[0] > 1:
+        yield _finish(transformer, tokens, tokens, keys, key_pe, 0, output_tokens)
+        return
+    # one image, read again for every prompt: positions-major in memory, so that the copies and
+    # sums of it run along contiguous memory (the channels-first view made each prompt's residual
+    # copy a strided transpose: ~1.5 ms per prompt on 2 cores)
+    keys, key_pe = keys.contiguous(), key_pe.contiguous()
+    if count == 1:
         yield _finish(transformer, tokens, tokens, keys, key_pe, 0, output_tokens)
         return
     first = transformer.layers[0]
