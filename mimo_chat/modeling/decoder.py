@@ -47,15 +47,16 @@ def _head_weight(linear: nn.Linear, heads: int) -> torch.Tensor:
 
 
 def token_to_image(attention: nn.Module, token_q: torch.Tensor, image_k: torch.Tensor, image_v: torch.Tensor,
-                   key_pe: torch.Tensor | None = None) -> torch.Tensor:
+                   key_pe: torch.Tensor | None = None, pe_keys: torch.Tensor | None = None) -> torch.Tensor:
     """``attention(q=token_q, k=image_k + key_pe, v=image_v)`` for (N, T, C) tokens and (1 or N, P, C)
     image positions (``key_pe`` None: already in ``image_k``). With few tokens, adding the PE's
-    scores costs less than adding the PE to every image position."""
+    scores costs less than adding the PE to every image position. ``pe_keys`` instead of
+    ``key_pe``: (h, d, P), the PE through the key projection's weight (see ``project_pe``)."""
     heads = attention.num_heads
     q = _heads(attention.q_proj(token_q), heads)  # (N, h, T, d)
     count, _, tokens, depth = q.shape
     scale = 1.0 / math.sqrt(depth)
-    if image_k.shape[0] == 1 and count > 2:  # shared image: project it once, all prompts' tokens in one product
+    if image_k.shape[0] == 1 and count > 2 and pe_keys is None:  # shared image: project it once, all prompts' tokens in one product
         k = _heads(attention.k_proj(image_k if key_pe is None else image_k + key_pe), heads)[0]  # (h, P, d)
         v = _heads(attention.v_proj(image_v), heads)[0]
         q_all = q.transpose(0, 1).reshape(heads, count * tokens, depth)  # (h, N*T, d)
@@ -68,6 +69,8 @@ def token_to_image(attention: nn.Module, token_q: torch.Tensor, image_k: torch.T
         scores = q_k @ image_k.transpose(1, 2)  # (N, h*T, P)
         if key_pe is not None:
             scores = scores + q_k @ key_pe.transpose(1, 2)
+        if pe_keys is not None:
+            scores = scores + (q @ pe_keys).reshape(count, heads * tokens, -1)
         weights = torch.softmax((scores + bias.reshape(count, -1, 1)) * scale, dim=-1)
         mixed = (weights @ image_v).reshape(count, heads, tokens, -1)  # (N, h, T, C)
         out = torch.einsum("nhtc,hdc->nhtd", mixed, _head_weight(attention.v_proj, heads))
@@ -125,15 +128,24 @@ def _image_side(layer: nn.Module, queries: torch.Tensor, query_pe: torch.Tensor,
     return layer.norm4(image_to_token(attention, keys_pe, queries + query_pe, queries, keys, projected_q, overwrite))
 
 
+def project_pe(attention: nn.Module, key_pe: torch.Tensor) -> torch.Tensor:
+    """(1, P, C) PE through ``attention``'s key projection weight (its bias stays with the image's
+    keys) -> (h, d, P): the PE's share of the scores is then ``q @ this`` per head."""
+    return F.linear(key_pe[0], attention.k_proj.weight).T.reshape(attention.num_heads, -1, key_pe.shape[1])
+
+
 def _finish(transformer: nn.Module, queries: torch.Tensor, query_pe: torch.Tensor, keys: torch.Tensor,
-            key_pe: torch.Tensor, first_layer: int, output_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The blocks from ``first_layer`` on and the final token->image attention (first ``output_tokens`` tokens)."""
+            key_pe: torch.Tensor, first_layer: int, output_tokens: int,
+            final_pe_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks from ``first_layer`` on and the final token->image attention (first ``output_tokens``
+    tokens); ``final_pe_keys``: ``project_pe`` of the final attention, when computed once for many prompts."""
     for index, layer in enumerate(transformer.layers[first_layer:], start=first_layer):
         keys_pe = keys + key_pe
         queries = _token_side(layer, queries, query_pe, keys, keys_pe)
         keys = _image_side(layer, queries, query_pe, keys, keys_pe, overwrite=index > 0)  # the caller's keys stay
     kept = queries[:, :output_tokens]
-    final = token_to_image(transformer.final_attn_token_to_image, kept + query_pe[:, :output_tokens], keys, keys, key_pe)
+    final = token_to_image(transformer.final_attn_token_to_image, kept + query_pe[:, :output_tokens], keys, keys,
+                           key_pe if final_pe_keys is None else None, final_pe_keys)
     return transformer.norm_final_attn(kept + final), keys
 
 
@@ -167,10 +179,12 @@ def two_way_transformer(
     queries = _token_side(first, tokens, tokens, keys, keys_pe)
     attention = first.cross_attn_image_to_token
     projected_q = _heads(attention.q_proj(keys_pe), attention.num_heads)  # (1, h, P, d)
+    # the final attention reads the PE for 2 tokens only: half the memory through its projection
+    final_pe_keys = project_pe(transformer.final_attn_token_to_image, key_pe)
     for index in range(count):
         one = slice(index, index + 1)
         prompt_keys = _image_side(first, queries[one], tokens[one], keys, keys_pe, projected_q)
-        yield _finish(transformer, queries[one], tokens[one], prompt_keys, key_pe, 1, output_tokens)
+        yield _finish(transformer, queries[one], tokens[one], prompt_keys, key_pe, 1, output_tokens, final_pe_keys)
 
 
 def _subpixel(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
