@@ -193,25 +193,31 @@ def _subpixel(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, conv.bias.repeat(4)
 
 
-def mask_logits(decoder: nn.Module, keys: torch.Tensor, hyper: torch.Tensor, size: int, chunk: int = 1024,
-                dtype: torch.dtype | None = None) -> torch.Tensor:
+def upscaling_weights(decoder: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """``MaskDecoder.output_upscaling`` as sub-pixel matrices in ``dtype``: (weight1, bias1, norm
+    weight, norm bias, weight2, bias2), prepared once per decoder call for ``mask_logits``."""
+    up1, norm, _, up2, _ = decoder.output_upscaling
+    if not (isinstance(up1, nn.ConvTranspose2d) and up1.kernel_size == (2, 2) and up1.stride == (2, 2)
+            and isinstance(up2, nn.ConvTranspose2d) and up2.kernel_size == (2, 2) and up2.stride == (2, 2)):
+        raise ValueError("mask_logits expects SAM's two 2x2 stride-2 transposed convolutions")
+    return tuple(t.to(dtype) for t in (*_subpixel(up1), norm.weight, norm.bias, *_subpixel(up2)))
+
+
+def mask_logits(decoder: nn.Module, keys: torch.Tensor, hyper: torch.Tensor, size: int,
+                weights: tuple[torch.Tensor, ...] | None = None, chunk: int = 1024) -> torch.Tensor:
     """``MaskDecoder``'s output upscaling + hypernetwork product: (N, E*E, C) image side and (N, C/8)
     hypernetwork outputs -> (N, 1, 4E, 4E) mask logits.
 
     Runs ``chunk`` image positions at a time, so that the 16 x (C/8) upscaled features of a chunk
     stay in the CPU cache between the products, the norm and the activations (measured ~1.5x
-    faster per prompt than whole maps on 2 cores). ``dtype``: compute the upscaling in this type
-    (e.g. ``torch.bfloat16`` on CPUs with native bf16 matrix products, see ``fuse_for_inference``);
-    the hypernetwork product and the logits stay in ``keys``' type."""
+    faster per prompt than whole maps on 2 cores). ``weights``: ``upscaling_weights`` (default:
+    in ``keys``' type); their type is the upscaling's compute type (e.g. ``torch.bfloat16`` on CPUs
+    with native bf16 matrix products, see ``fuse_for_inference``); the hypernetwork product and
+    the logits stay in ``hyper``'s type."""
     up1, norm, act1, up2, act2 = decoder.output_upscaling
-    if not (isinstance(up1, nn.ConvTranspose2d) and up1.kernel_size == (2, 2) and up1.stride == (2, 2)
-            and isinstance(up2, nn.ConvTranspose2d) and up2.kernel_size == (2, 2) and up2.stride == (2, 2)):
-        raise ValueError("mask_logits expects SAM's two 2x2 stride-2 transposed convolutions")
+    weight1, bias1, norm_weight, norm_bias, weight2, bias2 = weights or upscaling_weights(decoder, keys.dtype)
+    dtype = weight1.dtype
     count, positions, _ = keys.shape
-    dtype = dtype or keys.dtype
-    weight1, bias1 = (t.to(dtype) for t in _subpixel(up1))
-    weight2, bias2 = (t.to(dtype) for t in _subpixel(up2))
-    norm_weight, norm_bias = norm.weight.to(dtype), norm.bias.to(dtype)
     middle, out_channels = up1.out_channels, up2.out_channels
     rows = []
     for index in range(count):
@@ -235,9 +241,10 @@ def decode_single_masks(
     tokens (IoU token, mask tokens, sparse prompts) -> logits (N, 1, 4E, 4E) and predicted IoU (N, 1).
     ``head_dtype``: see ``mask_logits``."""
     size = image.shape[-1]
+    weights = upscaling_weights(decoder, head_dtype or image.dtype)  # once for all prompts
     logits, iou = [], []
     for hidden, keys in two_way_transformer(decoder.transformer, image, image_pe, tokens):
         hyper = decoder.output_hypernetworks_mlps[0](hidden[:, 1])  # the single-mask output token
-        logits.append(mask_logits(decoder, keys, hyper, size, dtype=head_dtype))
+        logits.append(mask_logits(decoder, keys, hyper, size, weights))
         iou.append(decoder.iou_prediction_head(hidden[:, 0])[:, :1])
     return torch.cat(logits), torch.cat(iou)
