@@ -70,9 +70,9 @@ def load_driver(model: str, checkpoint: str | None, quantize: str = "auto") -> D
     if model in ENGINE_MODELS:
         from mimo_chat.segmentation import SegmentationPredictor
 
-        # the unmodified LiteMedSAM keeps a float32 mask head (the bench's baseline does too)
+        # the unmodified LiteMedSAM keeps a float32 decoder (the bench's baseline does too)
         predictor = SegmentationPredictor.from_pretrained(checkpoint=engine_checkpoint(model, checkpoint),
-                                                          bf16_mask_head=False if model == "litemedsam" else None)
+                                                          bf16_decoder=False if model == "litemedsam" else None)
         return EngineDriver(predictor)
     from mimo_chat.predictor import MimoPredictor, default_quantization
 

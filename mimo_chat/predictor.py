@@ -135,7 +135,7 @@ class MimoPredictor:
         ``quantize``: ``"int8"`` (dynamic int8, fastest) or ``"int8-weights"`` (weight-only int8,
         text nearly identical to float32) language-model linears for faster CPU decoding (inference only).
         ``fuse``: the frozen LiteMedSAM prepared for inference (``modeling.sam.fuse_for_inference``:
-        batch norms folded, channels-last, the mask head in bfloat16 where the CPU has native bf16)."""
+        batch norms folded, channels-last, the decoder's image-side products in bfloat16 where the CPU has native bf16)."""
         notes: list[str] = []
         source = str(name_or_path)
         if source == "lite" and (LITE_CHECKPOINT / WEIGHTS_NAME).is_file():

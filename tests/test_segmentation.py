@@ -175,25 +175,26 @@ def test_real_negative_click_removes_what_it_touches(lite_predictor, ct_slice):
 
 
 @pytest.mark.slow
-def test_bf16_mask_head_changes_only_boundary_pixels(lite_predictor, ct_slice):
-    """The bfloat16 mask head (the default where the CPU has native bf16) against float32 on the
-    same real slice and prompts: masks agree but for a few boundary pixels; IoU scores are equal."""
+def test_bf16_decoder_changes_only_boundary_pixels(lite_predictor, ct_slice):
+    """The decoder's bfloat16 products (the default where the CPU has native bf16) against float32
+    on the same real slice and prompts: masks agree but for a few boundary pixels; IoU scores agree
+    to ~1e-3 (measured: 5e-4 at most)."""
     image, masks = ct_slice
-    exact = SegmentationPredictor.from_pretrained(bf16_mask_head=False)
-    fast = SegmentationPredictor.from_pretrained(bf16_mask_head=True)
-    assert exact.model.mask_head_dtype is None and fast.model.mask_head_dtype == torch.bfloat16
+    exact = SegmentationPredictor.from_pretrained(bf16_decoder=False)
+    fast = SegmentationPredictor.from_pretrained(bf16_decoder=True)
+    assert exact.model.decoder_dtype is None and fast.model.decoder_dtype == torch.bfloat16
     context = exact.encode(image)
     targets = [masks[name] for name in CLICK_DICE]
     boxes = tight_boxes(np.stack(targets))
     clicks = [[click_at_centre(target)] for target in targets]
     for prompts in ({"boxes": boxes}, {"points": clicks, "point_labels": [[1]] * len(targets)}):
         reference, result = exact.segment(context, **prompts), fast.segment(context, **prompts)
-        np.testing.assert_allclose(result.scores, reference.scores, atol=1e-5)
+        np.testing.assert_allclose(result.scores, reference.scores, atol=2e-3)
         for ours, theirs in zip(result.masks, reference.masks, strict=True):
             overlap = (ours & theirs).sum() / max((ours | theirs).sum(), 1)
             assert overlap > 0.99
     box = torch.tensor([[60.0, 60.0, 160.0, 160.0]])
-    with torch.enable_grad():  # training never runs the head in bf16: float32 results
+    with torch.enable_grad():  # training never runs the decoder in bf16: float32 results
         sparse, dense = fast.model.embed_prompts(boxes=box)
         trained, _ = fast.model.decode(context.embedding, sparse, dense)
     with torch.no_grad():

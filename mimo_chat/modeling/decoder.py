@@ -19,6 +19,9 @@ checks ~1e-4 on a real slice). Where the time goes for N prompts, and what this 
   ``PROMPT_GROUP`` prompts at a time (bounded memory: 4 MB per prompt and tensor), and the mask
   head prompt by prompt, 2048 positions at a time, so that its 16 x (C/8) upscaled features stay
   in the CPU cache.
+- Optionally (``dtype``, e.g. bfloat16 on CPUs that multiply it natively) the products with the
+  per-prompt image side and the mask head's upscaling run in a lower precision; residual sums,
+  norms and softmaxes stay in the image's type.
 - The 2x2-stride-2 transposed convolutions of the mask head are per-pixel linear maps: they run
   as matrix products in a channels-last, sub-pixel layout (layer norm over the last dimension),
   and the pixels are put in place once, after the hypernetwork's dot product.
@@ -51,6 +54,13 @@ def _head_weight(linear: nn.Linear, heads: int) -> torch.Tensor:
     return linear.weight.reshape(heads, -1, linear.weight.shape[-1])
 
 
+def _product(small: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """``small @ image``, computed in ``image``'s type (a lower-precision image side), returned in ``small``'s."""
+    if small.dtype == image.dtype:
+        return small @ image
+    return (small.to(image.dtype) @ image).to(small.dtype)
+
+
 def token_to_image(attention: nn.Module, token_q: torch.Tensor, image_k: torch.Tensor, image_v: torch.Tensor,
                    key_pe: torch.Tensor | None = None, pe_keys: torch.Tensor | None = None) -> torch.Tensor:
     """``attention(q=token_q, k=image_k + key_pe, v=image_v)`` for (N, T, C) tokens and (1 or N, P, C)
@@ -71,13 +81,13 @@ def token_to_image(attention: nn.Module, token_q: torch.Tensor, image_k: torch.T
         q_k = torch.einsum("nhtd,hdc->nhtc", q, _head_weight(attention.k_proj, heads))  # (N, h, T, C)
         bias = (q * attention.k_proj.bias.reshape(heads, depth)[None, :, None]).sum(-1)  # (N, h, T)
         q_k = q_k.reshape(count, heads * tokens, -1)
-        scores = q_k @ image_k.transpose(1, 2)  # (N, h*T, P)
+        scores = _product(q_k, image_k.transpose(1, 2))  # (N, h*T, P)
         if key_pe is not None:
-            scores = scores + q_k @ key_pe.transpose(1, 2)
+            scores = scores + _product(q_k, key_pe.transpose(1, 2))
         if pe_keys is not None:
             scores = scores + (q @ pe_keys).reshape(count, heads * tokens, -1)
         weights = torch.softmax((scores + bias.reshape(count, -1, 1)) * scale, dim=-1)
-        mixed = (weights @ image_v).reshape(count, heads, tokens, -1)  # (N, h, T, C)
+        mixed = _product(weights, image_v).reshape(count, heads, tokens, -1)  # (N, h, T, C)
         out = torch.einsum("nhtc,hdc->nhtd", mixed, _head_weight(attention.v_proj, heads))
         out = out + attention.v_proj.bias.reshape(heads, 1, depth)  # attention rows sum to one
     return attention.out_proj(out.transpose(1, 2).reshape(count, tokens, heads * depth))
@@ -101,7 +111,7 @@ def image_to_token(
     else:  # re-associated: keys into the image's channel space
         k_q = torch.einsum("nhtd,hdc->nhtc", k, _head_weight(attention.q_proj, heads))  # (N, h, T, C)
         bias = (k * attention.q_proj.bias.reshape(heads, depth)[None, :, None]).sum(-1)  # (N, h, T)
-        scores = k_q.reshape(count, heads * tokens, -1) @ image_q.transpose(1, 2) + bias.reshape(count, -1, 1)
+        scores = _product(k_q.reshape(count, heads * tokens, -1), image_q.transpose(1, 2)) + bias.reshape(count, -1, 1)
         scores = scores.reshape(count, heads, tokens, positions)
     # softmax over the few tokens with positions innermost (a softmax over a last dimension of 7 is slow)
     weights = torch.softmax(scores * (1.0 / math.sqrt(depth)), dim=2).reshape(count, heads * tokens, positions)
@@ -141,14 +151,23 @@ def project_pe(attention: nn.Module, key_pe: torch.Tensor) -> torch.Tensor:
 
 def _finish(transformer: nn.Module, queries: torch.Tensor, query_pe: torch.Tensor, keys: torch.Tensor,
             key_pe: torch.Tensor, first_layer: int, output_tokens: int,
-            final_pe_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            final_pe_keys: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks from ``first_layer`` on and the final token->image attention (first ``output_tokens``
-    tokens); ``final_pe_keys``: ``project_pe`` of the final attention, when computed once for many prompts."""
+    tokens); ``final_pe_keys``: ``project_pe`` of the final attention, when computed once for many prompts.
+    ``dtype``: the type of the products with the image side (None: ``keys``' type); the returned
+    image side is in that type."""
     for index, layer in enumerate(transformer.layers[first_layer:], start=first_layer):
-        keys_pe = keys + key_pe
-        queries = _token_side(layer, queries, query_pe, keys, keys_pe)
+        if dtype is None or dtype == keys.dtype:
+            keys_pe, values = keys + key_pe, keys
+        else:  # read by products only: made once in their type (the residual ``keys`` stays)
+            keys_pe = torch.add(keys, key_pe, out=keys.new_empty(keys.shape, dtype=dtype))
+            values = keys.to(dtype)
+        queries = _token_side(layer, queries, query_pe, values, keys_pe)
         keys = _image_side(layer, queries, query_pe, keys, keys_pe, overwrite=index > 0)  # the caller's keys stay
     kept = queries[:, :output_tokens]
+    if dtype is not None:
+        keys = keys.to(dtype)
     final = token_to_image(transformer.final_attn_token_to_image, kept + query_pe[:, :output_tokens], keys, keys,
                            key_pe if final_pe_keys is None else None, final_pe_keys)
     return transformer.norm_final_attn(kept + final), keys
@@ -156,11 +175,12 @@ def _finish(transformer: nn.Module, queries: torch.Tensor, query_pe: torch.Tenso
 
 def two_way_transformer(
     transformer: nn.Module, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor,
-    output_tokens: int = OUTPUT_TOKENS, group: int = PROMPT_GROUP,
+    output_tokens: int = OUTPUT_TOKENS, group: int = PROMPT_GROUP, dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``TwoWayTransformer.forward`` for (1 or N, C, E, E) image (+ dense prompt), its PE and (N, T, C)
     tokens. Yields, per group of prompts in order, their first ``output_tokens`` tokens (n, output_tokens, C)
-    and image side (n, E*E, C).
+    and image side (n, E*E, C). ``dtype``: the type of the products with the per-prompt image side
+    (see ``_finish``).
 
     One image (batch 1) for many prompts: the first block's token side runs for all prompts at
     once with the image projected once; the image side, different for each prompt from the first
@@ -169,14 +189,14 @@ def two_way_transformer(
     key_pe = image_pe.flatten(2).transpose(1, 2)
     count = tokens.shape[0]
     if keys.shape[0] > 1:
-        yield _finish(transformer, tokens, tokens, keys, key_pe, 0, output_tokens)
+        yield _finish(transformer, tokens, tokens, keys, key_pe, 0, output_tokens, dtype=dtype)
         return
     # one image, read again for every prompt: positions-major in memory, so that the copies and
     # sums of it run along contiguous memory (the channels-first view made each prompt's residual
     # copy a strided transpose: ~1.5 ms per prompt on 2 cores)
     keys, key_pe = keys.contiguous(), key_pe.contiguous()
     if count == 1:
-        yield _finish(transformer, tokens, tokens, keys, key_pe, 0, output_tokens)
+        yield _finish(transformer, tokens, tokens, keys, key_pe, 0, output_tokens, dtype=dtype)
         return
     first = transformer.layers[0]
     keys_pe = keys + key_pe
@@ -188,7 +208,7 @@ def two_way_transformer(
     for start in range(0, count, group):
         some = slice(start, start + group)
         prompt_keys = _image_side(first, queries[some], tokens[some], keys, keys_pe, projected_q)
-        yield _finish(transformer, queries[some], tokens[some], prompt_keys, key_pe, 1, output_tokens, final_pe_keys)
+        yield _finish(transformer, queries[some], tokens[some], prompt_keys, key_pe, 1, output_tokens, final_pe_keys, dtype)
 
 
 def _subpixel(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,15 +259,16 @@ def mask_logits(decoder: nn.Module, keys: torch.Tensor, hyper: torch.Tensor, siz
 
 def decode_single_masks(
     decoder: nn.Module, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor,
-    head_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``MaskDecoder`` in single-mask mode: (1 or N, C, E, E) image (+ dense prompt), its PE and (N, T, C)
     tokens (IoU token, mask tokens, sparse prompts) -> logits (N, 1, 4E, 4E) and predicted IoU (N, 1).
-    ``head_dtype``: see ``mask_logits``."""
+    ``dtype`` (None: the image's type): the compute type of the products with the per-prompt image
+    side and of the mask head's upscaling (e.g. ``torch.bfloat16``, see ``fuse_for_inference``)."""
     size = image.shape[-1]
-    weights = upscaling_weights(decoder, head_dtype or image.dtype)  # once for all prompts
+    weights = upscaling_weights(decoder, dtype or image.dtype)  # once for all prompts
     logits, iou = [], []
-    for hidden, keys in two_way_transformer(decoder.transformer, image, image_pe, tokens):
+    for hidden, keys in two_way_transformer(decoder.transformer, image, image_pe, tokens, dtype=dtype):
         hyper = decoder.output_hypernetworks_mlps[0](hidden[:, 1])  # the single-mask output token
         logits.append(mask_logits(decoder, keys, hyper, size, weights))
         iou.append(decoder.iou_prediction_head(hidden[:, 0])[:, :1])
