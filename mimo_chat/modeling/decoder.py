@@ -234,10 +234,10 @@ def mask_logits(decoder: nn.Module, keys: torch.Tensor, hyper: torch.Tensor, siz
 
     Runs ``chunk`` image positions at a time, so that the 16 x (C/8) upscaled features of a chunk
     stay in the CPU cache between the products, the norm and the activations (measured on 2 cores,
-    per prompt: 2048 ~0.4 ms faster than 1024, 4096 alike, 512 ~1.6 ms slower). ``weights``: ``upscaling_weights`` (default:
-    in ``keys``' type); their type is the upscaling's compute type (e.g. ``torch.bfloat16`` on CPUs
-    with native bf16 matrix products, see ``fuse_for_inference``); the hypernetwork product and
-    the logits stay in ``hyper``'s type."""
+    per prompt: 2048 ~0.4 ms faster than 1024, 4096 alike, 512 ~1.6 ms slower). ``weights``:
+    ``upscaling_weights`` (default: in ``keys``' type); their type is the upscaling's compute type
+    (e.g. ``torch.bfloat16`` on CPUs with native bf16 matrix products, see ``fuse_for_inference``);
+    the hypernetwork product and the logits stay in ``hyper``'s type."""
     up1, norm, act1, up2, act2 = decoder.output_upscaling
     weight1, bias1, norm_weight, norm_bias, weight2, bias2 = weights or upscaling_weights(decoder, keys.dtype)
     dtype = weight1.dtype
