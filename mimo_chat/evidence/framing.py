@@ -1,0 +1,103 @@
+"""The fixed framing sentences of a grounded reply: the only sentences that are not knowledge-base facts.
+
+A reply is planned (``mimo_chat.evidence.compose``) from three kinds of sentence:
+
+* knowledge-base statements (``KnowledgeEntry.facts``) about a structure the image evidence grounds;
+* a ``Source: ...`` line naming where those statements come from;
+* the framing sentences below, which connect names and facts and assert nothing medical themselves.
+
+Each template's slots are filled with structure names (``{name}``, ``{names}``), an image kind
+(``{kind}``) or a reference list (``{sources}``); in the raw reply a name slot holds the grounded
+markup ``<p>name</p><SEG>``. :data:`FRAMING_PATTERNS` matches the plain display text of a framing
+sentence (markup removed), so a checker can tell framing from facts with :func:`split_sentences`.
+"""
+
+from __future__ import annotations
+
+import re
+
+# A slot holding one or several structure names ("liver", "liver, the spleen and the left kidney").
+_NAMES = r"[\w ,'()/-]+?"
+_KIND = r"[\w ,'()/-]+?"
+_SOURCES = r".+?"
+
+TEMPLATES: dict[str, str] = {
+    # segment / show
+    "segment": "Here is the {names}.",
+    "absent": "The {name} is not on this slice.",
+    "not_on_kind": "The {name} is not seen on {kind}.",
+    # what is this (box / click)
+    "identify": "This is the {name}.",
+    "identify_several": "These are the {names}.",
+    "identify_unsure": "This looks like the {name}, but I am not sure.",
+    "identify_unknown": "I cannot name the {name} with confidence.",
+    # is there X
+    "present": "Yes, the model finds the {name} on this slice.",
+    "not_present": "No, the model does not find the {name} on this slice.",
+    "lesion_present": "The model marks a possible {name} on this slice.",
+    "lesion_absent": "The model does not mark a {name} on this slice.",
+    "observation": "This is a model observation, not a diagnosis.",
+    # where is X
+    "locate": "The {name} is marked on the image.",
+    # describe the image
+    "kind": "This looks like {kind}.",
+    "describe": "On this slice the model finds the {names}.",
+    "describe_none": "The model finds none of the structures it knows on this slice.",
+    # slice level
+    "level_at": "This slice is at the level of the {name}.",
+    "level_above": "This slice is above the {name}.",
+    "level_below": "This slice is below the {name}.",
+    "level_unknown": "I cannot tell the level of this slice from the structures the model finds.",
+    # whole-study size and volume
+    "volume": "Sizes and volumes need the whole study; the model measures the {names} over every slice of an opened volume.",
+    # no answer / no target / off-topic
+    "unknown_fact": "I don't have that in my reference.",
+    "need_prompt": "Draw a box or click on a structure first, or name the structure you mean.",
+    "need_name": "Which structure do you mean?",
+    "off_topic": (
+        "I can only answer questions about this image: I can segment and find structures, name what you "
+        "box or click, describe the slice and explain anatomy from my reference."
+    ),
+    "source": "Source: {sources}.",
+}
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    escaped = re.escape(template)
+    for slot, expression in (("names", _NAMES), ("name", _NAMES), ("kind", _KIND), ("sources", _SOURCES)):
+        escaped = escaped.replace(re.escape("{" + slot + "}"), expression)
+    return re.compile(rf"^{escaped}$")
+
+
+_SENTENCE_END = re.compile(r"(?<=[.?!])\s+(?=[A-Z])")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Plain reply text -> sentences (split after ``.``, ``?`` or ``!`` before a capital letter)."""
+    return [part.strip() for part in _SENTENCE_END.split(text.strip()) if part.strip()]
+
+
+# One compiled regex per framing sentence (templates of two sentences give two patterns).
+FRAMING_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
+    _pattern(sentence) for template in TEMPLATES.values() for sentence in split_sentences(template)
+)
+
+def is_framing(sentence: str) -> bool:
+    """Whether a plain-text sentence is one of the fixed framing sentences (names filled in)."""
+    return any(pattern.match(sentence.strip()) for pattern in FRAMING_PATTERNS)
+
+
+def fill(key: str, **slots: str) -> str:
+    """The framing sentence ``key`` with its slots filled (raw text: names may carry markup)."""
+    return TEMPLATES[key].format(**slots)
+
+
+def join_names(items: list[str]) -> str:
+    """'a', 'a and the b', 'a, the b and the c' (items are already marked up)."""
+    if len(items) <= 1:
+        return "".join(items)
+    rest = [f"the {item}" for item in items[1:]]
+    return ", ".join([items[0], *rest[:-1]]) + " and " + rest[-1]
+
+
+__all__ = ["FRAMING_PATTERNS", "TEMPLATES", "fill", "is_framing", "join_names", "split_sentences"]
