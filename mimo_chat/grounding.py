@@ -16,14 +16,11 @@ without a mask is a :class:`GroundedPhrase` with ``mask=None``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-PHRASE_START = "<p>"
-PHRASE_END = "</p>"
-SEG_TOKEN = "<SEG>"
-IMAGE_TOKEN = "<image>"
+from mimo_chat.modeling.language_model import IMAGE_TOKEN, PHRASE_END, PHRASE_START, SEG_TOKEN
 
 _NUMBER = r"\s*<\s*\d+(?:\.\d+)?\s*>\s*"
 _BOX = r"\{" + _NUMBER * 4 + r"\}"
@@ -37,6 +34,7 @@ class GroundedPhrase:
     mask: np.ndarray | None  # (H, W) bool at the original resolution; None = no mask
     box: list[float] | None  # [x0, y0, x1, y1] original pixels, x1/y1 exclusive
     score: float | None  # decoder-predicted IoU of the mask
+    name_score: float | None = None  # how sure the locator / namer is of the name (0..1)
 
     @property
     def has_mask(self) -> bool:
@@ -48,6 +46,7 @@ class GroundedReply:
     raw_text: str  # as generated, with tags
     text: str  # plain text for display (tags and boxes removed)
     phrases: list[GroundedPhrase]
+    sources: list[str] = field(default_factory=list)  # references of the knowledge-base sentences
 
 
 @dataclass
@@ -155,29 +154,45 @@ def mask_to_box(mask: np.ndarray) -> list[float]:
     return [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
 
 
-def ground_phrase(span: PhraseSpan, masks: list[tuple[np.ndarray, float]], image_size: tuple[int, int]) -> GroundedPhrase:
-    """One span with the decoded ``masks`` (k-th ``<SEG>`` -> k-th entry) -> a GroundedPhrase."""
+def ground_phrase(
+    span: PhraseSpan,
+    masks: list[tuple[np.ndarray, float]],
+    image_size: tuple[int, int],
+    name_scores: list[float | None] | None = None,
+) -> GroundedPhrase:
+    """One span with the decoded ``masks`` (k-th ``<SEG>`` -> k-th entry, with its name score) -> a GroundedPhrase."""
     if span.seg_index is not None and span.seg_index < len(masks):
         mask, score = masks[span.seg_index]
-        return GroundedPhrase(span.phrase, mask, mask_to_box(mask), float(score))
+        scores = name_scores or []
+        name_score = scores[span.seg_index] if span.seg_index < len(scores) else None
+        return GroundedPhrase(span.phrase, mask, mask_to_box(mask), float(score), name_score)
     if span.grid_box is not None:
         return GroundedPhrase(span.phrase, None, grid_box_to_pixels(span.grid_box, image_size), None)
     return GroundedPhrase(span.phrase, None, None, None)
 
 
 def build_reply(
-    raw_text: str, masks: list[tuple[np.ndarray, float]], image_size: tuple[int, int]
+    raw_text: str,
+    masks: list[tuple[np.ndarray, float]],
+    image_size: tuple[int, int],
+    name_scores: list[float | None] | None = None,
+    sources: list[str] | None = None,
 ) -> GroundedReply:
-    """Raw text + the decoded (mask, score) of each ``<SEG>`` in order -> GroundedReply."""
+    """Raw text + the decoded (mask, score) and name score of each ``<SEG>`` in order -> GroundedReply."""
     text, spans = parse_grounded_text(raw_text)
-    return GroundedReply(raw_text, text, [ground_phrase(span, masks, image_size) for span in spans])
+    phrases = [ground_phrase(span, masks, image_size, name_scores) for span in spans]
+    return GroundedReply(raw_text, text, phrases, list(sources or []))
 
 
 def describe_phrase(phrase: GroundedPhrase) -> str:
     """One line for terminals and logs, saying "no mask" explicitly."""
     name = phrase.phrase or "(unnamed)"
     if phrase.mask is not None:
-        return f"{name}: mask of {int(phrase.mask.sum())} px, box {[round(v, 1) for v in phrase.box]}, score {phrase.score:.2f}"
+        named = "" if phrase.name_score is None else f", name score {phrase.name_score:.2f}"
+        return (
+            f"{name}: mask of {int(phrase.mask.sum())} px, box {[round(v, 1) for v in phrase.box]}, "
+            f"score {phrase.score:.2f}{named}"
+        )
     if phrase.box is not None:
         return f"{name}: no mask; box from text {[round(v, 1) for v in phrase.box]}"
     return f"{name}: no mask"

@@ -20,7 +20,7 @@ calls (one image encoder). The context is a plain object kept by the caller.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +71,18 @@ class MaskReady:
     mask: np.ndarray  # (H, W) bool at the original resolution
     box: list[float]  # tight [x0, y0, x1, y1], x1/y1 exclusive ([0, 0, 0, 0] for an empty mask)
     score: float  # decoder-predicted IoU
+    name_score: float | None = None  # how sure the locator / namer is of the name (0..1)
+
+
+@dataclass
+class Located:
+    """The locator's finding for one name on one image (no language model involved)."""
+
+    name: str
+    presence: float  # probability 0..1 that the structure is on the image
+    mask: np.ndarray | None  # (H, W) bool at the original resolution; None when absent or not asked
+    box: list[float] | None  # tight [x0, y0, x1, y1] of the mask, x1/y1 exclusive
+    score: float | None  # decoder-predicted IoU of the mask
 
 
 @dataclass
@@ -177,6 +189,33 @@ class MimoPredictor:
     def encode(self, image: np.ndarray) -> MimoContext:
         """(H, W) or (H, W, 3) display image -> context (image embedding computed once)."""
         return MimoContext(self.segmenter.encode(image))
+
+    @torch.inference_mode()
+    def locate(self, ctx: MimoContext, names: Sequence[str], masks: bool = True) -> list[Located]:
+        """Where is each of ``names`` on this image? The phrase alone drives the locator (no LM):
+        presence from its heatmap peak, and with ``masks`` the heatmap's box as a box prompt of
+        the mask decoder (structures judged absent get no mask)."""
+        names = [str(name) for name in names]
+        if not names:
+            return []
+        model = self.model
+        features = self._locator_features(ctx)
+        ids = [self.processor.tokenizer(name, add_special_tokens=False).input_ids for name in names]
+        rows = torch.zeros(len(names), dtype=torch.long, device=self.device)
+        heatmaps = model.locator(features, rows, model.phrase_embeddings(ids))  # (N, E, E)
+        presence = presence_logits(heatmaps)  # (N,)
+        probabilities = presence.float().sigmoid().tolist()
+        if not masks:
+            return [Located(name, p, None, None, None) for name, p in zip(names, probabilities, strict=True)]
+        low_res, iou = model.decode_masks(heatmaps, presence, rows, ctx.image.embedding.to(self.device))
+        full = self.processor.transform.postprocess_logits(low_res.float(), ctx.original_size)  # (N, 1, H, W)
+        found = []
+        for n, name in enumerate(names):
+            shown = float(presence[n]) > PRESENCE_THRESHOLD
+            mask = (full[n, 0] > 0).cpu().numpy() if shown else None
+            box = mask_to_box(mask) if mask is not None and mask.any() else None
+            found.append(Located(name, probabilities[n], mask, box, float(iou[n]) if shown else None))
+        return found
 
     def segment(self, ctx: MimoContext, boxes=None, points=None, point_labels=None) -> SegmentationResult:
         """Plain promptable segmentation (no language model), see ``SegmentationPredictor.segment``."""
