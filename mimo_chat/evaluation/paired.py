@@ -22,6 +22,7 @@ from mimo_chat.evaluation.scoring import score_row
 PAIRED_METRIC = {  # the per-row number each task is compared on
     "text_seg": "iou", "box_seg": "dice", "point_seg": "dice", "box_name": "correct",
     "detect_box": "box_iou", "observe": "correct",
+    "multi_seg": "recall", "describe": "recall", "explain": "correct", "off_topic": "correct",
 }
 MIN_CLUSTERS = 5
 

@@ -13,7 +13,8 @@ import numpy as np
 from mimo_chat.data.names import names_structure, normalize
 from mimo_chat.grounding import grid_box_to_pixels
 
-__all__ = ["mask_to_rle", "names_structure", "parse_text_box", "parse_yes_no", "rle_to_mask", "says_absent"]
+__all__ = ["mask_to_rle", "names_structure", "parse_text_box", "parse_yes_no", "rle_to_mask", "says_absent",
+           "says_capabilities"]
 
 _YES = {"yes", "yeah", "yep", "yup", "correct", "affirmative", "true", "present", "visible"}
 _NO = {"no", "nope", "negative", "false", "absent", "none"}
@@ -35,6 +36,25 @@ _AFFIRM_PATTERNS = [
     r"\b(is|are) (visible|present|seen|shown)\b",
     r"\b(i can see|i see|shows|contains|depicts|demonstrates|appears)\b",
 ]
+
+
+# A decline that says what the tool is for: "I can help with questions about this image: ...".
+_CAPABILITY_PATTERNS = [
+    (r"\bi (can|could) (only )?(help|assist|segment|outline|show|answer|describe|find|identify|locate|explain|"
+    r"name|point|highlight|mark|tell)\b"),
+    r"\bi (am|m) (only )?(able|here|designed|built|made) to\b",
+    r"\bi (only )?(answer|help with|work with|handle|deal with|cover)\b",
+    (r"\b(this|the) (tool|assistant|app|chat) (can|could|only|is (for|made|built|designed)|helps|answers|segments|"
+    r"outlines|names|describes|finds|shows|explains|works)\b"),
+    r"\bask me (about|to|for)\b",
+    r"\bi (am|m) an? [a-z ]{0,30}\b(assistant|tool)\b",
+]
+
+
+def says_capabilities(text: str) -> bool:
+    """Whether the answer says what the tool can help with (the second half of a polite decline)."""
+    clean = normalize(text)
+    return any(re.search(pattern, clean) for pattern in _CAPABILITY_PATTERNS)
 
 
 def says_absent(text: str) -> bool:

@@ -60,7 +60,8 @@ def overlay_grid(bench: Path, rows: Sequence[dict], predictions: dict[str, Predi
                  scores: Sequence[RowScore], path: Path, count: int = 4) -> Path | None:
     """Best and worst rows by IoU: image, true mask (green outline) and predicted mask (red)."""
     by_id = {row["id"]: row for row in rows}
-    ranked = sorted((s for s in scores if s.iou is not None and s.id in predictions), key=lambda s: s.iou)
+    ranked = sorted((s for s in scores if s.iou is not None and s.id in predictions
+                     and "target_mask" in by_id[s.id]), key=lambda s: s.iou)
     if not ranked:
         return None
     best = ranked[-count:][::-1]

@@ -13,6 +13,10 @@ HEADLINE = {
     "box_name": ("accuracy", "miou", "dice"),
     "detect_box": ("box_iou", "acc50"),
     "observe": ("accuracy", "precision", "recall", "f1"),
+    "multi_seg": ("recall", "miou", "extra_phrases", "hallucination"),
+    "describe": ("recall", "miou", "hallucination"),
+    "explain": ("accuracy", "hallucination"),
+    "off_topic": ("decline_rate",),
 }
 
 
@@ -40,7 +44,7 @@ def markdown(report: dict, plots: Sequence[str] = ()) -> str:
         metrics = ", ".join(f"{k} {values[k]:.3f}" for k in HEADLINE.get(task, ()) if k in values)
         rows.append((task, values["n"], metrics, values.get("unparseable", 0), values.get("empty_masks", 0)))
     lines += ["## Tasks", ""] + _table(("task", "n", "metrics", "unparseable", "empty masks"), rows) + [""]
-    for title, key in (("Per query", "per_query"), ("Per source", "per_source")):
+    for title, key in (("Per query", "per_query"), ("Per source", "per_source"), ("Per modality", "per_modality")):
         rows = []
         for name, per_task in report.get(key, {}).items():
             for task, values in per_task.items():

@@ -22,7 +22,9 @@ from tqdm import tqdm
 
 from mimo_chat.evaluation.parsing import mask_to_rle, rle_to_mask
 
-TASKS = ("text_seg", "box_seg", "point_seg", "box_name", "detect_box", "observe")
+V1_TASKS = ("text_seg", "box_seg", "point_seg", "box_name", "detect_box", "observe")
+CONVERSATION_TASKS = ("multi_seg", "describe", "explain", "off_topic")  # schema v1.1
+TASKS = V1_TASKS + CONVERSATION_TASKS
 PROMPTS = {
     "text_seg": "Segment the {query}.",
     "box_seg": "Segment the structure in the box.",
@@ -30,6 +32,8 @@ PROMPTS = {
     "box_name": "What is the structure in the box?",
     "detect_box": "Where is the {query}? Give its bounding box.",
     "observe": "Is there a {query} in this image? Answer yes or no.",
+    "describe": "Which structures can you see on this image? Outline them.",
+    "explain": "What is this structure and what does it do?",
 }
 REQUIRED_KEYS = {
     "text_seg": ("query", "target_mask"),
@@ -38,6 +42,10 @@ REQUIRED_KEYS = {
     "box_name": ("prompt", "target_name"),
     "detect_box": ("query", "target_box"),
     "observe": ("query", "target_answer"),
+    "multi_seg": ("queries", "target_masks"),
+    "describe": ("target_names", "target_masks"),
+    "explain": ("prompt", "target_name"),
+    "off_topic": ("question",),
 }
 
 
@@ -90,6 +98,12 @@ def load_mask(bench: Path, relative: str) -> np.ndarray:
 
 
 def question_for(row: dict) -> str:
+    """The schema's question of a row (``off_topic``: the row's own ``question``)."""
+    if row["task"] == "off_topic":
+        return str(row["question"])
+    if row["task"] == "multi_seg":
+        *first, last = [f"the {name}" for name in row["queries"]]
+        return f"Segment {', '.join(first)} and {last}." if first else f"Segment {last}."
     return PROMPTS[row["task"]].format(query=row.get("query", "structure"))
 
 

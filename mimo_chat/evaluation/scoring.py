@@ -26,11 +26,18 @@ from PIL import Image
 
 from mimo_chat.data.names import names_structure
 from mimo_chat.evaluation import metrics
+from mimo_chat.evaluation.conversation import (
+    CONVERSATION_CONVENTIONS,
+    conversation_metrics,
+    per_structure,
+    score_conversation,
+)
 from mimo_chat.evaluation.parsing import parse_text_box, parse_yes_no, says_absent
-from mimo_chat.evaluation.runner import Prediction, load_mask
+from mimo_chat.evaluation.runner import CONVERSATION_TASKS, Prediction, load_mask
 from mimo_chat.evaluation.text_metrics import text_scores
 
-CONVENTIONS = __doc__.split("beyond the schema (also written into the report under ``\"conventions\"``):")[1].strip()
+CONVENTIONS = (__doc__.split("beyond the schema (also written into the report under ``\"conventions\"``):")[1].strip()
+               + "\n" + CONVERSATION_CONVENTIONS)
 
 
 @dataclass
@@ -41,6 +48,7 @@ class RowScore:
     task: str
     query: str
     source: str
+    modality: str = ""
     iou: float | None = None
     dice: float | None = None
     named: bool | None = None
@@ -57,6 +65,10 @@ class RowScore:
     latency_s: float = 0.0
     answer_s: float = 0.0
     text: str = ""
+    recall: float | None = None  # multi_seg/describe: share of this row's structures found (IoU >= 0.5)
+    query_ious: dict[str, float] | None = None  # multi_seg/describe: IoU per asked/labelled structure
+    extra_phrases: int | None = None  # multi_seg: grounded phrases naming no query
+    hallucination: bool | None = None  # multi_seg/describe/explain: a forbidden name in the answer
 
 
 def _union(masks: Sequence[np.ndarray]) -> np.ndarray | None:
@@ -89,7 +101,9 @@ def _score_mask(score: RowScore, mask: np.ndarray | None, target: np.ndarray) ->
 def score_row(row: dict, prediction: Prediction | None, bench: Path) -> RowScore:
     """Score one row; a missing prediction or an error is unparseable and wrong."""
     task, query = row["task"], row.get("query") or row.get("target_name") or ""
-    score = RowScore(row["id"], task, query, str(row.get("source", "")).split(":")[0])
+    if task in CONVERSATION_TASKS:
+        query = row.get("target_name") or ("+".join(row.get("queries", [])) or task)
+    score = RowScore(row["id"], task, query, str(row.get("source", "")).split(":")[0], str(row.get("modality", "")))
     if prediction is None or prediction.error is not None:
         prediction = Prediction(row["id"], error="no prediction")
     score.latency_s, score.answer_s = prediction.latency_s, prediction.answer_s
@@ -118,6 +132,8 @@ def score_row(row: dict, prediction: Prediction | None, bench: Path) -> RowScore
             _score_mask(score, named[0] if named else _first_mask(prediction), target)
     elif task == "detect_box":
         _score_detect_box(score, row, prediction, bench, failed)
+    elif task in CONVERSATION_TASKS:
+        score_conversation(score, row, prediction, bench, failed)
     elif task == "observe":
         answer = None if failed else parse_yes_no(prediction.text or prediction.raw_text)
         score.unparseable = answer is None
@@ -150,6 +166,8 @@ def task_metrics(task: str, scores: Sequence[RowScore]) -> dict:
     """The schema's metrics of one task over ``scores`` (plus a few extra keys)."""
     result: dict = {"n": len(scores), "unparseable": sum(s.unparseable for s in scores),
                     "empty_masks": sum(s.empty_mask for s in scores)}
+    if task in CONVERSATION_TASKS:
+        return {**result, **conversation_metrics(task, scores)}
     ious = [s.iou for s in scores if s.iou is not None]
     if task in ("text_seg", "box_seg", "point_seg", "box_name"):
         result.update(miou=metrics.mean(ious), dice=metrics.mean([s.dice for s in scores if s.dice is not None]),
@@ -192,13 +210,19 @@ def aggregate(rows: Sequence[dict], scores: Sequence[RowScore]) -> dict:
             tasks[task]["text"] = text_scores([s.text for s in scored], [references[s.id] for s in scored])
     per_query: dict[str, dict] = {}
     per_source: dict[str, dict] = {}
+    per_modality: dict[str, dict] = {}
     for task, items in by_task.items():
-        for key, table in (("query", per_query), ("source", per_source)):
+        for key, table in (("query", per_query), ("source", per_source), ("modality", per_modality)):
+            if key == "query" and task in ("multi_seg", "describe", "off_topic"):
+                continue  # one row asks about several structures (or none): per structure below
             groups: dict[str, list[RowScore]] = {}
             for score in items:
                 groups.setdefault(getattr(score, key), []).append(score)
             for name, group in groups.items():
                 table.setdefault(name, {})[task] = task_metrics(task, group)
+        if task in ("multi_seg", "describe"):
+            for name, values in per_structure(task, items).items():
+                per_query.setdefault(name, {})[task] = values
     return {
         "n": len(scores),
         "unparseable": sum(s.unparseable for s in scores),
@@ -210,5 +234,6 @@ def aggregate(rows: Sequence[dict], scores: Sequence[RowScore]) -> dict:
             **{f"answer_{k}": v for k, v in metrics.latency_summary([s.answer_s for s in scores]).items()},
         },
         "per_source": dict(sorted(per_source.items())),
+        "per_modality": dict(sorted(per_modality.items())),
         "conventions": CONVENTIONS,
     }
