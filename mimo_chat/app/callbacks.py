@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import numpy as np
 
-from mimo_chat.app.examples import example_path
-from mimo_chat.app.render import Layer, color_for, highlight, legend_html, mask_png, strip_tags
+from mimo_chat.app.examples import example_path, example_view
+from mimo_chat.app.export import export_files, write_masks  # noqa: F401 - write_masks: used by the API module
+from mimo_chat.app.render import Layer, color_for, highlight, legend_html, strip_tags
 from mimo_chat.app.session import Session, Turn, session_folder
+from mimo_chat.app.viewer import value_text
 from mimo_chat.imaging import WINDOW_PRESETS, ImageLoadError
 from mimo_chat.predictor import Done, MaskReady, TextDelta
 
@@ -83,17 +84,17 @@ class Callbacks:
         """(state, viewer image, box editor value, legend html)."""
         if not session.loaded:
             return session, None, None, legend_html([])
-        zoom = session.scale()
-        boxes = [
-            {"xmin": round(b[0] * zoom), "ymin": round(b[1] * zoom), "xmax": round(b[2] * zoom),
-             "ymax": round(b[3] * zoom), "color": (255, 225, 25), "label": "box"}
-            for b in session.boxes
-        ]
+        port = session.viewport()
+        boxes = []
+        for box in session.boxes:
+            (x0, y0), (x1, y1) = port.to_screen(box[0], box[1]), port.to_screen(box[2], box[3])
+            boxes.append({"xmin": round(x0), "ymin": round(y0), "xmax": round(x1), "ymax": round(y1),
+                          "color": (255, 225, 25), "label": "box"})
         editor = {"image": session.render(include_boxes=False), "boxes": boxes}
         return session, session.render(), editor, legend_html(session.layers())
 
     def load_outputs(self, session: Session) -> tuple:
-        """View outputs + plane, slice slider, window, width, level, study info, chat."""
+        """View outputs + plane, slice slider, window, width, level, study info, upload box (emptied), chat."""
         study = session.study
         volume = study.is_volume
         slider = gr.Slider(minimum=0, maximum=max(session.num_slices() - 1, 1), value=session.slice_index,
@@ -104,10 +105,13 @@ class Callbacks:
         notes = "".join(f"\n- {note}" for note in study.notes)
         info = f"**{session.source_name}** — {details}{notes}"
         height, width_px = session.image_shape()
+        earlier = (f" The conversation about {len(session.earlier)} earlier stud{'y' if len(session.earlier) == 1 else 'ies'}"
+                   " is kept for export; this one starts fresh.") if session.earlier else ""
+        where = f", opened on {session.view_label()}" if volume else ""
         say(session, f"Loaded **{session.source_name}** ({study.modality}, {width_px}×{height} pixels"
-                         f"{', volume' if volume else ''}). Click a structure, draw a box, or ask a question.")
+                     f"{', volume' if volume else ''}{where}). Click a structure, draw a box, or ask a question.{earlier}")
         return (*self.view_outputs(session), gr.Radio(value=session.plane, visible=volume), slider,
-                gr.Dropdown(value=window_name), width, level, info, session.chat())
+                gr.Dropdown(value=window_name), width, level, info, None, session.chat())
 
     def segment_prompts(self, session: Session) -> None:
         """Run the plain segmentation path for the current clicks and boxes."""
@@ -130,7 +134,7 @@ class Callbacks:
     def load_upload(self, file_path: str | None, state: Session | None) -> tuple:
         session = self.session(state)
         if not file_path:
-            return (session, *[gr.skip()] * 9, session.chat())
+            return (session, *[gr.skip()] * 10, session.chat())
         try:
             source = Path(file_path)
             if not source.is_file() or source.stat().st_size == 0:
@@ -142,17 +146,19 @@ class Callbacks:
             session.load(target, name=source.name)
             return self.load_outputs(session)
         except Exception as error:  # noqa: BLE001 - shown to the user as a message
-            return (session, *[gr.skip()] * 9, say(session, readable_error(error, "opening the file")))
+            return (session, *[gr.skip()] * 10, say(session, readable_error(error, "opening the file")))
 
     def load_example(self, name: str | None, state: Session | None) -> tuple:
         session = self.session(state)
         if not name:
-            return (session, *[gr.skip()] * 9, session.chat())
+            return (session, *[gr.skip()] * 10, session.chat())
         try:
             session.load(example_path(name), name=name)
+            plane, index, window = example_view(name, session.study)
+            session.set_view(plane, index, window or session.window)
             return self.load_outputs(session)
         except Exception as error:  # noqa: BLE001 - shown to the user as a message
-            return (session, *[gr.skip()] * 9, say(session, readable_error(error, "opening the example")))
+            return (session, *[gr.skip()] * 10, say(session, readable_error(error, "opening the example")))
 
     def prepare(self, state: Session | None) -> Session | None:
         """Encode the current view right after it is shown, so the first token comes quickly."""
@@ -176,17 +182,65 @@ class Callbacks:
             else:
                 chosen = window
                 width, level = WINDOW_PRESETS.get(window, (width, level))
+            before = session.view()
             session.set_view(plane or "axial", int(index or 0), chosen)
+            self.note_new_image(session, before)
             slider = gr.Slider(maximum=max(session.num_slices() - 1, 1), value=session.slice_index)
             return (*self.view_outputs(session), slider, width, level, session.chat())
         except Exception as error:  # noqa: BLE001 - shown to the user as a message
             return (session, *[gr.skip()] * 6, say(session, readable_error(error, "changing the view")))
 
+    def step(self, delta: int, state: Session | None) -> tuple:
+        """Mouse wheel over the image: ``delta`` slices on (view outputs, slider, chat)."""
+        session = self.session(state)
+        if not session.loaded or not session.study.is_volume:
+            return (session, *[gr.skip()] * 4, session.chat())
+        before = session.view()
+        session.step(delta)
+        self.note_new_image(session, before)
+        return (*self.view_outputs(session), gr.Slider(value=session.slice_index), session.chat())
+
+    @staticmethod
+    def note_new_image(session: Session, before: tuple) -> None:
+        """Tell the user the conversation the model sees restarts on a new slice (one note, kept current)."""
+        if session.view() == before or not session.turns:
+            return
+        note = (f"Now on {session.view_label()}: a new image, so the model starts a new conversation about it "
+                "(the answers above were about another slice).")
+        if session.messages and str(session.messages[-1]["content"]).startswith("Now on "):
+            session.set_last(note)
+        else:
+            say(session, note)
+
+    def zoom(self, factor: float, state: Session | None) -> tuple:
+        """Zoom in (factor 2), out (0.5) or back to the whole image (0): view outputs."""
+        session = self.session(state)
+        if session.loaded:
+            session.set_zoom(1 if factor == 0 else session.zoom * factor)
+        return self.view_outputs(session)
+
+    def hover(self, position: str | None, state: Session | None) -> str:
+        """The value under the mouse: ``position`` is "x,y" in screen pixels of the viewer image."""
+        session = self.session(state)
+        try:
+            sx, sy = (float(v) for v in str(position).split(","))
+        except ValueError:
+            return ""
+        if not session.loaded:
+            return ""
+        x, y = session.viewport().to_image(sx, sy)
+        text = value_text(session.study, session.value_at(x, y))
+        return f"x {x:.0f}, y {y:.0f}: **{text}**" if text else ""
+
     # ------------------------------------------------------------------ prompts
     def click(self, mode: str, state: Session | None, event: gr.SelectData) -> tuple:
         session = self.session(state)
-        zoom = session.scale() if session.loaded else 1
-        x, y = event.index[0] / zoom, event.index[1] / zoom  # screen pixels -> image pixels
+        if not session.loaded:
+            return self.add_point(0, 0, True, session)
+        x, y = session.viewport().to_image(event.index[0], event.index[1])  # screen pixels -> image pixels
+        if mode == "Pan":
+            session.set_zoom(session.zoom, (x, y))
+            return (*self.view_outputs(session), session.chat())
         return self.add_point(x, y, mode != "Point −", session)
 
     def add_point(self, x: float, y: float, positive: bool, state: Session | None) -> tuple:
@@ -207,8 +261,9 @@ class Callbacks:
         session = self.session(state)
         if not session.loaded or value is None:
             return (session, *[gr.skip()] * 4)
-        zoom = session.scale()
-        boxes = [[b["xmin"] / zoom, b["ymin"] / zoom, b["xmax"] / zoom, b["ymax"] / zoom] for b in value.get("boxes") or []]
+        port = session.viewport()
+        boxes = [[*port.to_image(b["xmin"], b["ymin"]), *port.to_image(b["xmax"], b["ymax"])]
+                 for b in value.get("boxes") or []]
         try:
             if not session.set_boxes(boxes):  # our own update of the editor comes back here: nothing to do
                 return (session, *[gr.skip()] * 4)
@@ -256,6 +311,18 @@ class Callbacks:
         _, image, editor, _ = self.view_outputs(session)
         return (gr.Image(value=image, visible=not boxes), gr.update(value=editor, visible=boxes))
 
+    def export(self, state: Session | None) -> tuple:
+        """(download files, zip first; chat) for "Download all"."""
+        session = self.session(state)
+        if not session.loaded:
+            return None, say(session, "Load an image first: there is nothing to export yet.")
+        try:
+            files = export_files(session)
+            return files, say(session, f"Exported masks ({'PNG and NIfTI' if session.study.is_volume else 'PNG'}), "
+                                       "boxes and the conversation: all in **mimo_chat_export.zip**.")
+        except Exception as error:  # noqa: BLE001 - shown to the user as a message
+            return None, say(session, readable_error(error, "exporting"))
+
     # ------------------------------------------------------------------ chat
     def clear_chat(self, state: Session | None) -> tuple:
         """The chat's trash button: forget the conversation (history and reply masks), keep the image."""
@@ -288,7 +355,8 @@ class Callbacks:
                     session.set_last(highlight(strip_tags(raw), layers) or "…")
                     yield ("", session.chat(), skip, skip, skip, session)
                 elif isinstance(event, MaskReady):
-                    layers.append(Layer(event.phrase, color_for(event.index), event.mask, event.box, event.score))
+                    layers.append(Layer(event.phrase, color_for(event.index), event.mask, event.box, event.score,
+                                        name_score=getattr(event, "name_score", None)))
                     session.set_last(highlight(strip_tags(raw), layers))
                     _, image, editor, legend = self.view_outputs(session)
                     yield ("", session.chat(), image, editor, legend, session)
@@ -297,7 +365,8 @@ class Callbacks:
                     layers = layers_from_reply(reply)
                     session.reply_layers = layers
                     session.turns.append(Turn(question, reply.raw_text, reply.text, layers,
-                                              [list(b) for b in session.boxes], [list(p) for p in session.points]))
+                                              [list(b) for b in session.boxes], [list(p) for p in session.points],
+                                              *session.view()))
                     session.set_last(highlight(reply.text, layers) or "(empty answer)")
                     _, image, editor, legend = self.view_outputs(session)
                     yield ("", session.chat(), image, editor, legend, session)
@@ -311,21 +380,7 @@ class Callbacks:
 def layers_from_reply(reply) -> list[Layer]:
     """One coloured layer per grounded phrase of a finished reply (mask may be None: "no mask")."""
     return [
-        Layer(phrase.phrase, color_for(index), phrase.mask, phrase.box, phrase.score)
+        Layer(phrase.phrase, color_for(index), phrase.mask, phrase.box, phrase.score,
+              name_score=getattr(phrase, "name_score", None))
         for index, phrase in enumerate(reply.phrases)
     ]
-
-
-def write_masks(layers: list[Layer], folder: Path, prefix: str = "mask") -> list[Path | None]:
-    """Save each layer's mask as a PNG in ``folder``; None for a phrase without a mask."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths: list[Path | None] = []
-    for index, layer in enumerate(layers):
-        if layer.mask is None:
-            paths.append(None)
-            continue
-        slug = "".join(c if c.isalnum() else "_" for c in layer.phrase.lower())[:40].strip("_") or "phrase"
-        path = folder / f"{prefix}_{index}_{slug}.png"
-        mask_png(np.asarray(layer.mask, dtype=bool), path)
-        paths.append(path)
-    return paths

@@ -38,8 +38,73 @@ class Layer:
     color: str  # "#rrggbb"
     mask: np.ndarray | None  # (H, W) bool, or None when the model gave no mask for the phrase
     box: list[float] | None = None  # [x0, y0, x1, y1] in display pixels, x1/y1 exclusive
-    score: float | None = None
+    score: float | None = None  # predicted quality (IoU) of the mask
     from_prompt: bool = False  # True for the mask of the user's own clicks/boxes (no phrase box drawn)
+    name_score: float | None = None  # how sure the model is of the name (None: not scored)
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask is not None and bool(np.any(self.mask))
+
+    @property
+    def observation(self) -> bool:
+        """A lesion's presence or absence: shown as the model's observation, never as a finding."""
+        return is_observation(self.phrase)
+
+    def record(self, mask_file: str | None = None) -> dict:
+        """JSON-ready description (both scores with their words; ``mask_file`` names the saved PNG)."""
+        return {
+            "phrase": self.phrase,
+            "color": self.color,
+            "box": [float(v) for v in self.box] if self.box is not None else None,
+            "has_mask": self.has_mask,
+            "name_score": None if self.name_score is None else round(float(self.name_score), 4),
+            "name": name_words(self),
+            "mask_score": None if self.score is None else round(float(self.score), 4),
+            "mask": mask_words(self),
+            "observation": self.observation,
+            "mask_png": mask_file,
+        }
+
+
+# Thresholds for the words beside the numbers. The name score is the locator/namer's probability that
+# the name is right; below one half the name is more likely wrong than right. The mask score is the
+# decoder's predicted IoU; below 0.8 the outline visibly misses parts of a typical organ.
+NAME_LIKELY = 0.5
+MASK_GOOD = 0.8
+_LESION_WORDS = ("tumour", "tumor", "lesion", "cyst", "nodule", "mass", "metasta", "cancer", "carcinoma")
+
+
+def is_observation(phrase: str) -> bool:
+    """True for lesion words (tumour, lesion, cyst, nodule, mass, ...)."""
+    lowered = phrase.lower()
+    return any(word in lowered for word in _LESION_WORDS)
+
+
+def name_words(layer: Layer) -> str:
+    """"likely" / "uncertain" for the name, "your prompt" for the user's own mask, "" when not scored."""
+    if layer.from_prompt:
+        return "your prompt"
+    if layer.name_score is None:
+        return ""
+    return "likely" if layer.name_score >= NAME_LIKELY else "uncertain"
+
+
+def mask_words(layer: Layer) -> str:
+    """"good" / "rough" for the mask, "no mask" when there is none."""
+    if not layer.has_mask:
+        return "no mask"
+    if layer.score is None:
+        return ""
+    return "good" if layer.score >= MASK_GOOD else "rough"
+
+
+def same_mask(first: np.ndarray | None, second: np.ndarray | None, iou: float = 0.9) -> bool:
+    """True when two (H, W) masks cover (nearly) the same pixels (IoU >= ``iou``)."""
+    if first is None or second is None or first.shape != second.shape:
+        return False
+    union = np.logical_or(first, second).sum()
+    return bool(union) and np.logical_and(first, second).sum() / union >= iou
 
 
 def color_for(index: int) -> str:
@@ -127,30 +192,46 @@ def display_scale(height: int, width: int, target: int = 640, largest: int = 8) 
     return int(min(largest, max(1, target // max(height, width, 1))))
 
 
+def _words(words: str, score: float | None) -> str:
+    """"likely (0.83)": the word first, the number beside it."""
+    if not words:
+        return "—"
+    return words if score is None else f"{words} ({score:.2f})"
+
+
 def legend_html(layers: list[Layer]) -> str:
-    """A small table: colour swatch -> phrase -> confidence (or "no mask")."""
+    """A small table: colour swatch -> phrase -> name confidence -> mask quality, both in words and numbers."""
     if not layers:
         return "<div class='mimo-legend mimo-legend-empty'>No masks yet: click the image, draw a box or ask.</div>"
     rows = []
     for layer in layers:
-        has_mask = layer.mask is not None and bool(layer.mask.any())
-        confidence = f"{layer.score:.2f}" if (has_mask and layer.score is not None) else ""
-        status = confidence if has_mask else "<em>no mask</em>"
+        name = _words(name_words(layer), None if layer.from_prompt else layer.name_score)
+        if layer.observation:
+            name = f"model observation, <a href='#mimo-findings'>how reliable</a>; {name}"
+        mask = mask_words(layer)
+        mask_cell = "<em>no mask</em>" if mask == "no mask" else _words(mask, layer.score)
         swatch = f"<span class='mimo-swatch' style='background:{layer.color}'></span>"
         rows.append(
             f"<tr class='mimo-legend-row' data-color='{layer.color}'><td>{swatch}</td>"
-            f"<td>{html.escape(layer.phrase)}</td><td>{status}</td></tr>"
+            f"<td>{html.escape(layer.phrase)}</td><td class='mimo-name'>name: {name}</td>"
+            f"<td class='mimo-mask'>mask: {mask_cell}</td></tr>"
         )
-    header = "<tr><th></th><th>phrase</th><th>confidence</th></tr>"
+    header = "<tr><th></th><th>phrase</th><th>how sure of the name</th><th>predicted mask quality</th></tr>"
     return f"<table class='mimo-legend'>{header}{''.join(rows)}</table>"
 
 
 def _phrase_span(phrase_text: str, layer: Layer) -> str:
     r, g, b = hex_to_rgb(layer.color)
-    has_mask = layer.mask is not None and bool(layer.mask.any())
+    has_mask = layer.has_mask
+    color = layer.color.lstrip("#")
+    if layer.observation:  # not highlighted like a finding: a neutral dotted underline and a caveat
+        style = f"border-bottom: 2px dotted {layer.color}; padding: 0 2px;"
+        note = " <sup class='mimo-caveat'><a href='#mimo-findings'>model observation</a></sup>"
+        css = f"mimo-phrase mimo-observation mimo-color-{color}" + ("" if has_mask else " mimo-phrase-nomask")
+        return f"<span class='{css}' style='{style}'>{html.escape(phrase_text)}{note}</span>"
     style = f"background-color: rgba({r}, {g}, {b}, 0.35); border-bottom: 3px solid {layer.color}; padding: 0 2px;"
     marker = "" if has_mask else " <sup class='mimo-nomask'>(no mask)</sup>"
-    css = f"mimo-phrase mimo-color-{layer.color.lstrip('#')}" + ("" if has_mask else " mimo-phrase-nomask")
+    css = f"mimo-phrase mimo-color-{color}" + ("" if has_mask else " mimo-phrase-nomask")
     return f"<span class='{css}' style='{style}'>{html.escape(phrase_text)}{marker}</span>"
 
 

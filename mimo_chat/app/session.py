@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mimo_chat.app.render import PROMPT_COLOR, Layer, compose, display_scale
+from mimo_chat.app.render import PROMPT_COLOR, Layer, compose, display_scale, same_mask
+from mimo_chat.app.viewer import PLANE_AXIS, ZOOMS, Viewport, display_to_voxel, draw_orientation, value_at
 from mimo_chat.imaging import Study, load_study
 
 Window = str | tuple[float, float]
+HISTORY_TURNS = 3  # earlier turns of the same image the model sees: enough for "and the other one?",
+# few enough that an early mistake does not steer every later answer (and the prompt stays short)
 
 
 @dataclass
@@ -32,6 +35,21 @@ class Turn:
     layers: list[Layer]
     boxes: list[list[float]]
     points: list[list[float]]
+    plane: str | None = None  # the view the question was asked on (None for a 2D image)
+    slice_index: int | None = None
+
+    def record(self) -> dict:
+        """The turn as JSON-ready data (masks are written as files by the export)."""
+        return {
+            "question": self.question,
+            "reply": self.reply,
+            "raw_reply": self.raw_reply,
+            "plane": self.plane,
+            "slice": self.slice_index,
+            "boxes": self.boxes,
+            "points": self.points,
+            "phrases": [layer.record() for layer in self.layers],
+        }
 
 
 @dataclass
@@ -52,7 +70,11 @@ class Session:
     prompt_order: list[str] = field(default_factory=list)  # "point" / "box", newest last (for undo)
     prompt_layers: list[Layer] = field(default_factory=list)  # masks from the plain segment path
     reply_layers: list[Layer] = field(default_factory=list)  # masks of the latest reply's phrases
-    turns: list[Turn] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)  # the conversation about the loaded study only
+    earlier: list[dict] = field(default_factory=list)  # conversations about studies opened before, for export
+    cursor: list[int] | None = None  # volume voxel (i, j, k) kept when the plane changes
+    zoom: int = 1
+    center: tuple[float, float] | None = None  # display pixel the zoomed view is centred on
     messages: list[dict] = field(default_factory=list)  # the Chatbot's messages, {"role", "content"}
     exports: int = 0
     _display: tuple[tuple, np.ndarray] | None = field(default=None, repr=False)  # (view key, image) cache
@@ -74,16 +96,26 @@ class Session:
         Raises ``ImageLoadError`` with a readable message; the previous study stays loaded then.
         """
         study = load_study(path)
+        self.archive_conversation()
         self.study = study
         self.source_name = name or Path(path).name
         self.source_path = Path(path)
         self.plane = "axial"
-        self.slice_index = study.num_slices("axial") // 2 if study.is_volume else 0
+        self.cursor = [size // 2 for size in study.pixels.shape] if study.is_volume else None
+        self.slice_index = self.cursor[PLANE_AXIS["axial"]] if study.is_volume else 0
         self.window = study.default_window
         self.context = None
         self.context_key = None
+        self.zoom, self.center = 1, None
         self.clear_prompts()
         self.reply_layers = []
+
+    def archive_conversation(self) -> None:
+        """Put the conversation about the current study aside (still exported) and start an empty one."""
+        if self.study is not None and self.turns:
+            self.earlier.append({"source": self.source_name, "modality": self.study.modality,
+                                 "conversation": [turn.record() for turn in self.turns]})
+        self.turns, self.messages = [], []
 
     @property
     def loaded(self) -> bool:
@@ -101,6 +133,8 @@ class Session:
         """
         if self.study is None:
             return False
+        if self.study.is_volume and plane != self.plane and self.cursor is not None:
+            slice_index = self.cursor[PLANE_AXIS[plane]]  # the same anatomical position in the new plane
         slice_index = int(np.clip(slice_index, 0, max(0, self.num_slices_for(plane) - 1)))
         changed_geometry = (plane, slice_index) != (self.plane, self.slice_index)
         changed = changed_geometry or window != self.window
@@ -109,8 +143,22 @@ class Session:
         if changed:
             self.reply_layers = []
             self.prompt_layers = []
+        if changed_geometry and plane != self.plane:
+            self.center = None  # a zoomed view of another plane starts at its middle
         self.plane, self.slice_index, self.window = plane, slice_index, window
+        if self.cursor is not None:
+            self.cursor[PLANE_AXIS[plane]] = slice_index
         return changed
+
+    def step(self, delta: int) -> bool:
+        """Move ``delta`` slices in the current plane (mouse wheel). Returns True when the slice changed."""
+        return self.set_view(self.plane, self.slice_index + int(delta), self.window)
+
+    def view_label(self) -> str:
+        """``"axial slice 40 of 133"`` for a volume, ``""`` for a 2D image."""
+        if self.study is None or not self.study.is_volume:
+            return ""
+        return f"{self.plane} slice {self.slice_index} of {self.num_slices()}"
 
     def num_slices_for(self, plane: str) -> int:
         if self.study is None or not self.study.is_volume:
@@ -147,6 +195,9 @@ class Session:
             raise ValueError(f"The point ({x:.0f}, {y:.0f}) is outside the {width}x{height} image.")
         self.points.append([float(x), float(y), 1 if positive else 0])
         self.prompt_order.append("point")
+        if self.cursor is not None:  # the clicked voxel becomes the position other planes open on
+            voxel = display_to_voxel(self.study, self.plane, self.slice_index, x, y)
+            self.cursor = [int(v) for v in voxel]
 
     def set_boxes(self, boxes: list[list[float]]) -> bool:
         """Replace the boxes (the box editor sends all of them). Returns True when they changed."""
@@ -215,23 +266,59 @@ class Session:
         """Replace the text of the newest (streaming) assistant message."""
         self.messages[-1] = {"role": "assistant", "content": content}
 
+    def view(self) -> tuple[str | None, int | None]:
+        """(plane, slice) a turn is asked on: a conversation is about one image."""
+        return (self.plane, self.slice_index) if self.study is not None and self.study.is_volume else (None, None)
+
     def history(self) -> list[tuple[str, str]]:
-        return [(turn.question, turn.raw_reply) for turn in self.turns]
+        """What the model is told of the conversation: the last few turns about the image on screen.
+
+        Turns about another slice are left out, so the image opens a new conversation for the model.
+        """
+        here = [turn for turn in self.turns if (turn.plane, turn.slice_index) == self.view()]
+        return [(turn.question, turn.raw_reply) for turn in here[-HISTORY_TURNS:]]
 
     def layers(self) -> list[Layer]:
-        return self.prompt_layers + self.reply_layers
+        """Layers on screen; the mask of the user's prompt is left out once a reply names it (shown once)."""
+        named = [layer for layer in self.reply_layers if layer.mask is not None]
+        prompt = [layer for layer in self.prompt_layers
+                  if not any(same_mask(layer.mask, other.mask) for other in named)]
+        return prompt + self.reply_layers
 
     def scale(self) -> int:
-        """Screen zoom of the current view: screen pixels per image pixel (1 for large images)."""
+        """Screen pixels per image pixel of the whole (unzoomed) view (1 for large images)."""
         return display_scale(*self.image_shape())
 
-    def render(self, include_boxes: bool = True, scale: int | None = None) -> np.ndarray:
-        """The view with masks, phrase boxes and prompts, zoomed by ``scale`` (default: :meth:`scale`).
+    def viewport(self) -> Viewport:
+        height, width = self.image_shape()
+        return Viewport.make(height, width, self.zoom, self.center, self.scale())
+
+    def set_zoom(self, zoom: int, center: tuple[float, float] | None = None) -> None:
+        """Zoom to one of ``ZOOMS`` around ``center`` (display pixels; None keeps the current centre)."""
+        self.zoom = int(min(ZOOMS, key=lambda z: abs(z - zoom)))
+        if center is not None:
+            self.center = (float(center[0]), float(center[1]))
+        if self.zoom == 1:
+            self.center = None
+
+    def value_at(self, x: float, y: float) -> float | None:
+        """Stored value (HU for CT) under display pixel (x, y)."""
+        if self.study is None:
+            return None
+        return value_at(self.study, self.plane, self.slice_index, x, y)
+
+    def render(self, include_boxes: bool = True) -> np.ndarray:
+        """The visible part of the view with masks, phrase boxes, prompts and orientation letters.
 
         ``include_boxes=False`` for the box editor, which draws the boxes itself.
         """
-        scale = self.scale() if scale is None else scale
-        return compose(self.image(), self.layers(), self.points, self.boxes if include_boxes else [], scale)
+        port = self.viewport()
+        layers = [replace(layer, mask=None if layer.mask is None else port.crop(layer.mask),
+                          box=None if layer.box is None else port.shift_box(layer.box)) for layer in self.layers()]
+        points = [[x - port.x0, y - port.y0, label] for x, y, label in self.points]
+        boxes = [port.shift_box(box) for box in self.boxes] if include_boxes else []
+        screen = compose(port.crop(self.image()), layers, points, boxes, port.scale)
+        return draw_orientation(screen, self.plane) if self.study.is_volume else screen
 
     def cleanup(self) -> None:
         """Delete the session folder (upload, exports). Safe to call twice."""

@@ -18,11 +18,12 @@ from gradio_image_annotation import image_annotator
 from mimo_chat.app import api
 from mimo_chat.app.callbacks import Callbacks
 from mimo_chat.app.examples import example_names
-from mimo_chat.app.render import legend_html
+from mimo_chat.app.render import is_observation, legend_html
 from mimo_chat.app.session import cleanup_session
 from mimo_chat.imaging import WINDOW_PRESETS
+from mimo_chat.predictor import LITE_CHECKPOINT
 
-MODES = ("Point +", "Point −", "Box")
+MODES = ("Point +", "Point −", "Box", "Pan")
 PLANES = ("axial", "coronal", "sagittal")
 QUICK_ACTIONS = ("Segment the pancreas", "What is in the box?", "Is there a tumour?")
 SESSION_TTL_SECONDS = 4 * 3600
@@ -33,8 +34,64 @@ CSS = """
 .mimo-legend { border-collapse: collapse; width: 100%; }
 .mimo-legend td, .mimo-legend th { padding: 2px 6px; text-align: left; }
 .mimo-swatch { display: inline-block; width: 14px; height: 14px; border-radius: 3px; }
-.mimo-nomask { color: #888; }
+.mimo-nomask, .mimo-caveat { color: #888; }
+.mimo-caveat a { color: inherit; }
+#mimo-viewer img { cursor: crosshair; }
 """
+
+# Mouse wheel over a volume moves through slices (the hidden previous/next buttons), the value under the
+# pointer is sent to /hover (debounced), and Enter in the slice number box applies it (Gradio applies on blur).
+VIEWER_JS = """
+() => {
+  if (window.mimoViewer) return;
+  window.mimoViewer = true;
+  let pending = 0, wheelTimer = null, hoverTimer = null;
+  const volumeShown = () => { const s = document.querySelector('#mimo-slice'); return s && s.offsetParent !== null; };
+  document.addEventListener('wheel', (event) => {
+    if (!event.target.closest('#mimo-viewer') || !volumeShown()) return;
+    event.preventDefault();
+    pending += Math.sign(event.deltaY);
+    if (wheelTimer) return;
+    wheelTimer = setTimeout(() => {
+      const id = pending > 0 ? '#mimo-slice-previous' : '#mimo-slice-next';
+      const steps = Math.min(Math.abs(pending), 5);
+      pending = 0; wheelTimer = null;
+      const button = document.querySelector(id);
+      for (let i = 0; i < steps && button; i++) button.click();
+    }, 90);
+  }, { passive: false });
+  document.addEventListener('mousemove', (event) => {
+    const img = event.target.closest('#mimo-viewer img');
+    if (!img || !img.naturalWidth) return;
+    const rect = img.getBoundingClientRect();
+    const scale = Math.min(rect.width / img.naturalWidth, rect.height / img.naturalHeight);
+    const x = (event.clientX - rect.left - (rect.width - img.naturalWidth * scale) / 2) / scale;
+    const y = (event.clientY - rect.top - (rect.height - img.naturalHeight * scale) / 2) / scale;
+    clearTimeout(hoverTimer);
+    hoverTimer = setTimeout(() => {
+      const box = document.querySelector('#mimo-hover textarea, #mimo-hover input');
+      if (!box) return;
+      box.value = `${x.toFixed(1)},${y.toFixed(1)}`;
+      box.dispatchEvent(new Event('input', { bubbles: true }));
+    }, 120);
+  });
+  document.addEventListener('keydown', (event) => {
+    if (event.key === 'Enter' && event.target.closest('#mimo-slice input[type=number]')) event.target.blur();
+  });
+}
+"""
+
+def findings_note(card: Path = LITE_CHECKPOINT / "MODEL_CARD.md") -> str:
+    """Markdown for "how reliable are lesion answers": the model card's rows about lesions, verbatim."""
+    lines = card.read_text().splitlines() if card.is_file() else []
+    rows = [line for line in lines if line.startswith("| `") and is_observation(line.split("|")[1])]
+    header = [line for line in lines if line.startswith(("| task", "| Task"))][:1]
+    table = "\n".join([*(header or ["| measured | result | target |"]), "|---|---|---|", *rows]) if rows else (
+        "The model card has no measured lesion accuracy for this model.")
+    return ("A lesion's presence or absence is the model's **observation** on this image, not a diagnosis. "
+            "Measured on patients the model never saw (from the model card, `checkpoints/mimo-lite/MODEL_CARD.md`):"
+            f"\n\n{table}")
+
 
 INTRO = (
     "## MIMO Chat\nOpen a study or pick an example, click a structure (or draw a box) to segment it, "
@@ -82,8 +139,8 @@ def build_demo(
                                      file_count="single", height=110, elem_id="mimo-upload")
                     example = gr.Dropdown(example_names(), value=None, label="…or an example study",
                                           elem_id="mimo-example")
-                mode = gr.Radio(list(MODES), value=MODES[0], label="Prompt tool (click the image / draw a box)",
-                                elem_id="mimo-mode")
+                mode = gr.Radio(list(MODES), value=MODES[0], elem_id="mimo-mode",
+                                label="Tool: click to add a point, draw a box, or Pan (click where to centre a zoomed view)")
                 viewer = gr.Image(type="numpy", format="png", interactive=False, height=620, show_label=False,
                                   elem_id="mimo-viewer", placeholder="Open a study to start")
                 editor = image_annotator(None, label_list=["box"], label_colors=[(255, 225, 25)],
@@ -93,12 +150,16 @@ def build_demo(
                 with gr.Row():
                     undo = gr.Button("Undo prompt", size="sm", elem_id="mimo-undo")
                     clear = gr.Button("Clear prompts and masks", size="sm", elem_id="mimo-clear")
+                    zoom_in = gr.Button("Zoom +", size="sm", elem_id="mimo-zoom-in")
+                    zoom_out = gr.Button("Zoom −", size="sm", elem_id="mimo-zoom-out")
+                    zoom_fit = gr.Button("Whole image", size="sm", elem_id="mimo-zoom-fit")
+                hover_value = gr.Markdown(elem_id="mimo-hover-value")
                 with gr.Row():
                     plane = gr.Radio(list(PLANES), value="axial", label="Plane", visible=False)
                     slider = gr.Slider(0, 1, value=0, step=1, label="Slice", visible=False, elem_id="mimo-slice")
                 with gr.Row():
                     window = gr.Dropdown(["auto", *WINDOW_PRESETS, "custom"], value="auto", label="Window (CT)")
-                    width = gr.Number(label="Width", minimum=1)
+                    width = gr.Number(label="Width", value=None)
                     level = gr.Number(label="Level")
                 info = gr.Markdown(elem_id="mimo-info")
             with gr.Column(scale=2):
@@ -111,7 +172,10 @@ def build_demo(
                 with gr.Row():
                     quick = [gr.Button(text, size="sm") for text in QUICK_ACTIONS]
                 legend = gr.HTML(legend_html([]), elem_id="mimo-legend")
-                export = gr.Button("Export masks, boxes and conversation", size="sm", elem_id="mimo-export")
+                with gr.Accordion("How reliable are lesion answers? (model card)", open=False, elem_id="mimo-findings"):
+                    gr.Markdown(findings_note())
+                export = gr.Button("Download all (masks PNG/NIfTI, boxes, conversation) as one zip", size="sm",
+                                   elem_id="mimo-export")
                 downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
 
         # API-only inputs and outputs (hidden): one-call /ask, points and boxes by coordinates.
@@ -129,11 +193,17 @@ def build_demo(
             api_ask = gr.Button("ask")
             api_point = gr.Button("add point")
             api_box = gr.Button("set boxes")
+        # in the page but hidden: the viewer script clicks / fills them (mouse wheel, value under the pointer)
+        with gr.Row(visible="hidden"):
+            slice_previous = gr.Button("previous slice", elem_id="mimo-slice-previous")
+            slice_next = gr.Button("next slice", elem_id="mimo-slice-next")
+            hover = gr.Textbox(elem_id="mimo-hover", label="pointer x,y (screen pixels)")
 
         demo.load(callbacks.start, None, state, api_name="start_session")
+        demo.load(None, js=VIEWER_JS)
         demo.unload(callbacks.end)
         view = [state, viewer, editor, legend]
-        loaded = [*view, plane, slider, window, width, level, info, chatbot]
+        loaded = [*view, plane, slider, window, width, level, info, upload, chatbot]
         answer = [question, chatbot, viewer, editor, legend, state]
 
         upload.upload(callbacks.load_upload, [upload, state], loaded, api_name="load_study").then(
@@ -145,6 +215,16 @@ def build_demo(
         plane.input(callbacks.change_view, view_inputs, view_outputs, api_name="set_plane")
         slider.release(callbacks.change_view, view_inputs, view_outputs, api_name="set_slice").then(
             callbacks.prepare, state, state, api_name="prepare_slice", show_progress="hidden")
+        step_outputs = [*view, slider, chatbot]
+        slice_previous.click(functools.partial(callbacks.step, -1), state, step_outputs, api_name="previous_slice",
+                             show_progress="hidden", trigger_mode="always_last")
+        slice_next.click(functools.partial(callbacks.step, 1), state, step_outputs, api_name="next_slice",
+                         show_progress="hidden", trigger_mode="always_last")
+        hover.input(callbacks.hover, [hover, state], hover_value, api_name="value_at", show_progress="hidden",
+                    trigger_mode="always_last", concurrency_limit=None)
+        for button, factor in ((zoom_in, 2.0), (zoom_out, 0.5), (zoom_fit, 0.0)):
+            button.click(functools.partial(callbacks.zoom, factor), state, view,
+                         api_name={2.0: "zoom_in", 0.5: "zoom_out", 0.0: "zoom_whole"}[factor])
         window.input(callbacks.change_view, view_inputs, view_outputs, api_name="set_window")
         gr.on([width.submit, level.submit], callbacks.change_view, view_inputs, view_outputs, api_name="set_custom_window")
 
@@ -164,8 +244,7 @@ def build_demo(
             name = "quick_" + "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
             button.click(functools.partial(respond, text), state, answer, api_name=name)
         chatbot.clear(callbacks.clear_chat, state, view, api_name="clear_chat")
-        export.click(functools.partial(api.export, callbacks), state, [downloads, chatbot],
-                     api_name="export")
+        export.click(callbacks.export, state, [downloads, chatbot], api_name="export")
         api_ask.click(ask, [api_file, api_question, api_boxes, api_points, api_state],
                       [api_reply, api_phrases, api_overlay, api_state], api_name="ask")
 
