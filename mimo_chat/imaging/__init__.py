@@ -3,7 +3,9 @@
 See ``study.py`` for the coordinate frames and display convention.
 """
 
-from .errors import MAX_DECODED_BYTES, MAX_SIDE, ImageLoadError
+from mimo_chat.limits import MAX_DECODED_BYTES, MAX_SIDE
+
+from .errors import ImageLoadError
 from .loader import load_study
 from .privacy import SAFE_DESCRIPTORS
 from .study import PLANES, Study, mask_to_volume, save_mask_nifti

@@ -13,34 +13,19 @@ Privacy: a dataset never leaves this module; only the whitelisted descriptors ar
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from .dicomfile import ReadBudget, has_pixels, read_dataset
 from .errors import ImageLoadError, check_size
-from .privacy import safe_descriptors
+from .privacy import IDENTIFYING_KEYWORDS, safe_descriptors
 from .study import Study
 from .volume import LPS_TO_RAS, check_finite, make_volume_study
 from .windows import default_window
 
 RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "XR", "PX", "IO"}
-PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-
-
-def read_dataset(source, force: bool = False):
-    """pydicom Dataset (pixel data still encoded) or ImageLoadError."""
-    import pydicom
-
-    try:
-        return pydicom.dcmread(source, force=force)
-    except Exception:  # noqa: BLE001 - wrapped into ImageLoadError
-        raise ImageLoadError("This DICOM file is truncated or corrupt and could not be read.") from None
-
-
-def has_pixels(dataset) -> bool:
-    return any(keyword in dataset for keyword in PIXEL_KEYWORDS)
 
 
 def _number(dataset, keyword: str, default: float | None = None) -> float | None:
@@ -93,7 +78,7 @@ def header_shape(dataset) -> tuple[int, int, int, int]:
         samples = int(dataset.get("SamplesPerPixel", 1) or 1)
     except (AttributeError, TypeError, ValueError):
         raise ImageLoadError("This DICOM file does not say how large its image is (missing Rows/Columns).") from None
-    check_size((frames, rows, columns, samples), "DICOM image")
+    check_size((frames, rows, columns, samples), "DICOM image", plane=(rows, columns))
     return frames, rows, columns, samples
 
 
@@ -113,7 +98,10 @@ def decode(dataset) -> np.ndarray:
     try:
         stored = dataset.pixel_array
     except Exception:  # noqa: BLE001 - wrapped into ImageLoadError
-        name = getattr(syntax, "name", "an unknown encoding")
+        from pydicom.uid import AllTransferSyntaxes
+
+        # a damaged syntax UID is file content: only a known syntax is named
+        name = syntax.name if syntax in AllTransferSyntaxes else "an unknown encoding"
         raise ImageLoadError(
             f"The image data in this DICOM file could not be decoded ({name}); the file may be truncated or corrupt."
         ) from None
@@ -203,6 +191,21 @@ def _voi_window(dataset, inversion: float | None) -> tuple[float, float] | None:
     return width, (inversion - level if inversion is not None else level)
 
 
+def _identifiers(dataset) -> tuple[str, ...]:
+    """The header's identifying values, only to keep them out of the descriptions that are shown."""
+    from pydicom.multival import MultiValue
+
+    values = []
+    for keyword in IDENTIFYING_KEYWORDS:
+        try:
+            value = dataset.get(keyword)
+        except Exception:  # noqa: BLE001 - a damaged value cannot leak either
+            value = None
+        if value not in (None, ""):
+            values.extend(str(item) for item in (value if isinstance(value, MultiValue) else [value]))
+    return tuple(values)
+
+
 def read_slices(dataset) -> Slices:
     """Decode one dataset (single or multi-frame) into Slices."""
     if not has_pixels(dataset):
@@ -232,6 +235,7 @@ def read_slices(dataset) -> Slices:
             "body_part": dataset.get("BodyPartExamined"),
             "study_description": dataset.get("StudyDescription"),
             "series_description": dataset.get("SeriesDescription"),
+            "identifiers": _identifiers(dataset),
         },
     )
 
@@ -328,7 +332,7 @@ def slices_to_study(slices: Slices, notes: list[str]) -> Study:
 
 def load_dicom_file(source, force: bool = False) -> Study:
     """One DICOM file: a 2D image, or a volume when it is multi-frame grey."""
-    return slices_to_study(read_slices(read_dataset(source, force)), [])
+    return slices_to_study(read_slices(read_dataset(source, force, ReadBudget())), [])
 
 
 def _series_key(dataset) -> str:
@@ -342,6 +346,7 @@ def load_dicom_series(members: Sequence[tuple[str, Callable[[], bytes]]]) -> Stu
     several series are present, the one with the most images is shown, with a note.
     """
     datasets = []
+    budget = ReadBudget()
     for name, read_bytes in members:
         lower = name.lower()
         if lower.endswith("dicomdir"):
@@ -354,8 +359,10 @@ def load_dicom_series(members: Sequence[tuple[str, Callable[[], bytes]]]) -> Stu
         if not preamble and not lower.endswith((".dcm", ".dicom", ".ima")):
             continue
         try:
-            dataset = read_dataset(io.BytesIO(data), force=not preamble)
+            dataset = read_dataset(data, force=not preamble, budget=budget)
         except ImageLoadError:
+            if budget.left < 0:
+                raise
             continue
         if has_pixels(dataset) and "Rows" in dataset:
             datasets.append(dataset)
@@ -383,7 +390,7 @@ def _merge(series: list) -> Slices:
     frames, rows, columns, samples = shapes.pop()
     if frames > 1:
         raise ImageLoadError("This series mixes several multi-frame files; open each file on its own.")
-    check_size((len(series), rows, columns, samples), "series")
+    check_size((len(series), rows, columns, samples), "series", plane=(rows, columns))
     parts = [read_slices(dataset) for dataset in series]
     orientations = [part.orientation for part in parts]
     if any(orientation is None for orientation in orientations) or any(part.positions is None for part in parts):

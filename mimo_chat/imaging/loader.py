@@ -7,7 +7,9 @@ import os
 import zipfile
 from pathlib import Path
 
-from .errors import MAX_DECODED_BYTES, ImageLoadError
+from mimo_chat.limits import MAX_ARCHIVE_BYTES, MAX_ARCHIVE_MEMBERS, MAX_MEMBER_BYTES
+
+from .errors import ImageLoadError
 from .privacy import quiet_third_party
 from .study import Study
 
@@ -51,29 +53,70 @@ def _kind(path: Path) -> str:
         if _is_nifti_header(inner):
             return "nifti"
     if name.endswith(_DICOM_SUFFIXES):
-        return "dicom-force"  # DICOM without the standard preamble
+        return "dicom-force"  # DICOM without the standard preamble (checked in dicomfile.read_dataset)
     raise ImageLoadError(f"This file type is not supported. {SUPPORTED}")
 
 
+class _Unpacked:
+    """Bytes unpacked so far from one archive or folder, checked against the limits as they are read."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def read(self, handle, what: str) -> bytes:
+        """All bytes of ``handle``, read in 1 MB steps; ImageLoadError past the member or total limit."""
+        parts, size = [], 0
+        while chunk := handle.read(1 << 20):
+            size += len(chunk)
+            self.total += len(chunk)
+            if size > MAX_MEMBER_BYTES:
+                raise ImageLoadError(f"This {what} holds a file that is too large once unpacked "
+                                     f"(more than {MAX_MEMBER_BYTES // 1024**2} MB).")
+            if self.total > MAX_ARCHIVE_BYTES:
+                raise ImageLoadError(f"This {what} is too large once unpacked "
+                                     f"(more than {MAX_ARCHIVE_BYTES // 1024**2} MB).")
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+def _check_count(count: int, what: str) -> None:
+    if count > MAX_ARCHIVE_MEMBERS:
+        raise ImageLoadError(f"This {what} holds too many files ({count:,}; at most {MAX_ARCHIVE_MEMBERS:,}).")
+
+
 def _folder_members(folder: Path) -> list[tuple[str, object]]:
-    files = sorted(
-        Path(root) / name for root, dirs, names in os.walk(folder) for name in names if not name.startswith(".")
-    )
-    total = sum(file.stat().st_size for file in files)
-    if total > MAX_DECODED_BYTES:
-        raise ImageLoadError("This folder is too large to open (more than 2 GB of files).")
-    return [(str(file.relative_to(folder)), file.read_bytes) for file in files]
+    files = []
+    for root, _, names in os.walk(folder):
+        files += [Path(root) / name for name in names if not name.startswith(".")]
+        _check_count(len(files), "folder")
+    unpacked = _Unpacked()
+
+    def reader(file: Path):
+        def read() -> bytes:
+            with open(file, "rb") as handle:
+                return unpacked.read(handle, "folder")
+        return read
+
+    return [(str(file.relative_to(folder)), reader(file)) for file in sorted(files)]
 
 
-def _zip_members(path: Path, archive: zipfile.ZipFile) -> list[tuple[str, object]]:
+def _zip_members(archive: zipfile.ZipFile) -> list[tuple[str, object]]:
+    """(name, read) of the archive's files; sizes are counted while unpacking, not taken from the header."""
     infos = [
         info
         for info in archive.infolist()
         if not info.is_dir() and not Path(info.filename).name.startswith(".") and "__MACOSX" not in info.filename
     ]
-    if sum(info.file_size for info in infos) > MAX_DECODED_BYTES:
-        raise ImageLoadError("This archive is too large to open (more than 2 GB unpacked).")
-    return [(info.filename, lambda info=info: archive.read(info)) for info in infos]
+    _check_count(len(infos), "archive")
+    unpacked = _Unpacked()
+
+    def reader(info: zipfile.ZipInfo):
+        def read() -> bytes:
+            with archive.open(info) as handle:
+                return unpacked.read(handle, "archive")
+        return read
+
+    return [(info.filename, reader(info)) for info in infos]
 
 
 def _load(path: Path) -> Study:
@@ -96,7 +139,7 @@ def _load(path: Path) -> Study:
         raise ImageLoadError("This .zip archive is truncated or corrupt.") from None
     with archive:
         try:
-            return dicom.load_dicom_series(_zip_members(path, archive))
+            return dicom.load_dicom_series(_zip_members(archive))
         except zipfile.BadZipFile:
             raise ImageLoadError("This .zip archive is truncated or corrupt.") from None
 

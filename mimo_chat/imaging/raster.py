@@ -39,7 +39,7 @@ def load_raster(path: Path) -> Study:
     try:
         with Image.open(path) as image:
             width, height = image.size  # from the header; nothing decoded yet
-            check_size((height, width, len(image.getbands())), "image")
+            check_size((height, width, len(image.getbands())), "image", plane=(height, width))
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
                 notes.append(f"This file holds {frames} images; showing the first.")

@@ -82,7 +82,7 @@ def load_nifti(path: Path) -> Study:
     except Exception:  # noqa: BLE001 - wrapped into ImageLoadError
         raise ImageLoadError("This NIfTI file could not be read: its header is damaged or incomplete.") from None
     shape = tuple(int(side) for side in image.shape)
-    check_size(shape[:3], "volume")
+    check_size(shape[:3], "volume", plane=shape[:2] if len(shape) >= 2 else None)
     if image.header.get_data_dtype().fields is not None or image.header.get_data_dtype().kind == "c":
         raise ImageLoadError("This NIfTI file stores colour or complex voxels, which are not supported.")
     notes: list[str] = []
