@@ -9,6 +9,7 @@ COMMANDS = {
     "app": ("mimo_chat.app.launch", "run the Gradio app"),
     "chat": ("mimo_chat.chat", "ask one question about an image from the terminal"),
     "evaluate": ("mimo_chat.evaluate", "score a model on a benchmark directory"),
+    "volume": ("mimo_chat.volume.__main__", "3D masks, volumes in mL and NIfTI for a whole CT / MR volume"),
     "bench": ("mimo_chat.bench.__main__", "speed and memory benchmarks (io, segment, chat)"),
     "make-bench": ("mimo_chat.data.make_bench", "build a benchmark in the shared schema"),
     "prepare-data": ("mimo_chat.data.prepare", "fetch registry data and build training conversations"),
