@@ -4,6 +4,7 @@
         [--checkpoint PATH] [--model lite|tiny|engine|litemedsam] [--no-cache] [--no-plots]
     python -m mimo_chat.evaluate --compare a.json b.json [...]
     python -m mimo_chat.evaluate --compare a.json b.json --paired
+    python -m mimo_chat.evaluate --chat-regression [--out replies.json] [--kinds ...]
 
 The model is driven through ``mimo_chat.predictor.MimoPredictor`` — the same calls the app
 makes. ``--model engine`` evaluates the bare ``SegmentationPredictor`` (with the project's
@@ -12,7 +13,8 @@ visual-prompt tasks (``box_seg``, ``point_seg``) only. Predictions are cached in
 ``<report>.predictions.jsonl`` (keyed by row id and model fingerprint) so an interrupted
 run resumes. ``report.md`` and plots are written next to ``report.json``. ``--paired`` re-scores
 two reports' cached predictions row by row: B - A with bootstrap intervals over patients
-(``mimo_chat/evaluation/paired.py``).
+(``mimo_chat/evaluation/paired.py``). ``--chat-regression`` runs the dev chat regression set and
+prints its per-kind table (``mimo_chat/evaluation/chat_regression.py``).
 """
 
 from __future__ import annotations
@@ -103,6 +105,12 @@ def evaluate(driver: Driver, bench: str | Path, out: str | Path, *, tasks: Seque
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if "--chat-regression" in arguments:
+        from mimo_chat.evaluation import chat_regression
+
+        arguments.remove("--chat-regression")
+        return chat_regression.main(arguments)
     parser = argparse.ArgumentParser(prog="python -m mimo_chat.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--bench", help="benchmark folder with manifest.jsonl")
     parser.add_argument("--out", help="report.json to write")
@@ -120,7 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--paired", action="store_true",
                         help="with --compare A B: per-row differences B - A on the shared rows, with bootstrap "
                              "intervals over patients (needs both reports' cached predictions)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--chat-regression", action="store_true",
+                        help="run the dev chat regression set instead (options: see mimo_chat.evaluation.chat_regression)")
+    args = parser.parse_args(arguments)
     keep_freed_memory()  # see mimo_chat/runtime.py
     if args.compare:
         missing = [path for path in args.compare if not Path(path).is_file()]
