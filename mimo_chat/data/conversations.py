@@ -297,6 +297,9 @@ def image_hash(image: np.ndarray) -> str:
     return _array_hash(np.asarray(gray, dtype=np.uint8))
 
 
+STRUCTURES_SUFFIX = "structures.jsonl"
+
+
 class ConversationWriter:
     """Writes images and masks (PNG, de-duplicated by hash) and one JSONL file per split under ``root``."""
 
@@ -327,6 +330,26 @@ class ConversationWriter:
             self.counts[split] = self.counts.get(split, 0) + 1
             written += 1
         return written
+
+    def write_structures(self, sample: LabelledSlice) -> None:
+        """One line of ``{split}.structures.jsonl``: everything labelled on the slice, with no
+        conversation around it (``masks``: name -> mask file of every present structure, ``absent``:
+        the labelled names not on it, ``image_label``). The locator trains on these."""
+        key = image_hash(sample.image)
+        gray = sample.image[..., 0] if sample.image.ndim == 3 else sample.image
+        record = {"image": self._png("images", key, np.asarray(gray, dtype=np.uint8)), "image_hash": key,
+                  "source": sample.source, "patient": sample.patient, "split": sample.split,
+                  "modality": sample.modality, "slice_id": sample.slice_id,
+                  "masks": {name: self._png("masks", _array_hash(mask.astype(np.uint8)), mask.astype(np.uint8) * 255)
+                            for name, mask in sorted(sample.masks.items())},
+                  "absent": sorted(sample.absent), "image_label": sample.image_label}
+        with open(self.root / f"{sample.split}.{STRUCTURES_SUFFIX}", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_structures(path: str | Path) -> list[dict]:
+    """Records of one ``{split}.structures.jsonl`` file (see :meth:`ConversationWriter.write_structures`)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def read_conversations(path: str | Path) -> list[dict]:

