@@ -14,6 +14,7 @@ an error naming the prompt, never dropped or repaired silently.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
@@ -28,8 +29,10 @@ MAX_PROMPT_TOKENS = 2_048
 top, so with SmolLM2's 8,192-token context there is always room for the reply, and prefill stays short."""
 
 # --- visual prompts and their JSON ----------------------------------------------------------------
-MAX_BOXES = 64
-"""Boxes in one request: each is one object of the batched mask-decoder call."""
+MAX_PROMPTS = 64
+"""Objects in one segmentation call (boxes, or groups of clicks): one batched mask-decoder call."""
+MAX_BOXES = MAX_PROMPTS
+"""Boxes in one request: each box is one object."""
 MAX_POINTS = 64
 """Clicks in one request."""
 MAX_PROMPT_JSON_CHARS = 16_384
@@ -179,6 +182,14 @@ def check_box(box: Sequence[float], size: tuple[int, int], name: str) -> None:
         raise PromptError(f"{name} {shown} lies outside the {width}x{height} image.")
 
 
+def check_label(label: object, name: str, padding: bool = False) -> None:
+    """A point label is 1 (inside the structure) or 0 (outside); ``padding`` also allows -1 (unused slot)."""
+    allowed = (-1, 0, 1) if padding else (0, 1)
+    if isinstance(label, bool) or not isinstance(label, numbers.Real) or label not in allowed:
+        raise PromptError(f"{name} has label {label!r}; use 1 (inside the structure) or 0 (outside)"
+                          + (" or -1 (padding)." if padding else "."))
+
+
 def check_point(point: Sequence[float], label: float | None, size: tuple[int, int], name: str,
                 padding: bool = False) -> None:
     """A point ``[x, y]`` must be finite and inside the image; its label 1 (inside) or 0 (outside).
@@ -186,10 +197,8 @@ def check_point(point: Sequence[float], label: float | None, size: tuple[int, in
     ``padding``: label -1 marks an unused slot (the engine's (N, K) form) and is not checked further.
     """
     height, width = size
-    allowed = (-1, 0, 1) if padding else (0, 1)
-    if label is not None and (isinstance(label, bool) or not isinstance(label, (int, float)) or label not in allowed):
-        raise PromptError(f"{name} has label {label!r}; use 1 (inside the structure) or 0 (outside)"
-                          + (" or -1 (padding)." if padding else "."))
+    if label is not None:
+        check_label(label, name, padding)
     if label == -1:
         return
     x, y = (float(v) for v in point)
@@ -202,12 +211,14 @@ def check_point(point: Sequence[float], label: float | None, size: tuple[int, in
 def check_prompts(size: tuple[int, int], boxes: Sequence | None = None, points: Sequence | None = None,
                   labels: Sequence | None = None) -> None:
     """Counts and values of one request's boxes (N, 4) and points (K, 2) with labels (K,) (one object)."""
+    boxes = [] if boxes is None else boxes
+    points = [] if points is None else points
     check_counts(boxes, points)
-    for index, box in enumerate(boxes or []):
+    for index, box in enumerate(boxes):
         check_box(box, size, f"box {index}")
-    if points is not None and labels is not None and len(labels) != len(points):
+    if labels is not None and len(labels) != len(points):
         raise PromptError(f"{len(points)} points but {len(labels)} point labels.")
-    for index, point in enumerate(points or []):
+    for index, point in enumerate(points):
         check_point(point, None if labels is None else labels[index], size, f"point {index}")
 
 

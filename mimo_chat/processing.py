@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from mimo_chat.limits import MAX_PROMPT_TOKENS, check_prompts, check_question, check_token_counts
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import IMAGE_TOKEN, NEW_TOKENS, SEG_TOKEN, load_tokenizer
 from mimo_chat.modeling.transforms import SamTransform
@@ -83,19 +84,25 @@ class MimoProcessor:
         points: list[list[float]] | None = None,
         point_labels: list[int] | None = None,
     ) -> VisualPrompts:
-        """Pixel prompts of one image -> model frame; raises ``ValueError`` for malformed ones."""
+        """Pixel prompts of one image -> model frame.
+
+        Values are checked by :func:`mimo_chat.limits.check_prompts` (the rules the segmentation engine
+        and the app use too): a ``PromptError`` (a ValueError) names the faulty box or point; a box partly
+        outside the image is clipped to it.
+        """
+        boxes = None if boxes is None or len(boxes) == 0 else np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        points = None if points is None or len(points) == 0 else np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        labels = None if points is None else (
+            np.ones(len(points), dtype=np.int64) if point_labels is None else np.asarray(point_labels).reshape(-1))
+        check_prompts(original_size, boxes, points, None if labels is None else labels.tolist())
         model_boxes = None
-        if boxes is not None and len(boxes) > 0:
-            array = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-            if np.any(array[:, 2] <= array[:, 0]) or np.any(array[:, 3] <= array[:, 1]):
-                raise ValueError(f"boxes must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {array.tolist()}")
+        if boxes is not None:
+            height, width = original_size
+            array = np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
             model_boxes = torch.from_numpy(self.transform.apply_boxes(array, original_size)).float()  # (N, 4)
         model_points = None
-        if points is not None and len(points) > 0:
-            array = np.asarray(points, dtype=np.float32).reshape(-1, 2)
-            labels = np.ones(len(array), dtype=np.int64) if point_labels is None else np.asarray(point_labels)
-            if labels.shape != (len(array),):
-                raise ValueError(f"{len(array)} points but {labels.size} point labels")
+        if points is not None:
+            array = points.astype(np.float32)
             coords = torch.from_numpy(self.transform.apply_points(array, original_size)).float()[None]  # (1, K, 2)
             model_points = (coords, torch.from_numpy(labels.astype(np.int64))[None])  # (1, K)
         return VisualPrompts(points=model_points, boxes=model_boxes)
@@ -129,6 +136,17 @@ class MimoProcessor:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def context_length(self) -> int:
+        """Tokens the language model can attend to (the tokenizer's ``model_max_length`` when it is set)."""
+        length = getattr(self.tokenizer, "model_max_length", None)
+        return int(length) if isinstance(length, int) and 0 < length < 1_000_000 else MAX_PROMPT_TOKENS * 4
+
+    def check_question(self, question: str) -> None:
+        """``InputError`` when the question is over the character or token limit (see ``mimo_chat.limits``)."""
+        question = check_question(question)
+        tokens = len(self._ids(strip_model_tags(question)))
+        check_token_counts(tokens, 0, self.config.max_new_tokens, self.context_length())
+
     def question_ids(self, question: str) -> torch.Tensor:
         """(1, T) ids of the question alone (at most ``max_question_tokens``; at least one token)."""
         ids = self._ids(strip_model_tags(question))[: self.config.max_question_tokens] or [self.stop_token_ids[0]]
@@ -143,8 +161,15 @@ class MimoProcessor:
         point_labels: list[int] | None = None,
         history: list[tuple[str, str]] | None = None,
     ) -> MimoInputs:
-        """One question (with its history and visual prompts) -> generation inputs."""
-        input_ids = torch.tensor([self._ids(self.prompt_text(question, history))], dtype=torch.long)
+        """One question (with its history and visual prompts) -> generation inputs.
+
+        The limits of ``mimo_chat.limits`` are checked before anything is tokenized for the model: the
+        question's length, and the whole prompt plus ``max_new_tokens`` within the context
+        (``InputError`` with a readable message otherwise)."""
+        self.check_question(question)
+        ids = self._ids(self.prompt_text(question, history))
+        check_token_counts(0, len(ids), self.config.max_new_tokens, self.context_length())
+        input_ids = torch.tensor([ids], dtype=torch.long)
         return MimoInputs(
             input_ids=input_ids,
             question_ids=self.question_ids(question),

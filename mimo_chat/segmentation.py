@@ -21,17 +21,23 @@ The :class:`ImageContext` is a plain object kept by the caller, so one predictor
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, fuse_for_inference, load_lite_medsam_weights
+from mimo_chat.limits import MAX_PROMPTS, PromptError, check_box, check_image_size, check_label, check_point
+from mimo_chat.modeling.sam import (
+    LiteMedSam,
+    SamConfig,
+    build_sam,
+    fuse_for_inference,
+    load_lite_medsam_weights,
+    load_prompt_weights,
+)
 from mimo_chat.modeling.transforms import SamTransform
 
-MAX_PROMPTS = 64
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "segmenter"
 
 
@@ -92,45 +98,28 @@ def clicks_agree(logits: torch.Tensor, model_points, scale: float) -> torch.Tens
 def validate_prompts(
     original_size: tuple[int, int], boxes=None, points=None, point_labels=None, mask_input=None
 ) -> Prompts:
-    """Bring prompts to the batched shapes above; raise ``ValueError`` naming the faulty prompt."""
+    """Bring prompts to the batched shapes above; ``PromptError`` (a ValueError) names the faulty prompt.
+
+    Values are checked by the rules of :mod:`mimo_chat.limits` (shared with the processor and the app);
+    a box partly outside the image is clipped to it.
+    """
     height, width = original_size
     box_array = point_array = label_array = None
     if boxes is not None:
         box_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if np.size(boxes) else None
         if box_array is None or box_array.shape[0] == 0:
-            raise ValueError("boxes is empty; give at least one [x0, y0, x1, y1] box or None")
-        for index, (x0, y0, x1, y1) in enumerate(box_array):
-            if not np.all(np.isfinite([x0, y0, x1, y1])):
-                raise ValueError(f"box {index} {box_array[index].tolist()} has non-finite coordinates")
-            if x1 <= x0 or y1 <= y0:
-                raise ValueError(f"box {index} {box_array[index].tolist()} is empty or inverted (need x0 < x1, y0 < y1)")
-            if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-                raise ValueError(f"box {index} {box_array[index].tolist()} lies outside the {width}x{height} image")
+            raise PromptError("boxes is empty; give at least one [x0, y0, x1, y1] box or None")
+        for index, box in enumerate(box_array):
+            check_box(box, original_size, f"box {index}")
         box_array = np.clip(box_array, 0, [width, height, width, height])
     if points is not None:
-        point_array = np.asarray(points, dtype=np.float64)
-        if point_array.ndim == 1 and point_array.shape == (2,):
-            point_array = point_array[None]
-        if point_array.ndim == 2:
-            point_array = point_array[None]  # (K, 2): one object with K clicks
-        if point_array.ndim != 3 or point_array.shape[-1] != 2 or point_array.shape[1] == 0:
-            raise ValueError(f"points must be (K, 2) or (N, K, 2), got shape {np.shape(points)}")
-        if point_labels is None:
-            label_array = np.ones(point_array.shape[:2], dtype=np.int64)
-        else:
-            label_array = np.asarray(point_labels, dtype=np.int64).reshape(point_array.shape[:2])
-        if not np.isin(label_array, (-1, 0, 1)).all():
-            raise ValueError("point_labels must be 1 (foreground), 0 (background) or -1 (padding)")
+        point_array, label_array = _click_arrays(points, point_labels)
         for index, object_points in enumerate(point_array):
-            for click, (x, y) in enumerate(object_points):
-                if label_array[index, click] == -1:
-                    continue
-                if not (np.isfinite(x) and np.isfinite(y) and 0 <= x < width and 0 <= y < height):
-                    raise ValueError(
-                        f"point {click} of prompt {index} ({x}, {y}) is outside the {width}x{height} image"
-                    )
+            for click, point in enumerate(object_points):
+                check_point(point, label_array[index, click], original_size, f"point {click} of prompt {index}",
+                            padding=True)
         if not (label_array >= 0).any(axis=1).all():
-            raise ValueError("every object needs at least one click with label 0 or 1")
+            raise PromptError("every object needs at least one click with label 0 or 1")
     counts = {len(a) for a in (box_array, point_array) if a is not None}
     mask_tensor = None
     if mask_input is not None:
@@ -138,13 +127,32 @@ def validate_prompts(
         mask_tensor = mask_tensor.float().reshape(-1, 1, *mask_tensor.shape[-2:])
         counts.add(mask_tensor.shape[0])
     if not counts:
-        raise ValueError("segment needs boxes, points or mask_input")
+        raise PromptError("segment needs boxes, points or mask_input")
     if len(counts) > 1:
-        raise ValueError(f"boxes, points and mask_input describe different numbers of objects: {sorted(counts)}")
+        raise PromptError(f"boxes, points and mask_input describe different numbers of objects: {sorted(counts)}")
     count = counts.pop()
     if count > MAX_PROMPTS:
-        raise ValueError(f"{count} prompts in one call; at most {MAX_PROMPTS} (prompt {MAX_PROMPTS} is the first extra)")
+        raise PromptError(f"{count} prompts in one call; at most {MAX_PROMPTS} (prompt {MAX_PROMPTS} is the first extra)")
     return Prompts(box_array, point_array, label_array, mask_tensor, count)
+
+
+def _click_arrays(points, point_labels) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K, 2) clicks and (N, K) labels from (2,), (K, 2) or (N, K, 2) points (labels default to 1)."""
+    point_array = np.asarray(points, dtype=np.float64)
+    if point_array.ndim == 1 and point_array.shape == (2,):
+        point_array = point_array[None]
+    if point_array.ndim == 2:
+        point_array = point_array[None]  # (K, 2): one object with K clicks
+    if point_array.ndim != 3 or point_array.shape[-1] != 2 or point_array.shape[1] == 0:
+        raise PromptError(f"points must be (K, 2) or (N, K, 2), got shape {np.shape(points)}")
+    if point_labels is None:
+        return point_array, np.ones(point_array.shape[:2], dtype=np.int64)
+    labels = np.asarray(point_labels)
+    if labels.size != point_array.shape[0] * point_array.shape[1]:
+        raise PromptError(f"{point_array.shape[1]} points but {labels.size} point labels")
+    for index, label in enumerate(labels.reshape(-1)):
+        check_label(label.item(), f"point label {index}", padding=True)
+    return point_array, labels.astype(np.int64).reshape(point_array.shape[:2])
 
 
 class SegmentationPredictor:
@@ -188,8 +196,9 @@ class SegmentationPredictor:
     def encode(self, image: np.ndarray) -> ImageContext:
         """(H, W) or (H, W, 3) display image -> context holding the (1, C, E, E) embedding."""
         array = np.asarray(image)
-        if array.ndim not in (2, 3) or min(array.shape[:2]) < 2:
+        if array.ndim not in (2, 3):
             raise ValueError(f"Expected an (H, W) or (H, W, 3) image, got shape {array.shape}")
+        check_image_size(array.shape[:2])
         original_size = (int(array.shape[0]), int(array.shape[1]))
         pixels = self.transform.apply_image(array)[None].to(self.device)  # (1, 3, S, S)
         embedding = self.model.encode_image(pixels)
@@ -263,17 +272,3 @@ class SegmentationPredictor:
         full = self.transform.postprocess_logits(logits.float(), context.original_size)  # (N, 1, H, W)
         masks = (full[:, 0] > 0).cpu().numpy()
         return SegmentationResult(masks, iou[:, 0].float().cpu().numpy(), tight_boxes(masks), logits)
-
-
-def load_prompt_weights(model: LiteMedSam, folder: Path) -> None:
-    """Load our trained prompt-encoder / mask-decoder tensors (a partial state dict) into ``model``."""
-    from safetensors.torch import load_file
-
-    config = json.loads((folder / "config.json").read_text())
-    if SamConfig.from_dict(config["sam"]) != model.config:
-        raise ValueError(f"{folder} was trained for another SamConfig")
-    state = load_file(str(folder / "model.safetensors"))
-    missing = set(state) - set(model.state_dict())
-    if missing:
-        raise ValueError(f"{folder} has tensors this model lacks: {sorted(missing)[:5]}")
-    model.load_state_dict(state, strict=False)
