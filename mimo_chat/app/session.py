@@ -8,14 +8,13 @@ folder for its upload and exports; :meth:`Session.cleanup` deletes it.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mimo_chat.app import storage
 from mimo_chat.app.render import PROMPT_COLOR, Layer, compose, display_scale, same_mask
 from mimo_chat.app.viewer import PLANE_AXIS, ZOOMS, Viewport, display_to_voxel, draw_orientation, value_at
 from mimo_chat.imaging import Study, load_study
@@ -83,9 +82,7 @@ class Session:
     def create(cls, root: str | Path, key: str | None = None) -> Session:
         """A new session with its own folder under ``root`` (named after ``key``, the browser session, if given)."""
         Path(root).mkdir(parents=True, exist_ok=True)
-        if key is None:
-            return cls(workdir=Path(tempfile.mkdtemp(prefix="session_", dir=root)))
-        folder = session_folder(root, key)
+        folder = session_folder(root, key) if key is not None else Path(root) / storage.session_name()
         folder.mkdir(exist_ok=True)
         return cls(workdir=folder)
 
@@ -321,14 +318,14 @@ class Session:
         return draw_orientation(screen, self.plane) if self.study.is_volume else screen
 
     def cleanup(self) -> None:
-        """Delete the session folder (upload, exports). Safe to call twice."""
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        """Delete the session's folders (results, and the upload kept outside them). Safe to call twice."""
+        storage.remove_session(self.workdir)
 
 
 def session_folder(root: str | Path, key: str) -> Path:
-    """The folder of the browser session ``key`` (a Gradio session hash) under ``root``."""
-    safe = "".join(c for c in key if c.isalnum())[:64] or "anonymous"
-    return Path(root) / f"session_{safe}"
+    """The folder of the browser session ``key`` (a Gradio session hash) under ``root``; its name is a
+    keyed hash, so a mask link neither reveals the session hash nor leads to another session's folder."""
+    return Path(root) / storage.session_name(key)
 
 
 def cleanup_session(session: Session | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ("io", "segment", "chat", "volume")
+BENCHMARKS = ("io", "segment", "chat", "volume", "load")
 
 
 def main(argv: list[str] | None = None) -> int:
