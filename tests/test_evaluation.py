@@ -137,3 +137,56 @@ def test_mask_run_length_round_trip() -> None:
     rng = np.random.default_rng(0)
     for mask in (rng.random((17, 23)) > 0.6, np.ones((4, 5), bool), np.zeros((3, 3), bool)):
         assert np.array_equal(rle_to_mask(mask_to_rle(mask)), mask)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The organ in the box is the lung. The lung filters air.", "lung"),
+        ("This is the right kidney, behind the liver.", "right kidney"),
+        ("It is the kidney (left).", "left kidney"),
+        ("The IVC lies to the right of the aorta.", "inferior vena cava"),
+        ("Paris is the capital of France.", None),
+    ],
+)
+def test_first_structure_named(text: str, expected: str | None) -> None:
+    from mimo_chat.evaluation.conversation import first_named
+
+    assert first_named(text) == expected
+
+
+def test_declines_say_what_the_tool_does() -> None:
+    from mimo_chat.evaluation.parsing import says_capabilities
+
+    assert says_capabilities("I can only answer questions about this image: I can segment and find structures.")
+    assert says_capabilities("This tool segments and names structures on medical images.")
+    assert not says_capabilities("Paris is the capital of France.")
+    assert not says_capabilities("Sorry, I cannot help with that.")
+
+
+def test_multi_seg_scores_the_first_phrase_naming_each_query(tmp_path) -> None:
+    from PIL import Image
+
+    from mimo_chat.evaluation.runner import PhraseRecord, Prediction, question_for
+    from mimo_chat.evaluation.scoring import aggregate, score_row
+
+    liver, spleen = _square(16, 0, 0, 6), _square(16, 8, 8, 6)
+    for name, mask in (("liver", liver), ("spleen", spleen)):
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / f"{name}.png")
+    row = {"id": "r", "task": "multi_seg", "image": "x.png", "modality": "CT", "queries": ["liver", "spleen"],
+           "target_masks": {"liver": "liver.png", "spleen": "spleen.png"}, "forbidden_names": ["heart"]}
+    assert question_for(row) == "Segment the liver and the spleen."
+    phrases = [PhraseRecord("liver", mask_to_rle(spleen)), PhraseRecord("the liver", mask_to_rle(liver)),
+               PhraseRecord("stomach", mask_to_rle(spleen)), PhraseRecord("spleen", mask_to_rle(spleen))]
+    score = score_row(row, Prediction("r", "", "The liver, the stomach and the spleen.", phrases), tmp_path)
+    assert score.query_ious == {"liver": 0.0, "spleen": 1.0} and score.extra_phrases == 1
+    assert score.hallucination is False and not score.unparseable
+    hallucinated = score_row(row, Prediction("r", "", "The heart and the liver.", phrases[1:2]), tmp_path)
+    assert hallucinated.hallucination is True
+    silent = score_row(row, Prediction("r", "", "I see nothing.", []), tmp_path)
+    assert silent.unparseable and silent.recall == 0.0
+    report = aggregate([row] * 3, [score, hallucinated, silent])
+    assert report["tasks"]["multi_seg"]["recall"] == pytest.approx(2 / 6)
+    assert report["tasks"]["multi_seg"]["hallucination"] == pytest.approx(1 / 3)
+    assert report["per_query"]["spleen"]["multi_seg"] == {"n": 3, "miou": pytest.approx(1 / 3), "recall": pytest.approx(1 / 3)}
+    assert report["unparseable"] == 1

@@ -201,3 +201,74 @@ def test_paired_comparison_reports_per_row_differences(bench10: Path, tmp_path: 
     with pytest.raises(SystemExit):  # predictions not cached: a readable error
         main(["--compare", str(good), str(bad), "--paired"])
     assert "no cached predictions" in capsys.readouterr().err
+
+
+CHAT_TASK_KEYS = {  # ../shared/benchmarks/SCHEMA.md, v1.1
+    "multi_seg": ("n", "miou", "recall", "extra_phrases", "hallucination"),
+    "describe": ("n", "recall", "miou", "hallucination"),
+    "explain": ("n", "accuracy", "hallucination"),
+    "off_topic": ("n", "decline_rate"),
+}
+DECLINE = "I can only answer questions about this image: I can segment structures and name what you box."
+
+
+@pytest.fixture(scope="module")
+def chat_bench(tmp_path_factory, shared_data: Path) -> Path:
+    """Conversation rows of a chest radiograph set and a kidney CT set (dev patients)."""
+    out = tmp_path_factory.mktemp("chat_bench")
+    make_bench.build(out, sources=["jsrt_scr_cxr", "kits19_ct"], tasks=list(CHAT_TASK_KEYS), max_per_source=2)
+    return out
+
+
+class ChatOracle:
+    """Answers the conversation questions from the manifest; ``confused`` names the pancreas instead."""
+
+    def __init__(self, bench: Path, confused: bool = False) -> None:
+        self.bench, self.confused = bench, confused
+        self.rows = load_manifest(bench)
+
+    def encode(self, image: np.ndarray) -> np.ndarray:
+        return image
+
+    def ask(self, ctx, question, boxes=None, points=None, point_labels=None, history=None) -> _Reply:
+        from mimo_chat.evaluation.runner import question_for
+
+        row = next(r for r in self.rows if question_for(r) == question and (r.get("prompt") or {}).get("box") ==
+                   (boxes[0] if boxes else None) and np.array_equal(np.asarray(ctx)[..., 0], _image(self.bench, r["image"])))
+        if row["task"] == "off_topic":
+            mask = np.ones(_image(self.bench, row["image"]).shape, bool)
+            return (_Reply("This is the <p>pancreas</p><SEG>.", "This is the pancreas.", [_Phrase("pancreas", mask)])
+                    if self.confused else _Reply(DECLINE, DECLINE, []))
+        names = row.get("queries") or row.get("target_names") or [row["target_name"]]
+        masks = {n: load_mask(self.bench, row["target_masks"][n] if "target_masks" in row else row["target_mask"])
+                 for n in names}
+        if self.confused:  # the right masks, the wrong word
+            names = ["pancreas"] + names[1:]
+        phrases = [_Phrase(name, mask) for name, mask in zip(names, masks.values())]
+        text = "This is the " + " and the ".join(names) + "."
+        return _Reply(text, text, phrases)
+
+
+def test_conversation_tasks_follow_the_schema_and_catch_wrong_words(chat_bench: Path, tmp_path: Path, capsys) -> None:
+    good, bad = tmp_path / "good" / "report.json", tmp_path / "bad" / "report.json"
+    perfect = evaluate(ChatDriver(ChatOracle(chat_bench)), chat_bench, good, fingerprint="oracle", progress=False)
+    for task, keys in CHAT_TASK_KEYS.items():
+        assert set(keys) <= set(perfect["tasks"][task]), task
+        for key in keys[1:]:
+            assert perfect["tasks"][task][key] == (0.0 if key in ("hallucination", "extra_phrases") else 1.0), (task, key)
+    assert perfect["unparseable"] == 0 and {"CT", "XR"} <= set(perfect["per_modality"])
+    for row in load_manifest(chat_bench, ["multi_seg"]):
+        for query in row["queries"]:
+            assert perfect["per_query"][query]["multi_seg"]["recall"] == 1.0
+    confused = evaluate(ChatDriver(ChatOracle(chat_bench, confused=True)), chat_bench, bad, fingerprint="confused",
+                        progress=False, make_plots=False)
+    tasks = confused["tasks"]
+    assert tasks["off_topic"]["decline_rate"] == 0.0 and tasks["explain"]["accuracy"] == 0.0
+    assert tasks["multi_seg"]["recall"] < 1.0 and tasks["multi_seg"]["extra_phrases"] > 0
+    xr = confused["per_modality"]["XR"]  # the pancreas cannot be on a chest radiograph
+    assert xr["multi_seg"]["hallucination"] == xr["describe"]["hallucination"] == xr["explain"]["hallucination"] == 1.0
+    assert confused["per_modality"]["CT"]["explain"]["hallucination"] == 0.0
+    assert main(["--compare", str(good), str(bad), "--paired"]) == 0
+    lines = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "1.000  0.000  -1.000" in lines["off_topic / all"] and "1.000  0.000  -1.000" in lines["explain / all"]
+    assert "multi_seg / jsrt_scr_cxr" in lines and "describe / kits19_ct" in lines

