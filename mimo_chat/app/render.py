@@ -261,6 +261,13 @@ def highlight(text: str, layers: list[Layer]) -> str:
     return "".join(pieces)
 
 
+def sources_html(sources: list[str]) -> str:
+    """The knowledge-base entries a reply's facts come from, as a small line under the reply."""
+    if not sources:
+        return ""
+    return "<div class='mimo-sources'>Sources: " + "; ".join(html.escape(str(s)) for s in sources) + "</div>"
+
+
 def mask_png(mask: np.ndarray, path) -> None:
     """Save an (H, W) bool mask as an 8-bit PNG (255 inside, 0 outside)."""
     Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(path)

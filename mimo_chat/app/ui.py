@@ -36,6 +36,7 @@ CSS = """
 .mimo-swatch { display: inline-block; width: 14px; height: 14px; border-radius: 3px; }
 .mimo-nomask, .mimo-caveat { color: #888; }
 .mimo-caveat a { color: inherit; }
+.mimo-sources { color: #777; font-size: 0.85em; margin-top: 4px; }
 #mimo-viewer img { cursor: crosshair; }
 """
 
@@ -194,10 +195,9 @@ def build_demo(
             api_point = gr.Button("add point")
             api_box = gr.Button("set boxes")
         # in the page but hidden: the viewer script clicks / fills them (mouse wheel, value under the pointer)
-        with gr.Row(visible="hidden"):
-            slice_previous = gr.Button("previous slice", elem_id="mimo-slice-previous")
-            slice_next = gr.Button("next slice", elem_id="mimo-slice-next")
-            hover = gr.Textbox(elem_id="mimo-hover", label="pointer x,y (screen pixels)")
+        slice_previous = gr.Button("previous slice", elem_id="mimo-slice-previous", visible="hidden")
+        slice_next = gr.Button("next slice", elem_id="mimo-slice-next", visible="hidden")
+        hover = gr.Textbox(elem_id="mimo-hover", label="pointer x,y (screen pixels)", visible="hidden")
 
         demo.load(callbacks.start, None, state, api_name="start_session")
         demo.load(None, js=VIEWER_JS)
@@ -220,7 +220,7 @@ def build_demo(
                              show_progress="hidden", trigger_mode="always_last")
         slice_next.click(functools.partial(callbacks.step, 1), state, step_outputs, api_name="next_slice",
                          show_progress="hidden", trigger_mode="always_last")
-        hover.input(callbacks.hover, [hover, state], hover_value, api_name="value_at", show_progress="hidden",
+        hover.change(callbacks.hover, [hover, state], hover_value, api_name="value_at", show_progress="hidden",
                     trigger_mode="always_last", concurrency_limit=None)
         for button, factor in ((zoom_in, 2.0), (zoom_out, 0.5), (zoom_fit, 0.0)):
             button.click(functools.partial(callbacks.zoom, factor), state, view,
