@@ -18,7 +18,7 @@ import gradio as gr
 from mimo_chat import limits
 from mimo_chat.app import storage
 from mimo_chat.app.examples import example_path, example_view
-from mimo_chat.app.export import export_files, write_masks  # noqa: F401 - write_masks: used by the API module
+from mimo_chat.app.export import export_files
 from mimo_chat.app.render import Layer, color_for, highlight, legend_html, sources_html, strip_tags
 from mimo_chat.app.session import Session, Turn, session_folder
 from mimo_chat.app.viewer import value_text
