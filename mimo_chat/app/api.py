@@ -56,6 +56,9 @@ def _load(session: Session, file_path: str | None, deadline: limits.Deadline) ->
         raise limits.InputError("Send an image file (PNG, JPEG, DICOM, a zipped DICOM series or NIfTI).")
     source = Path(file_path)
     try:
+        if not source.exists():  # Gradio keeps one copy of identical uploads; another request read and removed it
+            raise limits.InputError("This upload is no longer on the server: an identical file sent at the same "
+                                    "moment was already read and removed. Please send it again.")
         if not source.is_file() or source.stat().st_size == 0:
             raise ImageLoadError("The uploaded file is empty.")
         session.load(source, name=source.name)
