@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mimo_chat.limits import MAX_PROMPTS, PromptError, check_box, check_image_size, check_label, check_point
+from mimo_chat.limits import MAX_POINTS, MAX_PROMPTS, PromptError, check_box, check_image_size, check_label, check_point
 from mimo_chat.modeling.sam import (
     LiteMedSam,
     SamConfig,
@@ -114,6 +114,8 @@ def validate_prompts(
         box_array = np.clip(box_array, 0, [width, height, width, height])
     if points is not None:
         point_array, label_array = _click_arrays(points, point_labels)
+        if point_array.shape[1] > MAX_POINTS:
+            raise PromptError(f"{point_array.shape[1]} clicks on one object; at most {MAX_POINTS}")
         for index, object_points in enumerate(point_array):
             for click, point in enumerate(object_points):
                 check_point(point, label_array[index, click], original_size, f"point {click} of prompt {index}",

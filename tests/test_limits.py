@@ -189,5 +189,7 @@ def test_segmentation_engine_uses_the_same_rules():
         validate_prompts((64, 64), points=np.array([[[1, 1]], [[70, 1]]]), point_labels=[[1], [1]])
     with pytest.raises(limits.PromptError, match="point label 0 has label 7"):
         validate_prompts((64, 64), points=[[1, 1]], point_labels=[7])
+    with pytest.raises(limits.PromptError, match="65 clicks on one object; at most 64"):
+        validate_prompts((64, 64), points=[[1, 1]] * 65)
     prompts = validate_prompts((64, 64), points=[[[1, 1], [0, 0]]], point_labels=[[1, -1]])
     assert prompts.count == 1
