@@ -193,3 +193,25 @@ def test_segmentation_engine_uses_the_same_rules():
         validate_prompts((64, 64), points=[[1, 1]] * 65)
     prompts = validate_prompts((64, 64), points=[[[1, 1], [0, 0]]], point_labels=[[1, -1]])
     assert prompts.count == 1
+
+
+def test_deflated_dicom_opens_and_a_deflate_bomb_is_refused(tmp_path):
+    import zlib
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    dataset = pydicom.dcmread(pydicom_test_file("CT_small.dcm"))
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    dataset.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    assert load_study(tmp_path / "deflated.dcm").pixels.shape == (128, 128)
+    raw = (tmp_path / "deflated.dcm").read_bytes()
+    handle = io.BytesIO(raw)
+    read_preamble(handle, False)
+    _read_file_meta_info(handle)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    body = b"".join(packer.compress(zeros) for _ in range(limits.MAX_MEMBER_BYTES // len(zeros) + 8))
+    (tmp_path / "bomb.dcm").write_bytes(raw[: handle.tell()] + body + packer.flush())
+    with pytest.raises(ImageLoadError, match="too large to open once unpacked"):
+        load_study(tmp_path / "bomb.dcm")
