@@ -153,10 +153,8 @@ def import_seg_cache(seg_cache: str | Path, data: str | Path, config: MimoConfig
     cache = EmbeddingCache(root, config)
     keys: dict[tuple[str, str, str], str] = {}
     for split in ("train", "dev"):
-        path = Path(data) / f"{split}.jsonl"
-        if path.exists():
-            for record in read_conversations(path):
-                keys[(record["source"], record["patient"], record["slice_id"])] = record["image_hash"]
+        for record in dataset_records(Path(data), split):
+            keys[(record["source"], record["patient"], record["slice_id"])] = record["image_hash"]
     from mimo_chat.train.seg_cache import read_record
 
     copied = 0

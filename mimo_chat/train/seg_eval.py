@@ -50,7 +50,7 @@ def context_of(record: dict, predictor: SegmentationPredictor) -> ImageContext:
 
 
 def evaluate(predictor: SegmentationPredictor, records: list[dict], min_pixels: int = 100) -> dict:
-    """Mean Dice per prompt kind, per source and modality."""
+    """Mean Dice per prompt kind, per source, modality and (source, structure)."""
     scores: dict[str, list[float]] = defaultdict(list)
     for record in records:
         context = context_of(record, predictor)
@@ -69,7 +69,8 @@ def evaluate(predictor: SegmentationPredictor, records: list[dict], min_pixels: 
             large = target.mean() >= LARGE_FRACTION
             for kind, result in (("box", box_result), ("click", click_result)):
                 value = dice(result.masks[index], target)
-                keys = [kind, f"{kind}/{record['source']}", f"{kind}/{record['modality']}"]
+                keys = [kind, f"{kind}/{record['source']}", f"{kind}/{record['modality']}",
+                        f"{kind}/{record['source']}/{name}"]
                 if large:
                     keys += [f"{kind}_large", f"{kind}_large/{record['source']}"]
                 for key in keys:
