@@ -200,3 +200,11 @@ def test_sigterm_leaves_no_upload_and_the_next_start_clears_a_dead_run(tmp_path)
             process.kill()
     remaining = [path for path in root.rglob("*") if path.is_file()]
     assert remaining == []
+
+
+def test_concurrent_sessions_get_only_their_own_results(served, tmp_path):
+    from mimo_chat.bench.load import run_level, session_images
+
+    url, _ = served
+    level = run_level(url, session_images(4, tmp_path), requests=1, timeout=120)
+    assert level["answered"] == 4 and level["errors"] == 0 and level["cross_talk"] == 0, level
