@@ -7,11 +7,13 @@
     reply = predictor.ask(context, "Where is the liver?", boxes=[[x0, y0, x1, y1]])
     result = predictor.segment(context, points=[[x, y]], point_labels=[1])   # plain clicks
 
-In a reply to boxes or clicks, the i-th grounded phrase names the i-th prompted object: the
-engine segments the prompt, the locator names that mask (``MimoModel.name_regions``) and those
-name tokens are forced into the phrase the LM opens; a yes / no the LM writes right after
-``<SEG>:`` (a grounded presence answer) is the locator's verdict on that phrase. The LM writes
-everything else.
+A reply says only what the image and the knowledge base show (``mimo_chat.evidence``): the
+question's intent and the image evidence (the locator's findings, the namer's name for each box /
+click, the image kind from ``image_kind`` metadata) plan the raw reply, which is teacher-forced
+through the language model's decode loop so that each ``<SEG>`` gets its hidden state and its mask
+streams the moment it decodes. The i-th grounded phrase of a reply to boxes or clicks shows the
+i-th prompted object. With ``reply_prefix`` the LM continues freely after the prefix, but inside
+``<p>...</p>`` it can only spell a name the evidence allows (a token trie).
 
 The image embedding in the context is shared by the MIMO mask decoding and plain ``segment``
 calls (one image encoder). The context is a plain object kept by the caller.
@@ -28,17 +30,17 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
+from mimo_chat.data.knowledge import load_knowledge_base
+from mimo_chat.evidence.compose import Plan, plan_reply
+from mimo_chat.evidence.constrain import NameTrie, phrase_constraint
+from mimo_chat.evidence.evidence import gather_evidence, vocabulary_presence
+from mimo_chat.evidence.intent import IntentReader
+from mimo_chat.evidence.policy import Evidence
 from mimo_chat.generation import decode_steps
 from mimo_chat.grounding import GroundedReply, build_reply, mask_to_box, parse_grounded_text, render_plain_text
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import load_tokenizer
-from mimo_chat.modeling.locator import (
-    PRESENCE_THRESHOLD,
-    phrase_spans,
-    presence_logits,
-    region_cells,
-    target_fractions,
-)
+from mimo_chat.modeling.locator import PRESENCE_THRESHOLD, phrase_spans, region_cells
 from mimo_chat.modeling.mimo import CONFIG_NAME, WEIGHTS_NAME, MimoModel, resolve_pretrained_dir
 from mimo_chat.modeling.sam import fuse_for_inference
 from mimo_chat.processing import MimoProcessor
@@ -53,6 +55,8 @@ class MimoContext:
 
     image: ImageContext  # (1, C, E, E) embedding, original and input sizes
     locator_features: torch.Tensor | None = None  # (1, W, E, E), computed at the first question
+    image_kind: str | None = None  # study metadata, e.g. "XR chest", "CT", "MR abdomen"; None = unknown
+    presence: torch.Tensor | None = None  # (V,) the locator's vocabulary presence, computed once
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -100,12 +104,12 @@ class _StreamState:
     shown: str = ""
     prompted: SegmentationResult | None = None  # the user's boxes / clicks, segmented by the engine
     feedback: torch.Tensor | None = None  # (H,) what the locator found, added to the next <SEG> input
-    prompt_names: list[list[int]] = field(default_factory=list)  # token ids naming each prompted object
-    presence: float | None = None  # the locator's presence logit for the last <SEG>
+    evidence: Evidence | None = None
+    plan: Plan | None = None  # the planned reply (None: free text after a reply prefix)
+    name_scores: list[float | None] = field(default_factory=list)  # per decoded <SEG>
 
 
 QUANTIZE_CHOICES = ("auto", "none", "int8-weights", "int8")
-MIN_NAME_DICE = 0.05  # a prompted object whose best name matches less than this is named by the LM alone
 
 
 def default_quantization(choice: str, name_or_path: str | Path, device: str | torch.device) -> str | None:
@@ -131,6 +135,15 @@ class MimoPredictor:
         self.notes = list(notes or [])
         self.use_prefix_cache = True
         self._prefix_caches: dict[tuple[int, ...], DynamicCache] = {}
+        self.knowledge = load_knowledge_base()
+        self._reader: IntentReader | None = None
+
+    @property
+    def reader(self) -> IntentReader:
+        """The question reader (loads the sentence encoder at first use)."""
+        if self._reader is None:
+            self._reader = IntentReader(self.knowledge, self.config.locator_vocabulary)
+        return self._reader
 
     @classmethod
     def from_pretrained(
@@ -186,9 +199,12 @@ class MimoPredictor:
     def device(self) -> torch.device:
         return self.model.device
 
-    def encode(self, image: np.ndarray) -> MimoContext:
-        """(H, W) or (H, W, 3) display image -> context (image embedding computed once)."""
-        return MimoContext(self.segmenter.encode(image))
+    def encode(self, image: np.ndarray, image_kind: str | None = None) -> MimoContext:
+        """(H, W) or (H, W, 3) display image -> context (image embedding computed once).
+
+        ``image_kind``: what the study's metadata says the image is ("XR chest", "CT abdomen", a
+        DICOM modality such as "CR"); it decides which structures can be named on it."""
+        return MimoContext(self.segmenter.encode(image), image_kind=image_kind)
 
     @torch.inference_mode()
     def locate(self, ctx: MimoContext, names: Sequence[str], masks: bool = True) -> list[Located]:
@@ -202,12 +218,12 @@ class MimoPredictor:
         features = self._locator_features(ctx)
         ids = [self.processor.tokenizer(name, add_special_tokens=False).input_ids for name in names]
         rows = torch.zeros(len(names), dtype=torch.long, device=self.device)
-        heatmaps = model.locator(features, rows, model.phrase_embeddings(ids))  # (N, E, E)
-        presence = presence_logits(heatmaps)  # (N,)
+        phrases = model.phrase_embeddings(ids)  # (N, H)
+        presence = model.phrase_presence(features, rows, phrases)  # (N,)
         probabilities = presence.float().sigmoid().tolist()
         if not masks:
             return [Located(name, p, None, None, None) for name, p in zip(names, probabilities, strict=True)]
-        low_res, iou = model.decode_masks(heatmaps, presence, rows, ctx.image.embedding.to(self.device))
+        _, low_res, iou = model.ground_phrases(features, rows, phrases, presence, ctx.image.embedding.to(self.device))
         full = self.processor.transform.postprocess_logits(low_res.float(), ctx.original_size)  # (N, 1, H, W)
         found = []
         for n, name in enumerate(names):
@@ -234,14 +250,17 @@ class MimoPredictor:
         temperature: float = 0.0,
         reply_prefix: str | None = None,
         on_token: Callable[[int], None] | None = None,
+        image_kind: str | None = None,
     ) -> Iterator[Event]:
         """Yield ``TextDelta`` as text arrives, ``MaskReady`` the moment each ``<SEG>`` is produced,
         then ``Done`` with the whole grounded reply. Prompts are in original image pixels.
 
-        ``reply_prefix`` (raw text, tags allowed) forces the start of the reply – an assistant
-        prefill: e.g. ``"<p>pancreas</p><SEG>"`` asks for that mask, and the model continues with up
-        to ``max_new_tokens`` more tokens. ``on_token(token_id)`` is called as each token is
-        decoded (timing and logging; it must not block)."""
+        The reply is planned from the evidence (see the module docstring); ``max_new_tokens`` and
+        ``temperature`` apply to free text only. ``reply_prefix`` (raw text, tags allowed) forces
+        the start of the reply instead of a plan -- an assistant prefill: e.g.
+        ``"<p>pancreas</p><SEG>"`` asks for that mask, and the model continues with up to
+        ``max_new_tokens`` more tokens. ``image_kind`` overrides the context's. ``on_token(token_id)``
+        is called as each token is decoded (timing and logging; it must not block)."""
         inputs = self.processor.encode(question, ctx.original_size, boxes, points, point_labels, history)
         device = self.device
         prompts = inputs.prompts
@@ -259,19 +278,25 @@ class MimoPredictor:
         state = _StreamState()
         if not prompts.empty:
             state.prompted = self.segmenter.segment(ctx.image, boxes=boxes, points=points, point_labels=point_labels)
-            state.prompt_names = self._prompt_names(state.prompted, ctx)
+        state.evidence = self._evidence(ctx, state.prompted, image_kind)
+        if reply_prefix:
+            forced, free = self.processor.reply_prefix_ids(reply_prefix), max_new_tokens
+            free = self.config.max_new_tokens if free is None else free
+        else:
+            intent = self.reader.read(question, history, prompted=not prompts.empty)
+            state.plan = plan_reply(intent, state.evidence, self.knowledge, question)
+            forced, free = self.processor.reply_prefix_ids(state.plan.raw_text), 0
         stop_ids = self.processor.stop_token_ids
         steps = decode_steps(
             self.model.language_model,
             inputs_embeds[:, cached_length:],
-            self.config.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            free,
             stop_ids,
             temperature,
-            forced_token_ids=self.processor.reply_prefix_ids(reply_prefix) if reply_prefix else None,
+            forced_token_ids=forced,
             past_key_values=cache,
             embed_token=lambda token: self._embed_token(token, state),
-            follow=lambda token: self._follow(token, state),
-            revise=lambda token: self._revise(token, state),
+            allowed=phrase_constraint(lambda k: self._phrase_trie(k, state), self.model.token_ids["<p>"]),
         )
         for step in steps:
             if on_token is not None:
@@ -287,7 +312,9 @@ class MimoPredictor:
         final = self._text_delta(state, partial=False)
         if final:
             yield final
-        yield Done(build_reply(self.processor.decode(state.generated), state.masks, ctx.original_size))
+        sources = state.plan.sources if state.plan is not None else []
+        raw = self.processor.decode(state.generated)
+        yield Done(build_reply(raw, state.masks, ctx.original_size, state.name_scores, sources))
 
     def ask(
         self,
@@ -299,9 +326,12 @@ class MimoPredictor:
         history: list[tuple[str, str]] | None = None,
         max_new_tokens: int | None = None,
         reply_prefix: str | None = None,
+        image_kind: str | None = None,
     ) -> GroundedReply:
         """The whole grounded reply at once (consumes :meth:`stream`)."""
-        events = self.stream(ctx, question, boxes, points, point_labels, history, max_new_tokens, 0.0, reply_prefix)
+        events = self.stream(
+            ctx, question, boxes, points, point_labels, history, max_new_tokens, 0.0, reply_prefix, image_kind=image_kind
+        )
         for event in events:
             if isinstance(event, Done):
                 return event.reply
@@ -341,33 +371,26 @@ class MimoPredictor:
             ctx.locator_features = self.model.locator.image_features(ctx.image.embedding.to(self.device))
         return ctx.locator_features
 
-    @torch.inference_mode()
-    def _prompt_names(self, prompted: SegmentationResult, ctx: MimoContext) -> list[list[int]]:
-        """Token ids of the name of each prompted object (the engine's mask of each box / click set,
-        named by the locator: ``MimoModel.name_regions``); [] for an object no name matches."""
-        if not self.model.vocabulary_ids or not len(prompted.masks):
-            return []
+    def _evidence(self, ctx: MimoContext, prompted: SegmentationResult | None, image_kind: str | None) -> Evidence:
+        """What the image shows for this question (the vocabulary presence is computed once per image)."""
         features = self._locator_features(ctx)
-        frames = torch.stack([self.processor.transform.apply_mask(mask) for mask in prompted.masks])  # (N, S, S)
-        index, dice = self.model.name_regions(features, target_fractions(frames.to(self.device), features.shape[-1]))
-        return [list(self.model.vocabulary_ids[i]) if float(d) >= MIN_NAME_DICE else [] for i, d in zip(index, dice, strict=True)]
+        if ctx.presence is None:
+            ctx.presence = vocabulary_presence(self.model, features)
+        masks = None
+        if prompted is not None and len(prompted.masks):
+            masks = torch.stack([self.processor.transform.apply_mask(mask) for mask in prompted.masks])  # (N, S, S)
+        return gather_evidence(self.model, features, self.knowledge, image_kind or ctx.image_kind, masks, ctx.presence)
 
-    def _follow(self, token: int, state: _StreamState) -> list[int]:
-        """Tokens forced after ``token``: a phrase opened for the i-th prompted object holds its name."""
-        model = self.model
-        if token != model.token_ids["<p>"]:
-            return []
-        phrase = state.generated.count(token) - 1
-        if phrase >= len(state.prompt_names) or not state.prompt_names[phrase]:
-            return []
-        return [*state.prompt_names[phrase], model.token_ids["</p>"], model.seg_token_id]
-
-    def _revise(self, token: int, state: _StreamState) -> int:
-        """A yes / no chosen right after ``<SEG>:`` (a grounded presence answer) is the locator's verdict."""
-        yes, no = self.processor.verdict_ids
-        if token not in (yes, no) or state.presence is None or state.generated[-2:] != self.processor.verdict_slot:
-            return token
-        return yes if state.presence > PRESENCE_THRESHOLD else no
+    def _phrase_trie(self, phrase: int, state: _StreamState) -> NameTrie:
+        """Names the ``phrase``-th free-text phrase may spell: the prompted object's name, else any allowed name."""
+        evidence = state.evidence
+        names = list(evidence.presence) if evidence is not None else list(self.config.locator_vocabulary)
+        prompted = evidence is not None and phrase < len(evidence.prompted)
+        if prompted and evidence.prompted[phrase].name:
+            names = [evidence.prompted[phrase].name]
+        tokenizer, ids = self.processor.tokenizer, self.model.token_ids
+        spelled = [tokenizer(name, add_special_tokens=False).input_ids for name in names]
+        return NameTrie(spelled, ids["<p>"], ids["</p>"], self.model.seg_token_id, with_mask=prompted)
 
     def _embed_token(self, token: int, state: _StreamState) -> torch.Tensor:
         """(1, 1, H) input embedding of the next token; a ``<SEG>`` carries the locator's finding."""
@@ -380,30 +403,44 @@ class MimoPredictor:
     def _mask_ready(self, state: _StreamState, ctx: MimoContext, hidden_state: torch.Tensor, embedding: torch.Tensor) -> MaskReady:
         """Locate and decode the phrase of the ``<SEG>`` just produced (its phrase is found by the reply parser).
 
-        The first ``<SEG>`` s of a reply to a box or clicks show the prompted objects (the engine's
-        masks, in prompt order); the others show where the locator finds their phrase."""
+        A ``<SEG>`` that shows a prompted object gets the engine's mask of that prompt; the others
+        go the one ``<SEG>`` -> mask path of training (``MimoModel.phrase_presence`` / ``ground_phrases``)."""
         model = self.model
         spans = phrase_spans(state.generated, model.token_ids["<p>"], model.token_ids["</p>"], model.seg_token_id)
         phrase = model.phrase_embeddings([spans[-1][1]])  # (1, H)
         rows = torch.zeros(1, dtype=torch.long, device=embedding.device)
         features = ctx.locator_features
-        presence = presence_logits(model.locator(features, rows, phrase))  # (1,) as in training
+        presence = model.phrase_presence(features, rows, phrase)  # (1,) as in training
         state.feedback = model.feedback(presence)[0]
-        state.presence = float(presence[0])
         seg_index = len(state.masks)
-        if state.prompted is not None and seg_index < len(state.prompted.masks):
-            mask = state.prompted.masks[seg_index]
-            score = float(state.prompted.scores[seg_index])
+        prompt_index, name_score = self._seg_source(state, seg_index, float(presence[0]))
+        if prompt_index is not None:
+            mask = state.prompted.masks[prompt_index]
+            score = float(state.prompted.scores[prompt_index])
         else:
-            heatmaps = model.locator(features, rows, phrase, hidden_state[None].to(phrase.dtype))
-            low_res, iou = model.decode_masks(heatmaps, presence, rows, embedding)
+            _, low_res, iou = model.ground_phrases(features, rows, phrase, presence, embedding, hidden_state[None].to(phrase.dtype))
             full = self.processor.transform.postprocess_logits(low_res.float(), ctx.original_size)  # (1, 1, H, W)
             mask = (full[0, 0] > 0).cpu().numpy()
             score = float(iou[0])
         state.masks.append((mask, score))
+        state.name_scores.append(name_score)
         _, parsed = parse_grounded_text(self.processor.decode(state.generated))
         index = next(i for i, span in enumerate(parsed) if span.seg_index == seg_index)
-        return MaskReady(index=index, phrase=parsed[index].phrase, mask=mask, box=mask_to_box(mask), score=score)
+        return MaskReady(index, parsed[index].phrase, mask, mask_to_box(mask), score, name_score)
+
+    @staticmethod
+    def _seg_source(state: _StreamState, seg_index: int, presence: float) -> tuple[int | None, float | None]:
+        """Which prompted object the ``seg_index``-th ``<SEG>`` shows (None: located) and how sure its name is."""
+        located = 1.0 / (1.0 + float(np.exp(-presence)))
+        prompted = state.evidence.prompted if state.evidence is not None else []
+        if state.plan is not None:
+            if seg_index < len(state.plan.segs):
+                planned = state.plan.segs[seg_index]
+                return planned.prompt_index, planned.name_score if planned.prompt_index is not None else located
+            return None, located
+        if state.prompted is not None and seg_index < len(state.prompted.masks):
+            return seg_index, prompted[seg_index].name_score if seg_index < len(prompted) else None
+        return None, located
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Trained parameters + config (LoRA is unmerged for saving and merged back)."""

@@ -98,42 +98,37 @@ def test_prefix_cache_changes_nothing_but_speed(predictor, ct_image) -> None:
         assert phrase[0].score == pytest.approx(phrase[1].score, abs=1e-5) == phrase[2].score
 
 
-def test_a_phrase_opened_for_a_box_holds_the_name_the_locator_gives_its_mask(predictor, ct_image) -> None:
+def test_a_phrase_opened_for_a_box_holds_the_name_the_evidence_gives_its_mask(predictor, ct_image) -> None:
     context = predictor.encode(ct_image)
     box = [10.0, 12.0, 100.0, 110.0]
-    model = predictor.model
     prompted = predictor.segment(context, boxes=[box])
-    names = predictor._prompt_names(prompted, context)
-    assert len(names) == 1 and names[0] in model.vocabulary_ids  # a vocabulary name was chosen for the box
-    reply = predictor.ask(context, "What is this?", boxes=[box], reply_prefix="It is the <p>", max_new_tokens=4)
-    expected = predictor.processor.tokenizer.decode(names[0])
-    assert reply.phrases[0].phrase == expected
+    evidence = predictor._evidence(context, prompted, None)
+    name = evidence.prompted[0].name
+    assert name in predictor.config.locator_vocabulary  # a vocabulary name was chosen for the box
+    reply = predictor.ask(context, "What is this?", boxes=[box], reply_prefix="It is the <p>", max_new_tokens=6)
+    assert reply.phrases[0].phrase == name
     assert np.array_equal(reply.phrases[0].mask, prompted.masks[0])  # the box's own mask
-    # without a prompt nothing is forced: the same prefix is continued by the LM alone
-    free = predictor.ask(context, "What is this?", reply_prefix="It is the <p>", max_new_tokens=4)
+    assert reply.phrases[0].name_score == pytest.approx(evidence.prompted[0].name_score)
+    # without a prompt the LM may spell any name the evidence allows, and nothing else
+    free = predictor.ask(context, "What is this?", reply_prefix="It is the <p>", max_new_tokens=6)
     assert free.raw_text.startswith("It is the <p>")
+    assert free.phrases[0].phrase in predictor.config.locator_vocabulary
 
 
-def test_a_yes_or_no_after_seg_colon_is_the_locators_verdict(predictor) -> None:
-    from mimo_chat.predictor import _StreamState
-
-    yes, no = predictor.processor.verdict_ids
-    slot = predictor.processor.verdict_slot  # "<SEG>:" as tokenized in "<p>x</p><SEG>: yes, ..."
-    state = _StreamState(generated=[5, 6, *slot], presence=2.0)
-    assert predictor._revise(no, state) == yes and predictor._revise(yes, state) == yes
-    state.presence = -2.0
-    assert predictor._revise(yes, state) == no
-    assert predictor._revise(17, state) == 17  # not a yes / no: left alone
-    state.generated = [5, *slot, 9]  # not right after "<SEG>:"
-    assert predictor._revise(yes, state) == yes
-
-
-def test_decode_steps_revises_chosen_tokens_but_not_forced_ones(predictor, ct_image) -> None:
+def test_decode_steps_samples_only_allowed_tokens_and_never_changes_forced_ones(predictor) -> None:
     from mimo_chat.generation import decode_steps
 
     language_model = predictor.model.language_model
     ids = predictor.processor.reply_prefix_ids("It is")
     prompt = language_model.embed(torch.tensor([[1, 2, 3]]))
+    seen: list[list[int]] = []
+
+    def allowed(tokens):
+        seen.append(list(tokens))
+        return [42, 43]
+
     with torch.inference_mode():
-        steps = list(decode_steps(language_model, prompt, 3, forced_token_ids=ids, revise=lambda token: 42))
-    assert [s.token_id for s in steps] == [*ids, 42, 42, 42]
+        steps = list(decode_steps(language_model, prompt, 3, forced_token_ids=ids, allowed=allowed))
+    tokens = [s.token_id for s in steps]
+    assert tokens[: len(ids)] == ids and set(tokens[len(ids) :]) <= {42, 43} and len(tokens) == len(ids) + 3
+    assert seen[0] == ids  # the constraint sees every token so far

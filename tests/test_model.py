@@ -12,7 +12,6 @@ from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import load_tokenizer
 from mimo_chat.modeling.locator import region_cells
 from mimo_chat.modeling.mimo import WEIGHTS_NAME, MimoModel
-from mimo_chat.modeling.seg_head import select_seg_hidden_states
 from mimo_chat.predictor import MaskReady, MimoPredictor
 from mimo_chat.processing import IGNORE_INDEX, MimoProcessor
 
@@ -130,9 +129,8 @@ def test_teacher_forcing_and_streaming_agree_on_seg_states_feedback_and_masks(ti
             return embedding + next(feedback) if token == model.seg_token_id else embedding
 
         steps = list(decode_steps(model.language_model, embeds, 0, forced_token_ids=answer_ids, embed_token=embed_token))
-        hidden = torch.stack([step.hidden_state for step in steps])[None]  # (1, n, H)
-        tokens = torch.tensor([[step.token_id for step in steps]])  # (1, n)
-        stepped, _ = select_seg_hidden_states(hidden, tokens, model.seg_token_id)
+        # a step holds the state of the position that predicted its token: for <SEG>, the <SEG> state
+        stepped = torch.stack([step.hidden_state for step in steps if step.token_id == model.seg_token_id])
         torch.testing.assert_close(stepped, forward.seg_hidden_states, atol=1e-5, rtol=1e-4)
         # the predictor's streamed masks are the forward's masks
         predictor = MimoPredictor(model, processor)

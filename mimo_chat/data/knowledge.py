@@ -27,6 +27,13 @@ TOTALSEGMENTATOR_SPEC = "totalsegmentator==2.18.0"
 SNOMED_TABLE = "totalsegmentator/resources/totalsegmentator_snomed_mapping.csv"
 
 FACT_TOPICS = ("location", "relations", "function", "ct", "mr", "hu", "pathology", "clues")
+OPTIONAL_TOPICS = ("size", "xr")  # normal size; chest radiograph appearance (not every entry has them)
+MODALITIES = ("CT", "MR", "XR")
+# Typical cranio-caudal span of a structure in an adult, by vertebral level; compared as numbers.
+VERTEBRAL_LEVELS = (
+    [f"C{n}" for n in range(1, 8)] + [f"T{n}" for n in range(1, 13)] + [f"L{n}" for n in range(1, 6)]
+    + [f"S{n}" for n in range(1, 6)]
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,11 @@ class KnowledgeEntry:
     clues: tuple[str, ...]  # verb phrases: "Which organ {clue}?" / "The {name} {clue}."
     sources: tuple[str, ...]
     hu_sentence_template: str = field(repr=False, default="")
+    modalities: tuple[str, ...] = MODALITIES  # where the structure can be seen ("XR" = plain radiograph)
+    regions: tuple[str, ...] = ()  # body regions whose images can show it ("thorax", "abdomen", ...)
+    size: tuple[str, ...] = ()
+    xr: str | None = None
+    levels: tuple[int, int] | None = None  # indices into VERTEBRAL_LEVELS, cranial first
 
     def hu_sentence(self) -> str | None:
         """The attenuation fact as one sentence, or None when the entry has no HU range (MR lesions)."""
@@ -83,7 +95,7 @@ class KnowledgeEntry:
         return f"The {self.name} {clue}."
 
     def facts(self, topic: str | None = None) -> list[Fact]:
-        """All fact sentences of this entry (optionally of one ``topic`` in :data:`FACT_TOPICS`)."""
+        """All fact sentences of this entry (optionally of one topic of :data:`FACT_TOPICS` or :data:`OPTIONAL_TOPICS`)."""
         by_topic: dict[str, list[str]] = {
             "location": [self.location],
             "relations": list(self.relations),
@@ -93,8 +105,10 @@ class KnowledgeEntry:
             "hu": [s for s in (self.hu_sentence(), self.hu_note) if s],
             "pathology": list(self.pathology),
             "clues": [self.clue_sentence(clue) for clue in self.clues],
+            "size": list(self.size),
+            "xr": [self.xr] if self.xr else [],
         }
-        topics = [topic] if topic else list(FACT_TOPICS)
+        topics = [topic] if topic else [*FACT_TOPICS, *OPTIONAL_TOPICS]
         return [Fact(self.key, name, text) for name in topics for text in by_topic[name]]
 
 
@@ -106,9 +120,10 @@ def normalise_name(name: str) -> str:
 class KnowledgeBase:
     """Lookup of :class:`KnowledgeEntry` by key, name or synonym."""
 
-    def __init__(self, entries: list[KnowledgeEntry], references: dict[str, str]):
+    def __init__(self, entries: list[KnowledgeEntry], references: dict[str, str], labels: dict[str, str] | None = None):
         self.entries = {entry.key: entry for entry in entries}
         self.references = references
+        self.labels = dict(labels or {})  # short reference names for a "Source: ..." line
         self._by_name: dict[str, str] = {}
         for entry in entries:  # keys and names first so that shared synonyms ("tumour") never shadow them
             self._by_name.setdefault(normalise_name(entry.key), entry.key)
@@ -136,6 +151,14 @@ class KnowledgeBase:
         if entry is None:
             raise KeyError(f"No knowledge-base entry for {name!r}.")
         return entry
+
+    def citation(self, source: str) -> str:
+        """The full reference of one entry source (a key of ``references`` or a "Radiopaedia: title")."""
+        return self.references.get(source, source)
+
+    def label(self, source: str) -> str:
+        """A short name of one entry source for a one-line "Source: ..." (no full stops inside)."""
+        return self.labels.get(source, source)
 
     def groups_by_clue(self) -> dict[str, list[str]]:
         """clue -> keys of the entries that share it (both sides of a paired organ share clues)."""
@@ -171,7 +194,19 @@ def _resolve(raw: dict, abstract: dict[str, dict], template: str) -> KnowledgeEn
         clues=tuple(merged.get("clues", [])),
         sources=tuple(merged.get("sources", [])),
         hu_sentence_template=template,
+        modalities=tuple(merged.get("modalities", MODALITIES)),
+        regions=tuple(merged.get("regions", [merged["region"]])),
+        size=tuple(merged.get("size", [])),
+        xr=merged.get("xr"),
+        levels=_levels(merged.get("levels")),
     )
+
+
+def _levels(span: list[str] | None) -> tuple[int, int] | None:
+    if not span:
+        return None
+    first, last = (VERTEBRAL_LEVELS.index(level) for level in span)
+    return first, last
 
 
 @lru_cache(maxsize=4)
@@ -180,7 +215,7 @@ def load_knowledge_base(path: str | Path = KNOWLEDGE_BASE_PATH) -> KnowledgeBase
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     abstract = {raw["key"]: raw for raw in data["entries"] if raw.get("abstract")}
     entries = [_resolve(raw, abstract, data["hu_sentence"]) for raw in data["entries"] if not raw.get("abstract")]
-    return KnowledgeBase(entries, data["references"])
+    return KnowledgeBase(entries, data["references"], data.get("reference_labels"))
 
 
 def read_snomed_table(csv_path: str | Path) -> dict[str, SnomedCode]:

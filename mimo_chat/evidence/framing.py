@@ -26,6 +26,7 @@ TEMPLATES: dict[str, str] = {
     "segment": "Here is the {names}.",
     "absent": "The {name} is not on this slice.",
     "not_on_kind": "The {name} is not seen on {kind}.",
+    "cannot_find": "The model has not learned to find the {name} on images.",
     # what is this (box / click)
     "identify": "This is the {name}.",
     "identify_several": "These are the {names}.",
@@ -34,8 +35,8 @@ TEMPLATES: dict[str, str] = {
     # is there X
     "present": "Yes, the model finds the {name} on this slice.",
     "not_present": "No, the model does not find the {name} on this slice.",
-    "lesion_present": "The model marks a possible {name} on this slice.",
-    "lesion_absent": "The model does not mark a {name} on this slice.",
+    "lesion_present": "Yes, the model marks a possible {name} on this slice.",
+    "lesion_absent": "No, the model does not mark a {name} on this slice.",
     "observation": "This is a model observation, not a diagnosis.",
     # where is X
     "locate": "The {name} is marked on the image.",

@@ -14,6 +14,12 @@ presence probability, so the words after a ``<SEG>`` ("yes, it is on this slice"
 can follow the image. With a user box or clicks, the aligner also gets ``region evidence``:
 the locator's scores of every vocabulary name inside the prompted region, as a softmax-weighted
 mix of those names' token embeddings, added to the last image token.
+
+The hidden state that belongs to a ``<SEG>`` (as LISA) is the last-layer state of the position that
+*predicted* it: ``hidden[t - 1]`` for ``input_ids[t] == <SEG>`` in the teacher-forced ``forward``, and
+the state the decode loop already holds when it picks ``<SEG>`` (so a streamed mask needs no extra
+LM step). :meth:`MimoModel.phrase_presence` and :meth:`MimoModel.ground_phrases` are the one path
+from a ``<SEG>`` to its mask, used by ``forward`` (training) and by the predictor (inference).
 """
 
 from __future__ import annotations
@@ -50,10 +56,10 @@ from mimo_chat.modeling.locator import (
     presence_logits,
     target_fractions,
 )
-from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, load_lite_medsam_weights
-from mimo_chat.segmentation import CHECKPOINT_DIR, load_prompt_weights
+from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, load_lite_medsam_weights, load_prompt_weights
 
-SEGMENTER_CHECKPOINTS = CHECKPOINT_DIR.parent  # checkpoints/ of the repository
+# checkpoints/ of the repository: where ``config.sam_checkpoint`` (the engine's prompt weights) lives
+REPOSITORY_CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -124,16 +130,12 @@ class MimoModel(nn.Module):
     # ----- building and weights -------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: MimoConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> MimoModel:
-        """Assemble the model; base weights come from the registry packages, new modules are seeded."""
+    def build(cls, config: MimoConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> MimoModel:
+        """Assemble the model only (as ``build_sam``): the engine is randomly initialised, the LM comes
+        with its base weights (``build_language_model``), new modules are seeded by ``config.seed``."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             sam = build_sam(SamConfig.lite() if config.sam == "lite" else SamConfig.tiny())
-            if config.sam == "lite":
-                load_lite_medsam_weights(sam)
-            segmenter_weights = SEGMENTER_CHECKPOINTS / config.sam_checkpoint if config.sam_checkpoint else None
-            if segmenter_weights is not None and (segmenter_weights / WEIGHTS_NAME).is_file():
-                load_prompt_weights(sam, segmenter_weights)
             language_model, tokenizer = build_language_model(config, tokenizer)
             aligner = MultimodalAligner(
                 num_queries=config.num_queries,
@@ -147,7 +149,8 @@ class MimoModel(nn.Module):
                 grid=config.image_token_grid,
             )
             locator = StructureLocator(
-                image_channels=sam.config.embed_dim, text_hidden=language_model.hidden_size, width=config.locator_width
+                image_channels=sam.config.embed_dim, text_hidden=language_model.hidden_size, width=config.locator_width,
+                num_image_kinds=len(config.image_kinds),
             )
         names = (PHRASE_START, PHRASE_END, SEG_TOKEN, IMAGE_TOKEN)
         token_ids = dict(zip(names, tokenizer.convert_tokens_to_ids(list(names)), strict=True))
@@ -156,6 +159,21 @@ class MimoModel(nn.Module):
             config=config, sam=sam, language_model=language_model, aligner=aligner, locator=locator,
             token_ids=token_ids, vocabulary_ids=vocabulary_ids,
         )
+
+    def load_engine_weights(self, checkpoints: Path = REPOSITORY_CHECKPOINTS) -> MimoModel:
+        """The trailing load step of the frozen engine: LiteMedSAM from its registry package, then our
+        prompt-encoder / mask-decoder weights ``checkpoints / config.sam_checkpoint`` when present."""
+        if self.config.sam == "lite":
+            load_lite_medsam_weights(self.sam)
+        folder = checkpoints / self.config.sam_checkpoint if self.config.sam_checkpoint else None
+        if folder is not None and (folder / WEIGHTS_NAME).is_file():
+            load_prompt_weights(self.sam, folder)
+        return self
+
+    @classmethod
+    def from_config(cls, config: MimoConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> MimoModel:
+        """:meth:`build`, then :meth:`load_engine_weights` (the untrained MIMO model on the real engine)."""
+        return cls.build(config, tokenizer).load_engine_weights()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Exactly the parameters we train: aligner, locator, feedback, LoRA, new-token rows (even if frozen now)."""
@@ -172,9 +190,10 @@ class MimoModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> MimoModel:
-        """Rebuild from a folder (or a hub repo id) written by :meth:`save_pretrained`."""
+        """Rebuild from a folder (or a hub repo id) written by :meth:`save_pretrained`: build, then load
+        the engine's weights, then the trained ones."""
         directory = resolve_pretrained_dir(name_or_path)
-        model = cls.from_config(MimoConfig.load(directory / CONFIG_NAME), tokenizer)
+        model = cls.build(MimoConfig.load(directory / CONFIG_NAME), tokenizer).load_engine_weights()
         model.load_trained_weights(directory / WEIGHTS_NAME)
         return model
 
@@ -262,23 +281,54 @@ class MimoModel(nn.Module):
         has_region = (cells.sum(-1, keepdim=True) > 0).to(weights.dtype)
         return (weights @ names) * has_region
 
-    def name_regions(self, features: torch.Tensor, fractions: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-        """Which vocabulary name is each of N regions of one image (e.g. the engine's masks of a
-        user's boxes)? ``features``: (1, W, E, E) locator features; ``fractions``: (N, E, E) share
-        of each cell the region covers. The name whose heatmap matches the region best by soft
-        Dice (the locator's own training objective); returns its index in ``vocabulary_ids`` and
-        that Dice (N,) per region (empty without a vocabulary)."""
+    def region_name_scores(self, features: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+        """How well each vocabulary name fits each of N regions of one image (e.g. the engine's masks
+        of a user's boxes): soft Dice (the locator's own training objective) between the region and
+        the name's heatmap. ``features``: (1, W, E, E); ``fractions``: (N, E, E) share of each cell
+        the region covers. Returns (N, V) in [0, 1] (V = 0 without a vocabulary)."""
         count, names = fractions.shape[0], len(self.vocabulary_ids)
         if not names or not count:
-            return [], fractions.new_zeros(count)
+            return fractions.new_zeros(count, names)
         embeddings = self.phrase_embeddings(self.vocabulary_ids)  # (V, H)
         rows = torch.zeros(names, dtype=torch.long, device=features.device)
         probabilities = self.locator(features, rows, embeddings).sigmoid().flatten(1)  # (V, E*E)
         regions = fractions.flatten(1).to(probabilities.dtype)  # (N, E*E)
         overlap = regions @ probabilities.T  # (N, V)
-        dice = 2 * overlap / (regions.sum(1, keepdim=True) + probabilities.sum(1)[None] + 1e-6)
-        best, index = dice.max(dim=1)
+        return 2 * overlap / (regions.sum(1, keepdim=True) + probabilities.sum(1)[None] + 1e-6)
+
+    def name_regions(self, features: torch.Tensor, fractions: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """The best vocabulary name of each region (see :meth:`region_name_scores`): its index in
+        ``vocabulary_ids`` and that Dice (N,) per region (empty without a vocabulary)."""
+        scores = self.region_name_scores(features, fractions)
+        if not scores.shape[1]:
+            return [], scores.new_zeros(scores.shape[0])
+        best, index = scores.max(dim=1)
         return index.tolist(), best
+
+    # ----- from a <SEG> to its mask: the one path of training and inference -------------------
+
+    def phrase_presence(self, features: torch.Tensor, rows: torch.Tensor, phrases: torch.Tensor) -> torch.Tensor:
+        """(N,) presence logits of N phrase embeddings (N, H) on rows ``rows`` (N,) of ``features``,
+        from the phrase alone: what the LM is told at each ``<SEG>`` and what decides "absent"."""
+        return presence_logits(self.locator(features, rows, phrases))
+
+    def ground_phrases(
+        self,
+        features: torch.Tensor,
+        rows: torch.Tensor,
+        phrases: torch.Tensor,
+        presence: torch.Tensor,
+        image_embeddings: torch.Tensor,
+        seg_hidden: torch.Tensor | None = None,
+        decode: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Heatmaps (N, E, E) of N phrases (with their ``<SEG>`` hidden states (N, H) when given) and,
+        with ``decode``, their masks through :meth:`decode_masks`: low-res logits (N, 1, 4E, 4E), IoU (N,)."""
+        heatmaps = self.locator(features, rows, phrases, seg_hidden)
+        if not decode:
+            return heatmaps, None, None
+        low_res, iou = self.decode_masks(heatmaps, presence, rows, image_embeddings)
+        return heatmaps, low_res, iou
 
     def embed_inputs(
         self,
@@ -372,17 +422,15 @@ class MimoModel(nn.Module):
         seg_index, phrases = self.seg_phrases(input_ids)  # (N, 2) positions of the <SEG> tokens
         rows, positions = seg_index[:, 0], seg_index[:, 1]
         phrase_embeddings = self.phrase_embeddings(phrases)
-        presence = presence_logits(self.locator(features, rows, phrase_embeddings))  # (N,) what the LM is told
+        presence = self.phrase_presence(features, rows, phrase_embeddings)  # (N,) what the LM is told
         inputs_embeds = inputs_embeds.index_put(
             (rows, positions), self.feedback(presence).to(inputs_embeds.dtype), accumulate=True
         )
         output = self.language_model(inputs_embeds, attention_mask=attention_mask)
-        # the hidden state of the position that predicted each <SEG> (see modeling/seg_head.py)
-        seg_hidden = output.hidden_states[rows, (positions - 1).clamp(min=0)]
-        heatmaps = self.locator(features, rows, phrase_embeddings, seg_hidden)
-        low_res, iou = None, None
-        if decode_masks:
-            low_res, iou = self.decode_masks(heatmaps, presence, rows, image_embeddings)
+        seg_hidden = output.hidden_states[rows, (positions - 1).clamp(min=0)]  # (N, H): states that predicted each <SEG>
+        heatmaps, low_res, iou = self.ground_phrases(
+            features, rows, phrase_embeddings, presence, image_embeddings, seg_hidden, decode_masks
+        )
         lm_loss = heat = presence_loss = None
         if labels is not None:
             lm_loss = F.cross_entropy(

@@ -14,7 +14,9 @@ coordinates (it adds 0.5 to reach pixel centres); ``LiteMedSam.embed_prompts`` c
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -309,3 +311,17 @@ def load_lite_medsam_weights(model: LiteMedSam) -> LiteMedSam:
     model.load_state_dict(state, strict=True)
     model.train(model.training)  # TinyViT caches its attention biases when the mode is set: refresh them
     return model
+
+
+def load_prompt_weights(model: LiteMedSam, folder: Path) -> None:
+    """Load our trained prompt-encoder / mask-decoder tensors (a partial state dict in ``folder``) into ``model``."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    if SamConfig.from_dict(config["sam"]) != model.config:
+        raise ValueError(f"{folder} was trained for another SamConfig")
+    state = load_file(str(folder / "model.safetensors"))
+    missing = set(state) - set(model.state_dict())
+    if missing:
+        raise ValueError(f"{folder} has tensors this model lacks: {sorted(missing)[:5]}")
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,238 @@
+"""Plan the raw text of a grounded reply from the intent, the image evidence and the knowledge base.
+
+Every structure name comes from the evidence (a prompted object's name, a requested structure
+that is grounded or stated absent, a structure the locator finds), every medical sentence is a
+knowledge-base fact about such a structure, followed by a ``Source: ...`` line; everything else is
+a framing sentence of ``mimo_chat.evidence.framing``. Each ``<p>name</p><SEG>`` of the plan is
+decoded by the predictor into a mask the moment the language model, teacher-forced through the
+plan, reaches it. Prompted objects come first, in prompt order (their ``<SEG>`` shows the
+engine's mask of that prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mimo_chat.data.knowledge import KnowledgeBase, KnowledgeEntry
+from mimo_chat.evidence.framing import fill, join_names
+from mimo_chat.evidence.intent import Intent
+from mimo_chat.evidence.policy import MAX_DESCRIBED, Evidence, groundable
+
+UNCITED = ("totalsegmentator_snomed",)  # coding tables, not sources of the sentences
+
+
+@dataclass
+class PlannedSeg:
+    """One ``<SEG>`` of the plan, in order."""
+
+    name: str
+    prompt_index: int | None  # the prompted object it shows, or None (the locator finds it)
+    name_score: float | None
+
+
+@dataclass
+class Plan:
+    raw_text: str
+    segs: list[PlannedSeg] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # full references of the facts stated
+
+
+class _Builder:
+    def __init__(self, knowledge: KnowledgeBase, evidence: Evidence) -> None:
+        self.knowledge = knowledge
+        self.evidence = evidence
+        self.sentences: list[str] = []
+        self.segs: list[PlannedSeg] = []
+        self.cited: list[str] = []
+        self.facts: list[str] = []
+
+    def grounded(self, name: str, prompt_index: int | None = None, name_score: float | None = None) -> str:
+        if name_score is None and prompt_index is None:
+            name_score = self.evidence.presence.get(name)
+        self.segs.append(PlannedSeg(name, prompt_index, name_score))
+        return f"<p>{name}</p><SEG>"
+
+    def say(self, key: str, **slots: str) -> None:
+        self.sentences.append(fill(key, **slots))
+
+    def fact(self, entry: KnowledgeEntry, texts: list[str]) -> bool:
+        new = [text for text in texts if text and text not in self.facts]
+        self.facts += new
+        self.sentences += new
+        self.cited += [source for source in entry.sources if source not in self.cited and source not in UNCITED]
+        return bool(texts)
+
+    def plan(self) -> Plan:
+        sentences = list(self.sentences)
+        if self.cited:
+            sentences.append(fill("source", sources="; ".join(self.knowledge.label(s) for s in self.cited)))
+        sources = [self.knowledge.citation(source) for source in self.cited]
+        return Plan(" ".join(sentences), self.segs, sources)
+
+
+def plan_reply(intent: Intent, evidence: Evidence, knowledge: KnowledgeBase, question: str = "") -> Plan:
+    """The reply's raw text (with ``<p>name</p><SEG>`` markup), its ``<SEG>`` s and its sources."""
+    build = _Builder(knowledge, evidence)
+    if intent.kind == "off_topic":
+        build.say("off_topic")
+        return build.plan()
+    subjects = _prompted(build, intent) + list(intent.names)
+    if intent.kind in ("segment", "presence", "locate") and not intent.names:
+        if not evidence.prompted:
+            build.say("need_prompt")
+        return build.plan()
+    handlers = {
+        "segment": _segment, "presence": _presence, "locate": _locate, "describe": _describe,
+        "explain": _explain, "level": _level, "volume": _volume, "identify": lambda b, i, s, q: None,
+    }
+    if intent.kind == "identify" and not evidence.prompted:
+        _describe(build, intent, subjects, question)
+        return build.plan()
+    handlers[intent.kind](build, intent, subjects, question)
+    return build.plan()
+
+
+def _prompted(build: _Builder, intent: Intent) -> list[str]:
+    """A phrase for each prompted object (always opened); returns the names it gives them."""
+    names = []
+    for index, obj in enumerate(build.evidence.prompted):
+        if obj.name is None:
+            build.say("identify_unknown", name=build.grounded("structure", index, obj.name_score))
+            continue
+        phrase = build.grounded(obj.name, index, obj.name_score)
+        key = ("segment" if intent.kind == "segment" else "identify") if obj.sure else "identify_unsure"
+        build.say(key, **({"names": phrase} if key == "segment" else {"name": phrase}))
+        names.append(obj.name)
+    return names
+
+
+def _ground_asked(build: _Builder, names: list[str], present_key: str | None, absent_key: str) -> list[str]:
+    """Requested structures: grounded when the locator finds them, else stated absent (or not
+    possible on this kind of image, or not in the model's vocabulary). Sentences about grounded
+    ones (``present_key``; none when None) come first; returns the grounded phrases."""
+    evidence = build.evidence
+    vocabulary = [*evidence.presence, *evidence.excluded]
+    phrases, missing = [], []
+    for asked, name in groundable(names, vocabulary).items():
+        entry = build.knowledge.find(asked)
+        if name in evidence.excluded or (name is None and entry is not None and not evidence.kind.allows(entry)):
+            missing.append(fill("not_on_kind", name=f"<p>{asked}</p>", kind=evidence.kind.phrase()))
+        elif name is None:
+            missing.append(fill("cannot_find", name=asked))
+        elif evidence.is_present(name):
+            phrase = build.grounded(name)
+            phrases.append(phrase)
+            if present_key:
+                build.say(_lesion_key(entry, present_key), name=phrase)
+        else:
+            missing.append(fill(_lesion_key(entry, absent_key), name=f"<p>{name}</p>"))
+    if phrases and present_key is None:
+        build.say("segment", names=join_names(phrases))
+    build.sentences += missing
+    return phrases
+
+
+def _lesion_key(entry: KnowledgeEntry | None, key: str) -> str:
+    lesion = entry is not None and entry.kind == "lesion"
+    return {"present": "lesion_present", "not_present": "lesion_absent"}.get(key, key) if lesion else key
+
+
+def _segment(build: _Builder, intent: Intent, subjects: list[str], question: str) -> None:
+    _ground_asked(build, intent.names, None, "absent")
+
+
+def _presence(build: _Builder, intent: Intent, subjects: list[str], question: str) -> None:
+    phrases = _ground_asked(build, intent.names, "present", "not_present")
+    if any("possible" in s for s in build.sentences) and phrases:
+        build.say("observation")
+
+
+def _locate(build: _Builder, intent: Intent, subjects: list[str], question: str) -> None:
+    before = len(build.segs)
+    _ground_asked(build, intent.names, "locate", "absent")
+    for seg in build.segs[before:]:
+        entry = build.knowledge.find(seg.name)
+        if entry is not None:
+            build.fact(entry, [entry.location])
+
+
+def _describe(build: _Builder, intent: Intent, subjects: list[str], question: str) -> None:
+    if build.evidence.kind.known:
+        build.say("kind", kind=build.evidence.kind.phrase())
+    found = [name for name, _ in build.evidence.present()[:MAX_DESCRIBED]]
+    if not found:
+        build.say("describe_none")
+        return
+    build.say("describe", names=join_names([build.grounded(name) for name in found]))
+
+
+def _explain(build: _Builder, intent: Intent, subjects: list[str], question: str) -> None:
+    asked = [name for name in intent.names if name not in subjects[: len(build.evidence.prompted)]]
+    if asked:
+        _ground_asked(build, asked, "locate", "absent")
+    if not subjects:
+        build.say("need_name" if not build.evidence.prompted else "unknown_fact")
+        return
+    answered = False
+    for name in dict.fromkeys(subjects):
+        entry = build.knowledge.find(name)
+        if entry is not None:
+            answered |= build.fact(entry, _topic_facts(entry, intent.topic, build.evidence.kind.modality, question))
+    if not answered:
+        build.say("unknown_fact")
+
+
+def _topic_facts(entry: KnowledgeEntry, topic: str | None, modality: str | None, question: str) -> list[str]:
+    if topic == "about":
+        return [entry.location, *entry.function[:1]]
+    if topic == "appearance":
+        asked = _asked_modality(question) or modality
+        by_modality = {"CT": [entry.ct, entry.hu_sentence() or ""], "MR": [entry.mr], "XR": [entry.xr or ""]}
+        texts = by_modality.get(asked or "", [entry.ct, entry.mr])
+        return [text for text in texts if text]
+    return [fact.text for fact in entry.facts(topic or "function")]
+
+
+def _asked_modality(question: str) -> str | None:
+    words = question.lower().replace("-", " ").split()
+    for word, modality in (("ct", "CT"), ("mri", "MR"), ("mr", "MR"), ("x ray", "XR"), ("xray", "XR"),
+                           ("radiograph", "XR")):
+        if word in words or (" " in word and word in " ".join(words)):
+            return modality
+    return None
+
+
+def _level(build: _Builder, intent: Intent, subjects: list[str], question: str) -> None:
+    knowledge, evidence = build.knowledge, build.evidence
+    present = [name for name, _ in evidence.present()]
+    reference = [knowledge.find(name) for name in intent.names]
+    reference = [entry for entry in reference if entry is not None and entry.levels is not None]
+    spans = [knowledge.find(name).levels for name in present if knowledge.find(name) and knowledge.find(name).levels]
+    if present:
+        build.say("describe", names=join_names([build.grounded(name) for name in present[:MAX_DESCRIBED]]))
+    if not reference or not spans:
+        build.say("level_unknown")
+        return
+    label = intent.names[0] if len(intent.names) == 1 else knowledge.find(intent.names[0]).group.replace("_", " ") + "s"
+    if any(knowledge.find(name) in reference for name in present):
+        build.say("level_at", name=label)
+        return
+    low, high = max(span[0] for span in spans), min(span[1] for span in spans)  # where all present ones overlap
+    if low > high:
+        low = high = sorted(span[0] + span[1] for span in spans)[len(spans) // 2] // 2
+    first, last = min(e.levels[0] for e in reference), max(e.levels[1] for e in reference)
+    if high < first:
+        build.say("level_above", name=label)
+    elif low > last:
+        build.say("level_below", name=label)
+    else:
+        build.say("level_unknown")
+
+
+def _volume(build: _Builder, intent: Intent, subjects: list[str], question: str) -> None:
+    names = list(dict.fromkeys(intent.names or subjects))
+    if not names:
+        build.say("need_name")
+        return
+    _ground_asked(build, [n for n in names if n in intent.names], "locate", "absent")
+    build.say("volume", names=join_names(names))

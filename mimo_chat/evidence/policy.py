@@ -1,0 +1,133 @@
+"""What the image evidence allows a reply to name.
+
+Evidence for one image and question (computed by the predictor, plain numbers here):
+
+* the image kind (modality + body region): from the study's metadata when the caller gives it,
+  else from the locator's scene head when the checkpoint has one, else unknown;
+* the locator's presence probability of every vocabulary name allowed on that kind of image;
+* for boxes / clicks: how well each vocabulary name fits the engine's mask of each prompt.
+
+A structure the knowledge base says cannot be on this kind of image (its ``modalities`` /
+``regions``) is never named from the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mimo_chat.data.knowledge import KnowledgeBase, KnowledgeEntry
+
+PRESENT = 0.5  # presence probability above which the locator finds a structure (logit 0)
+SURE_NAME = 0.5  # a prompted object's name score from which the name is stated without doubt
+MIN_NAME = 0.05  # below this no name fits the prompted object
+MAX_DESCRIBED = 6  # structures named in a caption of the image
+
+_MODALITY_WORDS = {
+    "ct": "CT", "mr": "MR", "mri": "MR", "xr": "XR", "cr": "XR", "dx": "XR", "x-ray": "XR", "xray": "XR",
+    "radiograph": "XR",
+}
+_REGION_WORDS = {"chest": "thorax", "thorax": "thorax", "thoracic": "thorax", "lung": "thorax", "abdomen": "abdomen",
+                 "abdominal": "abdomen", "pelvis": "pelvis", "head": "head", "brain": "head", "neck": "neck"}
+
+
+@dataclass(frozen=True)
+class ImageKind:
+    """Modality ("CT", "MR", "XR") and body region ("thorax", "abdomen", ...); None = unknown."""
+
+    modality: str | None = None
+    region: str | None = None
+    source: str = "unknown"  # "metadata", "scene head" or "unknown"
+
+    @classmethod
+    def parse(cls, text: str | None, source: str = "metadata") -> ImageKind:
+        """``"XR chest"``, ``"CT"``, ``"MR abdomen"``, DICOM codes (``"DX"``, ``"CR"``) -> ImageKind."""
+        modality = region = None
+        for word in (text or "").lower().replace("_", " ").replace("/", " ").split():
+            modality = modality or _MODALITY_WORDS.get(word)
+            region = region or _REGION_WORDS.get(word)
+        if modality is None and region is None:
+            return cls()
+        return cls(modality, region, source)
+
+    @property
+    def known(self) -> bool:
+        return self.modality is not None or self.region is not None
+
+    def phrase(self) -> str:
+        """'a chest radiograph', 'a CT of the abdomen', 'an MR image' ..."""
+        place = {"thorax": "chest", "head": "head", "neck": "neck", "abdomen": "abdomen", "pelvis": "pelvis"}.get(
+            self.region or "", "")
+        if self.modality == "XR":
+            return f"a {place} radiograph" if place else "a radiograph"
+        if self.modality in ("CT", "MR"):
+            noun = "a CT" if self.modality == "CT" else "an MR image"
+            return f"{noun} of the {place}" if place else noun
+        return f"an image of the {place}" if place else "an image"
+
+    def allows(self, entry: KnowledgeEntry | None) -> bool:
+        """Can a structure with this knowledge-base entry be on this kind of image?"""
+        if entry is None:
+            return self.modality is None
+        if self.modality is not None and self.modality not in entry.modalities:
+            return False
+        return self.region is None or not entry.regions or self.region in entry.regions
+
+
+@dataclass
+class PromptedObject:
+    """One box / click set: the engine's mask is named by the best-fitting allowed vocabulary name."""
+
+    name: str | None  # None: no name fits
+    name_score: float  # 0..1 (soft Dice of the name's heatmap and the mask)
+
+    @property
+    def sure(self) -> bool:
+        return self.name is not None and self.name_score >= SURE_NAME
+
+
+@dataclass
+class Evidence:
+    kind: ImageKind
+    presence: dict[str, float]  # allowed vocabulary name -> presence probability
+    prompted: list[PromptedObject] = field(default_factory=list)
+    excluded: tuple[str, ...] = ()  # vocabulary names this kind of image cannot show
+
+    def present(self) -> list[tuple[str, float]]:
+        """Structures the locator finds, most confident first."""
+        found = [(name, p) for name, p in self.presence.items() if p > PRESENT]
+        return sorted(found, key=lambda item: -item[1])
+
+    def is_present(self, name: str) -> bool:
+        return self.presence.get(name, 0.0) > PRESENT
+
+
+def build_evidence(
+    knowledge: KnowledgeBase,
+    vocabulary: Sequence[str],
+    presence: np.ndarray,
+    kind: ImageKind,
+    region_scores: np.ndarray | None = None,
+) -> Evidence:
+    """``presence`` (V,) probabilities of ``vocabulary``; ``region_scores`` (N, V) name fit of N prompted objects."""
+    allowed = np.array([kind.allows(knowledge.find(name)) for name in vocabulary], dtype=bool)
+    found = {name: float(p) for name, p, ok in zip(vocabulary, presence, allowed, strict=True) if ok}
+    excluded = tuple(name for name, ok in zip(vocabulary, allowed, strict=True) if not ok)
+    prompted = []
+    for scores in region_scores if region_scores is not None else []:
+        scores = np.where(allowed, scores, -1.0)
+        best = int(np.argmax(scores)) if len(scores) else -1
+        if best < 0 or scores[best] < MIN_NAME:
+            prompted.append(PromptedObject(None, float(max(scores[best], 0.0)) if best >= 0 else 0.0))
+        else:
+            prompted.append(PromptedObject(vocabulary[best], float(scores[best])))
+    return Evidence(kind, found, prompted, excluded)
+
+
+def groundable(names: Sequence[str], vocabulary: Sequence[str]) -> dict[str, str | None]:
+    """Each asked name -> the vocabulary name that grounds it (same structure), or None."""
+    from mimo_chat.data.names import same_structure
+
+    return {name: next((v for v in vocabulary if same_structure(v, name)), None) for name in names}
