@@ -28,6 +28,7 @@ from mimo_chat.predictor import Done, MaskReady, TextDelta
 logger = logging.getLogger(__name__)
 
 GENERIC_ERROR = "Sorry, something went wrong while {action}. Please try again or load another image."
+RADIOGRAPH_MODALITIES = ("XR", "CR", "DX", "DR", "RG")
 NEEDS_IMAGE = "Please load an image first: upload a file or pick an example study."
 
 
@@ -147,6 +148,11 @@ class Callbacks:
             return self.load_outputs(session)
         except Exception as error:  # noqa: BLE001 - shown to the user as a message
             return (session, *[gr.skip()] * 10, say(session, readable_error(error, "opening the example")))
+
+    def quick_rows(self, state: Session | None) -> tuple:
+        """Visibility of the (CT, radiograph) quick-question rows: the questions that fit the study."""
+        radiograph = state is not None and state.loaded and state.study.modality in RADIOGRAPH_MODALITIES
+        return gr.Row(visible=not radiograph), gr.Row(visible=radiograph)
 
     def prepare(self, state: Session | None) -> Session | None:
         """Encode the current view right after it is shown, so the first token comes quickly."""

@@ -26,6 +26,7 @@ from mimo_chat.predictor import LITE_CHECKPOINT
 MODES = ("Point +", "Point −", "Box", "Pan")
 PLANES = ("axial", "coronal", "sagittal")
 QUICK_ACTIONS = ("Segment the pancreas", "What is in the box?", "Is there a tumour?")
+QUICK_RADIOGRAPH = ("Segment the lungs", "Where is the heart?")  # shown instead of the CT ones for X-rays
 SESSION_TTL_SECONDS = 4 * 3600
 DEFAULT_CONCURRENCY = 2  # one 2-core CPU: two requests at a time, the rest wait in the queue
 
@@ -170,8 +171,10 @@ def build_demo(
                     question = gr.Textbox(placeholder="Ask about the image…", show_label=False, scale=5,
                                           elem_id="mimo-question", submit_btn=False)
                     send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="mimo-send")
-                with gr.Row():
+                with gr.Row() as quick_ct:
                     quick = [gr.Button(text, size="sm") for text in QUICK_ACTIONS]
+                with gr.Row(visible=False) as quick_xray:
+                    quick += [gr.Button(text, size="sm") for text in QUICK_RADIOGRAPH]
                 legend = gr.HTML(legend_html([]), elem_id="mimo-legend")
                 with gr.Accordion("How reliable are lesion answers? (model card)", open=False, elem_id="mimo-findings"):
                     gr.Markdown(findings_note())
@@ -207,8 +210,10 @@ def build_demo(
         answer = [question, chatbot, viewer, editor, legend, state]
 
         upload.upload(callbacks.load_upload, [upload, state], loaded, api_name="load_study").then(
+            callbacks.quick_rows, state, [quick_ct, quick_xray], api_visibility="private").then(
             callbacks.prepare, state, state, api_name="prepare_upload", show_progress="hidden")
         example.select(callbacks.load_example, [example, state], loaded, api_name="load_example").then(
+            callbacks.quick_rows, state, [quick_ct, quick_xray], api_visibility="private").then(
             callbacks.prepare, state, state, api_name="prepare_example", show_progress="hidden")
         view_inputs = [plane, slider, window, width, level, state]
         view_outputs = [*view, slider, width, level, chatbot]
@@ -240,7 +245,7 @@ def build_demo(
         clear.click(callbacks.clear, state, [*view, chatbot], api_name="clear")
 
         gr.on([question.submit, send.click], respond, [question, state], answer, api_name="chat")
-        for text, button in zip(QUICK_ACTIONS, quick):
+        for text, button in zip(QUICK_ACTIONS + QUICK_RADIOGRAPH, quick):
             name = "quick_" + "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
             button.click(functools.partial(respond, text), state, answer, api_name=name)
         chatbot.clear(callbacks.clear_chat, state, view, api_name="clear_chat")
