@@ -56,10 +56,12 @@ class _Builder:
         self.sentences.append(fill(key, **slots))
 
     def fact(self, entry: KnowledgeEntry, texts: list[str]) -> bool:
-        new = [text for text in texts if text and text not in self.facts]
+        texts = [text for text in texts if text]
+        new = [text for text in texts if text not in self.facts]
         self.facts += new
         self.sentences += new
-        self.cited += [source for source in entry.sources if source not in self.cited and source not in UNCITED]
+        if texts:
+            self.cited += [source for source in entry.sources if source not in self.cited and source not in UNCITED]
         return bool(texts)
 
     def plan(self) -> Plan:

@@ -232,10 +232,13 @@ class IntentReader:
         self.labels = [intent for intent, examples in EXAMPLES.items() for _ in examples]
         self.bank = self.encoder([text for examples in EXAMPLES.values() for text in examples])  # (M, 384)
 
-    def classify(self, question: str) -> tuple[str, float]:
-        """The intent of the nearest example phrasings (names masked) and the best similarity."""
+    def classify(self, question: str, among: Sequence[str] | None = None) -> tuple[str, float]:
+        """The intent of the nearest example phrasings (names masked; only intents ``among`` when
+        given) and the best similarity."""
         query = self.encoder([self.names.mask_names(question)])[0]
         similarity = self.bank @ query  # (M,)
+        if among is not None:
+            similarity = np.where([label in among for label in self.labels], similarity, -1.0)
         best = np.argsort(-similarity)[:NEIGHBOURS]
         votes: dict[str, float] = {}
         for index in best:  # a sharp softmax: the nearest example decides unless others are as near
@@ -258,6 +261,9 @@ class IntentReader:
         vague = intent == "off_topic" or _FOLLOW_UP_START.match(text) is not None
         if previous is not None and short and vague and (names or follow_up):
             intent, follow_up = previous.intent, True  # "and the spleen?" asks what the last turn asked
+        if INTENTS[intent][0] == "explain" and not names and not prompted and not follow_up:
+            # nothing to explain: "what's visible in this scan?" asks about the image itself
+            intent, similarity = self.classify(question, among=("describe", "level", "off_topic"))
         if intent != "off_topic" and similarity < MIN_SIMILARITY and not names and not prompted and not follow_up:
             intent = "off_topic"
         if intent == "off_topic" and (prompted or (names and similarity < MIN_SIMILARITY)):

@@ -1,0 +1,145 @@
+"""Evidence rules: unseen paraphrases, follow-ups, what each kind of image may show, supported sentences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mimo_chat.data.knowledge import load_knowledge_base
+from mimo_chat.evidence.compose import plan_reply
+from mimo_chat.evidence.framing import FRAMING_PATTERNS, TEMPLATES, is_framing, split_sentences
+from mimo_chat.evidence.intent import EXAMPLES, Intent, IntentReader
+from mimo_chat.evidence.policy import ImageKind, build_evidence
+from mimo_chat.grounding import parse_grounded_text
+
+KB = load_knowledge_base()
+VOCABULARY = ("aorta", "heart", "inferior vena cava", "left kidney", "liver", "pancreas", "right kidney", "spleen",
+              "stomach", "left lung", "right lung", "left clavicle", "right clavicle", "tumour")
+# the structures of the labelled chest X-ray, CT and MR sets
+SET_STRUCTURES = ("heart", "left lung", "right lung", "left clavicle", "right clavicle", "stomach", "small bowel",
+                  "large bowel", "spleen", "liver", "left kidney", "right kidney", "pancreas", "kidney tumour",
+                  "pancreatic tumour", "aorta", "inferior vena cava", "vertebra")
+
+
+def unsupported(raw_text: str) -> list[str]:
+    """Sentences of a reply that are neither framing nor a knowledge-base fact about a structure it names."""
+    text, spans = parse_grounded_text(raw_text)
+    facts = {fact.text for span in spans if KB.find(span.phrase) for fact in KB.find(span.phrase).facts()}
+    return [s for s in split_sentences(text) if not is_framing(s) and s not in facts]
+
+
+@pytest.fixture(scope="module")
+def reader() -> IntentReader:
+    return IntentReader(KB, VOCABULARY)
+
+
+def test_every_framing_sentence_matches_a_pattern_and_no_fact_does() -> None:
+    for template in TEMPLATES.values():
+        filled = template.format(name="liver", names="liver and the spleen", kind="a CT of the abdomen",
+                                 sources="Gray's Anatomy (42nd edition, 2020)")
+        assert all(is_framing(sentence) for sentence in split_sentences(filled)), template
+    facts = [fact.text for entry in KB for fact in entry.facts()]
+    assert len(FRAMING_PATTERNS) >= len(TEMPLATES) and not [f for f in facts if is_framing(f)]
+
+
+@pytest.mark.parametrize(("question", "prompted", "intent", "names"), [
+    ("Could you please highlight the pancreas for me?", False, "segment", ["pancreas"]),
+    ("I'd like to see the liver and the spleen outlined", False, "segment", ["liver", "spleen"]),
+    ("what's that thing i boxed", True, "identify", []),
+    ("What job does the spleen have in the body?", False, "function", ["spleen"]),
+    ("How large should a healthy kidney be?", False, "size", ["left kidney", "right kidney"]),
+    ("Can you spot any tumor here?", False, "presence", ["tumour"]),
+    ("Where exactly is the aorta on this picture?", False, "locate", ["aorta"]),
+    ("What's visible in this scan?", False, "describe", []),
+    ("Which organs sit right next to the pancreas?", False, "relations", ["pancreas"]),
+    ("Are we above or below the kidneys here?", False, "level", ["left kidney", "right kidney"]),
+    ("What is the liver volume in this patient?", False, "volume", ["liver"]),
+    ("How does the heart look on a chest X-ray?", False, "appearance", ["heart"]),
+])
+def test_unseen_paraphrases_get_their_intent_and_structures(reader, question, prompted, intent, names) -> None:
+    assert all(question != example for examples in EXAMPLES.values() for example in examples)
+    read = reader.read(question, prompted=prompted)
+    assert (read.intent, read.names) == (intent, names)
+
+
+@pytest.mark.parametrize("question", [
+    "What is the capital of France?", "Can you recommend a good restaurant?", "Write me a limerick about cats.",
+    "Who will win the election?", "good morning", "What's the exchange rate of the euro?",
+])
+def test_off_topic_questions_are_declined(reader, question) -> None:
+    assert reader.read(question).intent == "off_topic"
+
+
+def test_follow_ups_resolve_to_the_last_turn(reader) -> None:
+    history = [("Segment the right kidney.", "Here is the <p>right kidney</p><SEG>.")]
+    assert (reader.read("and the left one?", history).intent, reader.read("and the left one?", history).names) == (
+        "segment", ["left kidney"])
+    does = reader.read("What does it do?", history)
+    assert (does.intent, does.names, does.follow_up) == ("function", ["right kidney"], True)
+    spleen = reader.read("and the spleen?", history)
+    assert (spleen.intent, spleen.names) == ("segment", ["spleen"])
+    # a box on screen: "it" is the prompted object, not the last turn's structure
+    assert reader.read("What does it do?", history, prompted=True).names == []
+
+
+def test_the_kind_of_image_decides_what_can_be_named() -> None:
+    chest = ImageKind.parse("CR chest")
+    assert (chest.modality, chest.region, chest.phrase()) == ("XR", "thorax", "a chest radiograph")
+    assert ImageKind.parse("MRI abdomen").phrase() == "an MR image of the abdomen" and not ImageKind.parse("").known
+    for name in SET_STRUCTURES:
+        assert KB.find(name) is not None, name
+    for name in ("pancreas", "left kidney", "liver", "spleen", "stomach", "kidney tumour"):
+        assert not chest.allows(KB.find(name)), name
+    for name in ("heart", "left lung", "right clavicle"):
+        assert chest.allows(KB.find(name)), name
+    assert not ImageKind.parse("CT abdomen").allows(KB.find("brain tumour"))
+
+
+def _evidence(kind: str, present: dict[str, float], region_scores=None):
+    presence = np.array([present.get(name, 0.05) for name in VOCABULARY])
+    return build_evidence(KB, VOCABULARY, presence, ImageKind.parse(kind), region_scores)
+
+
+def test_a_chest_radiograph_never_gets_abdominal_names_even_when_the_locator_says_so() -> None:
+    evidence = _evidence("XR chest", {"pancreas": 0.99, "heart": 0.9, "left lung": 0.8, "liver": 0.95})
+    described = plan_reply(Intent("describe"), evidence, KB)
+    assert "pancreas" not in described.raw_text and "liver" not in described.raw_text
+    assert [seg.name for seg in described.segs] == ["heart", "left lung"]
+    asked = plan_reply(Intent("presence", ["pancreas"]), evidence, KB)
+    assert asked.raw_text == "The <p>pancreas</p> is not seen on a chest radiograph." and not asked.segs
+
+
+def test_planned_replies_say_only_framing_and_cited_facts() -> None:
+    box = np.zeros((1, len(VOCABULARY)))
+    box[0, VOCABULARY.index("right kidney")] = 0.7
+    evidence = _evidence("CT abdomen", {"liver": 0.9, "right kidney": 0.8, "left kidney": 0.7}, box)
+    cases = [
+        (Intent("function"), 1), (Intent("segment", ["liver", "spleen"]), 2), (Intent("describe"), 4),
+        (Intent("size", ["left kidney", "right kidney"]), 2), (Intent("relations", ["pancreas"]), 1),
+        (Intent("level", ["left kidney", "right kidney"]), 4), (Intent("appearance", ["liver"]), 2),
+    ]
+    for intent, segs in cases:
+        plan = plan_reply(intent, evidence, KB, "How does it look on CT?")
+        assert unsupported(plan.raw_text) == [], plan.raw_text
+        assert len(plan.segs) == segs == plan.raw_text.count("<SEG>"), plan.raw_text
+        assert plan.segs[0].prompt_index == 0 and plan.segs[0].name == "right kidney"  # the box comes first
+    function = plan_reply(Intent("function"), evidence, KB)
+    assert function.raw_text.startswith("This is the <p>right kidney</p><SEG>. The kidneys filter the blood")
+    assert function.raw_text.endswith(".") and "Source: Gray's Anatomy (42nd edition, 2020)" in function.raw_text
+    assert any(source.startswith("Standring S") for source in function.sources)
+    absent = plan_reply(Intent("segment", ["liver", "spleen"]), _evidence("CT abdomen", {"liver": 0.9}), KB)
+    assert absent.raw_text == "Here is the <p>liver</p><SEG>. The <p>spleen</p> is not on this slice."
+    unknown = plan_reply(Intent("size", ["stomach"]), _evidence("CT abdomen", {"stomach": 0.9}), KB)
+    assert unknown.raw_text.endswith("I don't have that in my reference.")
+    declined = plan_reply(Intent("off_topic"), evidence, KB)
+    assert not declined.segs and "<p>" not in declined.raw_text
+
+
+def test_an_uncertain_name_is_said_so_and_a_lesion_is_an_observation() -> None:
+    box = np.zeros((1, len(VOCABULARY)))
+    box[0, VOCABULARY.index("liver")] = 0.3
+    plan = plan_reply(Intent("identify"), _evidence("CT abdomen", {"liver": 0.9}, box), KB)
+    assert plan.raw_text == "This looks like the <p>liver</p><SEG>, but I am not sure."
+    lesion = plan_reply(Intent("presence", ["tumour"]), _evidence("CT abdomen", {"tumour": 0.8}), KB)
+    assert lesion.raw_text.startswith("Yes, the model marks a possible <p>tumour</p><SEG> on this slice.")
+    assert lesion.raw_text.endswith("This is a model observation, not a diagnosis.")
