@@ -100,8 +100,14 @@ class StructureLocator(nn.Module):
     ) -> torch.Tensor:
         """Heatmap logits (N, E, E) for N phrases on the rows ``batch_index`` (N,) of ``features``."""
         query = self.queries(phrase_embeddings, seg_hidden_states)
-        selected = features[batch_index]  # (N, W, E, E)
-        logits = torch.einsum("nwhv,nw->nhv", selected, query[:, : self.width]) / math.sqrt(self.width)
+        height, width_cells = features.shape[-2:]
+        flat = features.flatten(2)  # (B, W, E*E)
+        # one product per image (not a copy of its features per phrase): phrases grouped by row
+        logits = flat.new_zeros(query.shape[0], height * width_cells)
+        for row in batch_index.unique().tolist():
+            chosen = batch_index == row
+            logits[chosen] = query[chosen, : self.width] @ flat[row]
+        logits = logits.reshape(-1, height, width_cells) / math.sqrt(self.width)
         return logits + query[:, self.width :, None]
 
 

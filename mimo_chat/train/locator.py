@@ -143,7 +143,7 @@ def training_loss(locator: StructureLocator, embeddings: torch.Tensor, rows: tor
                   kind_weight: float = 0.5) -> dict[str, torch.Tensor]:
     """:func:`locator_loss` of the heatmaps plus ``kind_weight`` x cross-entropy of the image-kind head
     on the images of known kind (``kinds`` (B,) class index, -100 = unknown)."""
-    features = locator.image_features(embeddings)
+    features = embeddings if getattr(locator, "frozen_adapter", False) else locator.image_features(embeddings)
     losses = locator_loss(locator(features, rows, phrases), targets, supervised > 0.5)
     if locator.kind_head is not None and bool((kinds >= 0).any()):
         losses["kind"] = F.cross_entropy(locator.image_kind_logits(features), kinds, ignore_index=-100)
@@ -159,7 +159,8 @@ def validate(locator: StructureLocator, data: LocatorData, embed: PhraseEmbedder
     per_kind: dict[str, list[float]] = defaultdict(list)
     for item in data.items:
         device = next(locator.parameters()).device
-        features = locator.image_features(data.embeddings[item.image_hash].float()[None].to(device))
+        stored = data.embeddings[item.image_hash].float()[None].to(device)
+        features = stored if getattr(locator, "frozen_adapter", False) else locator.image_features(stored)
         if locator.kind_head is not None and item.kind in IMAGE_KINDS:
             guess = IMAGE_KINDS[int(locator.image_kind_logits(features).argmax(1))]
             per_kind[item.kind].append(float(guess == item.kind))
@@ -200,6 +201,18 @@ def initial_locator(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no locator weights in {folder} (locator.safetensors or model.safetensors)")
 
 
+@torch.no_grad()
+def freeze_adapter(locator: StructureLocator, datasets: tuple[LocatorData, ...]) -> None:
+    """Replace every stored embedding (C, E, E) by the adapter's features (W, E, E), computed once,
+    and train only the phrase and kind heads (the translation augmentation shifts the features)."""
+    for parameter in locator.adapter.parameters():
+        parameter.requires_grad_(False)
+    locator.frozen_adapter = True
+    for data in datasets:
+        for key in tqdm(list(data.embeddings), desc="adapter features"):
+            data.embeddings[key] = locator.image_features(data.embeddings[key].float()[None])[0].half()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -210,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--max-shift", type=int, default=4, help="translation augmentation, embedding cells")
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--freeze-adapter", action="store_true",
+                        help="keep the --init locator's image adapter; train on its features, computed once (fast)")
     parser.add_argument("--kind-weight", type=float, default=0.5, help="weight of the image-kind cross-entropy")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -239,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     if state_path.exists():
         state = torch.load(state_path, weights_only=True, map_location=args.device)
         locator.load_state_dict(state["locator"])
-        optimizer.load_state_dict(state["optimizer"])
+        if not args.freeze_adapter:  # a frozen run's optimizer is built (and restored) below
+            optimizer.load_state_dict(state["optimizer"])
         step, best = state["step"], state.get("best")
         rng.setstate(state["rng"])
         print(f"resumed at step {step}", flush=True)
@@ -248,6 +264,11 @@ def main(argv: list[str] | None = None) -> None:
         if unexpected or any(not key.startswith("kind_head.") for key in missing):
             raise ValueError(f"{args.init}: locator weights do not fit (missing {missing}, unexpected {unexpected})")
         print(f"locator initialised from {args.init}", flush=True)
+    if args.freeze_adapter:
+        freeze_adapter(locator, (train, dev))
+        optimizer = torch.optim.AdamW([p for p in locator.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
+        if state_path.exists():
+            optimizer.load_state_dict(state["optimizer"])
     cell = config.image_size / 64
     log = (args.out / "log.jsonl").open("a")
     bar = tqdm(total=args.steps, initial=step, desc="locator")
@@ -276,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
             log.flush()
             tqdm.write(f"step {step} dev box IoU {metrics['box_iou']:.3f} presence {metrics['presence_acc']:.3f} "
                        f"kind {metrics['kind_acc']}")
-            if train.skipped and sum(1 for key in train_targets if key in cache) > len(train.items):
+            if not args.freeze_adapter and train.skipped and sum(1 for key in train_targets if key in cache) > len(train.items):
                 train = LocatorData(args.data, train_targets, cache, 64, transform, progress=False)  # the cache grew
                 tqdm.write(f"reloaded: {len(train.items)} training images ({train.skipped} not cached yet)")
             weights = {f"locator.{k}": v.detach().cpu().contiguous() for k, v in locator.state_dict().items()}
