@@ -66,7 +66,8 @@ def test_checks_judge_replies_on_a_real_chest_radiograph(conversations, images) 
     function = " ".join(f.text for f in load_knowledge_base().get("heart").facts("function"))
     expect = {"first": "heart", "grounded": ["heart"], "kb": ["heart", "function"]}
 
-    good = check_turn(_reply(function, [("heart", heart)]), expect, truth, [])
+    framed = f"This is the heart. {function}\nSource: Gray's Anatomy, 42nd ed. (2020)."  # framing + facts + source
+    good = check_turn(_reply(framed, [("heart", heart)]), expect, truth, [])
     assert good.checks["forbidden"] and good.checks["masks"] and good.checks["knowledge"]
     assert good.checks["unsupported"], good.notes
 
