@@ -202,7 +202,7 @@ def test_conversation_rows_come_from_dev_patients_with_their_label_masks(chat_be
 
 
 def test_forbidden_names_follow_the_kind_of_image(chat_bench) -> None:
-    bench, samples = chat_bench
+    bench, _ = chat_bench
     rows = [r for r in load_manifest(bench) if r["task"] != "off_topic"]
     for row in rows:
         forbidden = set(row["forbidden_names"])
