@@ -145,7 +145,7 @@ def parse_rows(text: str | None, width: int, name: str, example: str) -> list[li
         raise InputError(f"The {name} must be JSON like {example}.") from None
     if not isinstance(rows, list) or any(not isinstance(row, list) for row in rows):
         raise InputError(f"The {name} must be a list of rows like {example}.")
-    singular = name.removesuffix("s")
+    singular = {"boxes": "box", "points": "point"}.get(name, name)
     parsed = []
     for index, row in enumerate(rows):
         if len(row) != width or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in row):
