@@ -44,14 +44,15 @@ ENGINE_MODELS = ("engine", "litemedsam")
 
 
 def model_fingerprint(model: str, checkpoint: str | None) -> str:
-    """Identifies the weights answering: preset name, or checkpoint path with file sizes and times."""
+    """Identifies the weights answering: preset name, or checkpoint path with the sizes and times of its
+    files (documentation such as the model card excluded: editing it does not change the model)."""
     if checkpoint is None:
         return f"{model}"
     path = Path(checkpoint).resolve()
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
     digest = hashlib.sha1()
     for file in files:
-        if file.is_file():
+        if file.is_file() and file.suffix.lower() not in (".md", ".txt"):
             stat = file.stat()
             digest.update(f"{file.relative_to(path.parent)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return f"{model}:{path.name}:{digest.hexdigest()[:12]}"
@@ -84,16 +85,23 @@ def load_driver(model: str, checkpoint: str | None, quantize: str = "auto") -> D
 
 def evaluate(driver: Driver, bench: str | Path, out: str | Path, *, tasks: Sequence[str] | None = None,
              limit: int | None = None, fingerprint: str = "model", use_cache: bool = True,
-             make_plots: bool = True, progress: bool = True) -> dict:
-    """Run, score and write ``out`` (report.json), ``report.md`` and plots; return the report."""
+             make_plots: bool = True, progress: bool = True, cached_only: bool = False) -> dict:
+    """Run, score and write ``out`` (report.json), ``report.md`` and plots; return the report.
+
+    ``cached_only`` scores only the rows already answered in the prediction cache (an interrupted
+    run) without asking the model; the report says so under ``"cached_only"``."""
     bench, out = Path(bench), Path(out)
     wanted = [t for t in (tasks or TASKS) if t in driver.tasks]
     rows = load_manifest(bench, wanted, limit)
-    cache = PredictionCache(out.with_suffix(".predictions.jsonl"), fingerprint) if use_cache else None
+    cache = PredictionCache(out.with_suffix(".predictions.jsonl"), fingerprint) if use_cache or cached_only else None
+    if cached_only:
+        rows = [row for row in rows if cache.get(row["id"]) is not None]
     predictions = run(driver, bench, rows, cache, progress)
     scores = [score_row(row, predictions.get(row["id"]), bench) for row in rows]
     report = aggregate(rows, scores)
     report.update(model=fingerprint, bench=str(bench))
+    if cached_only:
+        report["cached_only"] = True
     skipped = sorted(set(tasks or TASKS) - set(driver.tasks))
     if skipped:
         report["skipped_tasks"] = skipped
@@ -124,6 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="language-model precision, as in the app: auto = int8 weights on a CPU")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the prediction cache")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--fingerprint", default=None,
+                        help="read/write the prediction cache under this model fingerprint (as in a report's "
+                             "\"model\"), e.g. with --cached-only after the checkpoint folder changed")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="score only the rows already in the prediction cache (an interrupted run); no model")
     parser.add_argument("--compare", nargs="+", metavar="REPORT", help="print a side-by-side table and exit")
     parser.add_argument("--paired", action="store_true",
                         help="with --compare A B: per-row differences B - A on the shared rows, with bootstrap "
@@ -163,9 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     fingerprint = model_fingerprint(args.model, checkpoint)
     if args.model not in ENGINE_MODELS:
         fingerprint += f":quantize={args.quantize}"
-    report = evaluate(load_driver(args.model, args.checkpoint, args.quantize), args.bench, args.out, tasks=tasks, limit=args.limit,
-                      fingerprint=fingerprint, use_cache=not args.no_cache, make_plots=not args.no_plots,
-                      progress=sys.stderr.isatty())
+    fingerprint = args.fingerprint or fingerprint
+    driver = (EngineDriver(None) if args.model in ENGINE_MODELS else ChatDriver(None)) if args.cached_only else \
+        load_driver(args.model, args.checkpoint, args.quantize)
+    report = evaluate(driver, args.bench, args.out, tasks=tasks, limit=args.limit, fingerprint=fingerprint,
+                      use_cache=not args.no_cache, make_plots=not args.no_plots, progress=sys.stderr.isatty(),
+                      cached_only=args.cached_only)
     for task, values in report["tasks"].items():
         shown = ", ".join(f"{k}={v:.3f}" for k, v in values.items() if isinstance(v, float))
         print(f"{task:<11} n={values['n']:<5} {shown}")
