@@ -109,6 +109,21 @@ def test_a_chest_radiograph_never_gets_abdominal_names_even_when_the_locator_say
     assert asked.raw_text == "The <p>pancreas</p> is not seen on a chest radiograph." and not asked.segs
 
 
+def test_an_axial_slice_below_the_diaphragm_gets_no_chest_names() -> None:
+    found = {"right kidney": 0.9, "liver": 0.9, "heart": 0.7, "left lung": 0.6}
+    for hint in ("", "CT abdomen", "MR"):  # unknown, metadata, modality only
+        described = plan_reply(Intent("describe"), _evidence(hint, found), KB)
+        assert sorted(seg.name for seg in described.segs) == ["liver", "right kidney"], hint
+    # a coronal view and a radiograph span many levels: the heart may share them with the abdomen
+    for hint in ("CT abdomen coronal", "XR"):
+        kept = {name for name, _ in _evidence(hint, found).present()}
+        assert "heart" in kept, hint
+    assert ImageKind.parse("CT coronal").axial is False and not ImageKind.parse("coronal").known
+    assert ImageKind.parse("CT chest abdomen pelvis").region is None  # several regions: none is assumed
+    upper = _evidence("", {"left kidney": 0.9, "left clavicle": 0.8})
+    assert not upper.is_present("left clavicle") and "left clavicle" in upper.excluded
+
+
 def test_planned_replies_say_only_framing_and_cited_facts() -> None:
     box = np.zeros((1, len(VOCABULARY)))
     box[0, VOCABULARY.index("right kidney")] = 0.7

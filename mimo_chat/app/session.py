@@ -181,7 +181,10 @@ class Session:
         """Encode the current view once; reuse the context until the view changes."""
         key = self.view_key()
         if self.context is None or self.context_key != key:
-            self.context = predictor.encode(self.image())
+            hint = self.study.kind_hint or ""
+            if self.study.is_volume and self.plane != "axial":
+                hint += f" {self.plane}"  # one coronal / sagittal image spans many levels
+            self.context = predictor.encode(self.image(), image_kind=hint.strip() or None)
             self.context_key = key
         return self.context
 

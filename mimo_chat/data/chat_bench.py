@@ -26,6 +26,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from mimo_chat.data.knowledge import ABOVE_DIAPHRAGM, BELOW_DIAPHRAGM_EVIDENCE, CHEST_RADIOGRAPH_ALLOWED, UPPER_CHEST
 from mimo_chat.data.names import canonical_name
 from mimo_chat.data.sources import LabelledSlice
 
@@ -52,17 +53,6 @@ OFF_TOPIC_QUESTIONS = (
     "What time is it in Tokyo?",
 )
 
-# Structures at the thoracic inlet and above: never on an abdominal slice (the knowledge base files
-# them under "thorax" with the lungs, so the region alone cannot tell them apart).
-UPPER_CHEST = ("trachea", "brachiocephalic trunk", "left brachiocephalic vein", "right brachiocephalic vein",
-               "left subclavian artery", "right subclavian artery", "superior vena cava", "clavicle")
-# Structures at or above the diaphragm: excluded on abdominal slices shown to be below it.
-ABOVE_DIAPHRAGM = ("heart", "lung", "pulmonary vein", "left atrial appendage", "lung tumour")
-# Present on a slice, these show it lies below the lung bases and the heart.
-BELOW_DIAPHRAGM_EVIDENCE = ("pancreas", "left kidney", "right kidney", "kidney tumour", "pancreatic tumour",
-                            "small bowel")
-# Abdominal structures a chest radiograph may show below the left hemidiaphragm (the gastric air bubble).
-CHEST_RADIOGRAPH_ALLOWED = ("stomach",)
 ABDOMINAL_REGIONS = ("abdomen", "pelvis")
 
 

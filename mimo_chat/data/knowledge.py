@@ -29,6 +29,18 @@ SNOMED_TABLE = "totalsegmentator/resources/totalsegmentator_snomed_mapping.csv"
 FACT_TOPICS = ("location", "relations", "function", "ct", "mr", "hu", "pathology", "clues")
 OPTIONAL_TOPICS = ("size", "xr")  # normal size; chest radiograph appearance (not every entry has them)
 MODALITIES = ("CT", "MR", "XR")
+
+# Structures at the thoracic inlet and above: never on an abdominal slice (the knowledge base files
+# them under "thorax" with the lungs, so the region alone cannot tell them apart).
+UPPER_CHEST = ("trachea", "brachiocephalic trunk", "left brachiocephalic vein", "right brachiocephalic vein",
+               "left subclavian artery", "right subclavian artery", "superior vena cava", "clavicle")
+# Structures at or above the diaphragm: excluded on abdominal slices shown to be below it.
+ABOVE_DIAPHRAGM = ("heart", "lung", "pulmonary vein", "left atrial appendage", "lung tumour")
+# Present on a slice, these show it lies below the lung bases and the heart.
+BELOW_DIAPHRAGM_EVIDENCE = ("pancreas", "left kidney", "right kidney", "kidney tumour", "pancreatic tumour",
+                            "small bowel")
+# Abdominal structures a chest radiograph may show below the left hemidiaphragm (the gastric air bubble).
+CHEST_RADIOGRAPH_ALLOWED = ("stomach",)
 # Typical cranio-caudal span of a structure in an adult, by vertebral level; compared as numbers.
 VERTEBRAL_LEVELS = (
     [f"C{n}" for n in range(1, 8)] + [f"T{n}" for n in range(1, 13)] + [f"L{n}" for n in range(1, 6)]

@@ -4,12 +4,14 @@
 
 * presence of every vocabulary name: the locator's heatmap peak of the name alone (the same
   ``MimoModel.phrase_presence`` that decides "absent" at a ``<SEG>``);
-* image kind: the caller's metadata (``"XR chest"``, ``"CT"``, a DICOM modality), else the
-  locator's scene head when the checkpoint has one, else unknown;
+* image kind: the caller's metadata (``"XR chest"``, ``"CT"``, a DICOM modality); what it leaves
+  open (often the body region) from the locator's scene head when the checkpoint has one;
 * each prompted object's name fit: ``MimoModel.region_name_scores`` of the engine's mask.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -58,9 +60,13 @@ def gather_evidence(
 ) -> Evidence:
     """Evidence on one image: ``features`` (1, W, E, E); ``prompt_masks`` (N, S, S) the engine's masks of
     the user's prompts in the model frame; ``presence`` (V,) when already computed for this image."""
-    kind = ImageKind.parse(kind_hint) if kind_hint else ImageKind()
-    if not kind.known:
-        kind = scene_kind(model, features)
+    kind = ImageKind.parse(kind_hint)
+    if kind.modality is None or kind.region is None:  # what the metadata leaves open, the image may tell
+        scene = scene_kind(model, features)
+        if scene.known:
+            source = kind.source if kind.known else scene.source
+            kind = replace(kind, modality=kind.modality or scene.modality, region=kind.region or scene.region,
+                           source=source)
     if presence is None:
         presence = vocabulary_presence(model, features)
     scores = None

@@ -50,6 +50,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "Give me a mask of the structure.", "Segment the structure in the box.", "Segment this.",
         "Please delineate the structure.", "Show the structure and the structure.", "Contour the structure.",
         "Give me the structure.", "Can you outline the structure please?", "I want to see the structure.",
+        "Mark the structure on the image.", "Highlight the structure on the scan.",
     ),
     "identify": (
         "What is this?", "What is the structure in the box?", "Which organ is this?", "Which vessel is this?",
@@ -88,7 +89,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "locate": (
         "Where is the structure?", "Where is the structure? Give its bounding box.", "Find the structure.",
         "Locate the structure.", "Where can I find the structure on this image?", "Point to the structure.",
-        "Which part of the image is the structure?", "Where does the structure lie?",
+        "Which part of the image is the structure?", "Where does the structure lie?", "Where is it?",
+        "Where is that on the image?",
     ),
     "describe": (
         "Describe this image.", "What do you see?", "What is on this slice?", "What structures are visible?",

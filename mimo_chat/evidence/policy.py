@@ -3,12 +3,15 @@
 Evidence for one image and question (computed by the predictor, plain numbers here):
 
 * the image kind (modality + body region): from the study's metadata when the caller gives it,
-  else from the locator's scene head when the checkpoint has one, else unknown;
+  what that leaves open from the locator's scene head when the checkpoint has one, else unknown;
 * the locator's presence probability of every vocabulary name allowed on that kind of image;
 * for boxes / clicks: how well each vocabulary name fits the engine's mask of each prompt.
 
 A structure the knowledge base says cannot be on this kind of image (its ``modalities`` /
-``regions``) is never named from the image.
+``regions``) is never named from the image. On a cross-sectional image (CT, MR or unknown), a
+structure found that lies wholly below the diaphragm rules out those at or above it
+(``mimo_chat.data.knowledge.ABOVE_DIAPHRAGM``) and those at the thoracic inlet (``UPPER_CHEST``):
+one axial slice cannot show both.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mimo_chat.data.knowledge import KnowledgeBase, KnowledgeEntry
+from mimo_chat.data.knowledge import ABOVE_DIAPHRAGM, BELOW_DIAPHRAGM_EVIDENCE, UPPER_CHEST, KnowledgeBase, KnowledgeEntry
+from mimo_chat.data.names import names_structure
 
 PRESENT = 0.5  # presence probability above which the locator finds a structure (logit 0)
 SURE_NAME = 0.5  # a prompted object's name score from which the name is stated without doubt
@@ -40,17 +44,19 @@ class ImageKind:
     modality: str | None = None
     region: str | None = None
     source: str = "unknown"  # "metadata", "scene head" or "unknown"
+    axial: bool = True  # False: a coronal or sagittal view of a volume (all levels on one image)
 
     @classmethod
     def parse(cls, text: str | None, source: str = "metadata") -> ImageKind:
-        """``"XR chest"``, ``"CT"``, ``"MR abdomen"``, DICOM codes (``"DX"``, ``"CR"``) -> ImageKind."""
-        modality = region = None
-        for word in (text or "").lower().replace("_", " ").replace("/", " ").split():
-            modality = modality or _MODALITY_WORDS.get(word)
-            region = region or _REGION_WORDS.get(word)
+        """``"XR chest"``, ``"CT"``, ``"MR abdomen coronal"``, DICOM codes (``"DX"``, ``"CR"``) -> ImageKind."""
+        words = (text or "").lower().replace("_", " ").replace("/", " ").replace(",", " ").split()
+        modality = next((_MODALITY_WORDS[w] for w in words if w in _MODALITY_WORDS), None)
+        regions = {_REGION_WORDS[w] for w in words if w in _REGION_WORDS}
+        region = regions.pop() if len(regions) == 1 else None  # "chest abdomen pelvis": no single region
+        axial = not {"coronal", "sagittal"} & set(words)
         if modality is None and region is None:
-            return cls()
-        return cls(modality, region, source)
+            return cls(axial=axial)
+        return cls(modality, region, source, axial)
 
     @property
     def known(self) -> bool:
@@ -113,6 +119,7 @@ def build_evidence(
 ) -> Evidence:
     """``presence`` (V,) probabilities of ``vocabulary``; ``region_scores`` (N, V) name fit of N prompted objects."""
     allowed = np.array([kind.allows(knowledge.find(name)) for name in vocabulary], dtype=bool)
+    allowed &= ~_ruled_out_by_level(vocabulary, presence, allowed, kind)
     found = {name: float(p) for name, p, ok in zip(vocabulary, presence, allowed, strict=True) if ok}
     excluded = tuple(name for name, ok in zip(vocabulary, allowed, strict=True) if not ok)
     prompted = []
@@ -124,6 +131,19 @@ def build_evidence(
         else:
             prompted.append(PromptedObject(vocabulary[best], float(scores[best])))
     return Evidence(kind, found, prompted, excluded)
+
+
+def _ruled_out_by_level(vocabulary: Sequence[str], presence: np.ndarray, allowed: np.ndarray, kind: ImageKind) -> np.ndarray:
+    """(V,) names that cannot share this slice with a structure found below the diaphragm."""
+    ruled_out = np.zeros(len(vocabulary), dtype=bool)
+    if kind.modality == "XR" or not kind.axial:  # a radiograph or a coronal view shows many levels at once
+        return ruled_out
+    below = any(p > PRESENT and ok and any(names_structure(name, b) for b in BELOW_DIAPHRAGM_EVIDENCE)
+                for name, p, ok in zip(vocabulary, presence, allowed, strict=True))
+    if below:
+        higher = (*ABOVE_DIAPHRAGM, *UPPER_CHEST)
+        ruled_out[:] = [any(names_structure(name, h) for h in higher) for name in vocabulary]
+    return ruled_out
 
 
 def groundable(names: Sequence[str], vocabulary: Sequence[str]) -> dict[str, str | None]:

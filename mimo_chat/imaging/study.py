@@ -73,6 +73,16 @@ class Study:
         ):
             raise ValueError(f"A 2D study needs (H, W) or (H, W, 3) pixels, got shape {self.pixels.shape}.")
 
+    @property
+    def kind_hint(self) -> str | None:
+        """What the file says the image is, for the evidence policy ("CT", "XR CHEST", "MR ABDOMEN"):
+        the modality and the body part / descriptions that survived the privacy filter; None when
+        the file records neither."""
+        words = [self.modality if self.modality != "OT" else ""]
+        words += [self.descriptors.get(key, "") for key in ("body_part", "study_description", "series_description")]
+        hint = " ".join(word for word in words if word).strip()
+        return hint or None
+
     def __repr__(self) -> str:
         kind = "volume" if self.is_volume else "image"
         spacing = tuple(round(float(step), 4) for step in self.spacing)
