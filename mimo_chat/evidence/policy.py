@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mimo_chat.data.knowledge import ABOVE_DIAPHRAGM, BELOW_DIAPHRAGM_EVIDENCE, UPPER_CHEST, KnowledgeBase, KnowledgeEntry
+from mimo_chat.data.knowledge import (
+    ABOVE_DIAPHRAGM,
+    BELOW_DIAPHRAGM_EVIDENCE,
+    UPPER_CHEST,
+    KnowledgeBase,
+    KnowledgeEntry,
+)
 from mimo_chat.data.names import names_structure
 
 PRESENT = 0.5  # presence probability above which the locator finds a structure (logit 0)
