@@ -66,6 +66,10 @@ damaged header full of empty elements one per 8 bytes (about a second per megaby
 REQUEST_SECONDS = 45.0
 """Longest time one answer may take once a worker has started it."""
 
+VOLUME_PASS_SECONDS = 1_800.0
+"""Longest time one whole-volume answer may take (it encodes every slice of the study once; the
+chat's Cancel button stops it sooner). Slices cached by an earlier pass cost nothing."""
+
 
 class InputError(ValueError):
     """A request the app refuses before (or instead of) doing the work; the message is for the user."""

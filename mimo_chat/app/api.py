@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -24,8 +25,11 @@ from mimo_chat.app.callbacks import Callbacks, layers_from_reply, readable_error
 from mimo_chat.app.export import write_masks
 from mimo_chat.app.render import Layer, compose
 from mimo_chat.app.session import Session
+from mimo_chat.app.volume_chat import measure, volume_reply, write_niftis
+from mimo_chat.data.knowledge import load_knowledge_base
 from mimo_chat.imaging import ImageLoadError
 from mimo_chat.predictor import Done
+from mimo_chat.volume import VolumeResult
 
 BOX_EXAMPLE = "[[x0, y0, x1, y1]]"
 POINT_EXAMPLE = "[[x, y, 1]]"
@@ -87,6 +91,11 @@ def _answer(callbacks: Callbacks, session: Session, file_path: str | None, quest
         session.add_point(x, y, label == 1)
     callbacks.segment_prompts(session)
     deadline.check()
+    names = callbacks.whole_volume_names(session, question)
+    if names:  # the whole study, not the middle slice: bounded by the longer whole-volume limit
+        work = measure(session.study, names, callbacks.predictor, session.slice_encodings(callbacks.predictor),
+                       threading.Event(), limits.Deadline(limits.VOLUME_PASS_SECONDS))
+        return work(lambda done, total, message: None)
     context = session.ensure_context(callbacks.predictor)
     events = callbacks.predictor.stream(context, question, **session.prompt_arguments())
     for event in deadline.bound(events):
@@ -112,21 +121,30 @@ def ask(callbacks: Callbacks, file_path: str | None, question: str, boxes_json: 
     session = callbacks.session(state)
     try:
         reply = _answer(callbacks, session, file_path, question, boxes_json, points_json, deadline)
-        session.reply_layers = layers_from_reply(reply)
     except Exception as error:  # noqa: BLE001 - shown to the user as a message
         raise gr.Error(readable_error(error, "answering"), print_exception=False) from None
     finally:
         storage.discard_upload(file_path)
 
     folder = _results_folder(session)
-    phrase_pngs = write_masks(session.reply_layers, folder, "mask")
+    volume = None
+    if isinstance(reply, VolumeResult):
+        write_niftis(reply, session.study, session.grid, folder)
+        session.volume = {name: item for name, item in reply.structures.items() if item.found}
+        session.reply_layers, volume, text = [], reply.to_json(), volume_reply(reply, load_knowledge_base()).text
+        phrases = session.volume_layers()  # the 3D masks' cross-sections with the middle axial slice
+    else:
+        session.reply_layers = phrases = layers_from_reply(reply)
+        text = reply.text
+    phrase_pngs = write_masks(phrases, folder, "mask")
     prompt_pngs = write_masks(session.prompt_layers, folder, "prompt")
     height, width = session.image_shape()
     record = {
-        "phrases": [_layer_record(layer, png) for layer, png in zip(session.reply_layers, phrase_pngs)],
+        "phrases": [_layer_record(layer, png) for layer, png in zip(phrases, phrase_pngs)],
         "prompt": [_layer_record(layer, png) for layer, png in zip(session.prompt_layers, prompt_pngs)],
         "image_size": [height, width],
         "slice": {"plane": session.plane, "index": session.slice_index} if session.study.is_volume else None,
+        "volume": volume,  # a whole-volume answer: the CLI's --json object (volume_ml, slices, nifti, ...)
     }
     image = compose(session.image(), session.layers(), session.points, session.boxes)
-    return reply.text, json.dumps(record), image, session
+    return text, json.dumps(record), image, session

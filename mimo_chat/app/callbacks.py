@@ -8,6 +8,7 @@ a ``gr.Error``) and leaves the session usable.
 from __future__ import annotations
 
 import logging
+import threading
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +23,19 @@ from mimo_chat.app.export import export_files
 from mimo_chat.app.render import Layer, color_for, highlight, legend_html, sources_html, strip_tags
 from mimo_chat.app.session import Session, Turn, session_folder
 from mimo_chat.app.viewer import value_text
+from mimo_chat.app.volume_chat import (
+    asks_whole_volume,
+    measurable_names,
+    measure,
+    progress_text,
+    run_in_background,
+    volume_reply,
+    write_niftis,
+)
+from mimo_chat.data.knowledge import load_knowledge_base
 from mimo_chat.imaging import WINDOW_PRESETS, ImageLoadError
 from mimo_chat.predictor import Done, MaskReady, TextDelta
+from mimo_chat.volume import VolumeCancelled
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +162,11 @@ class Callbacks:
             return (session, *[gr.skip()] * 10, say(session, readable_error(error, "opening the example")))
 
     def quick_rows(self, state: Session | None) -> tuple:
-        """Visibility of the (CT, radiograph) quick-question rows: the questions that fit the study."""
+        """Visibility of the (CT, radiograph) quick-question rows, the questions that fit the study, and of
+        the Cancel button of whole-volume answers (volumes only)."""
         radiograph = state is not None and state.loaded and state.study.modality in RADIOGRAPH_MODALITIES
-        return gr.Row(visible=not radiograph), gr.Row(visible=radiograph)
+        volume = state is not None and state.loaded and state.study.is_volume
+        return gr.Row(visible=not radiograph), gr.Row(visible=radiograph), gr.Button(visible=volume)
 
     def prepare(self, state: Session | None) -> Session | None:
         """Encode the current view right after it is shown, so the first token comes quickly."""
@@ -293,6 +307,7 @@ class Callbacks:
             if clear:
                 session.clear_prompts()
                 session.reply_layers = []
+                session.volume, session.volume_files = {}, []
             else:
                 session.undo()
                 self.segment_prompts(session)
@@ -324,6 +339,7 @@ class Callbacks:
         """The chat's trash button: forget the conversation (history and reply masks), keep the image."""
         session = self.session(state)
         session.messages, session.turns, session.reply_layers = [], [], []
+        session.volume, session.volume_files = {}, []
         return self.view_outputs(session)
 
     def respond(self, question: str | None, state: Session | None) -> Iterator[tuple]:
@@ -337,6 +353,10 @@ class Callbacks:
         session.messages.append({"role": "user", "content": question})
         if not session.loaded:
             yield ("", say(session, NEEDS_IMAGE), skip, skip, skip, session)
+            return
+        names = self.whole_volume_names(session, question)
+        if names:
+            yield from self.answer_volume(session, question, names)
             return
         say(session, "…")
         yield ("", session.chat(), skip, skip, skip, session)
@@ -374,6 +394,102 @@ class Callbacks:
             session.set_last(readable_error(error, "answering"))
             _, image, editor, legend = self.view_outputs(session)
             yield ("", session.chat(), image, editor, legend, session)
+
+
+    # ------------------------------------------------------------------ whole-volume answers
+    def whole_volume_names(self, session: Session, question: str) -> list[str]:
+        """The structures to measure over the whole study, or [] for a question about the slice on screen."""
+        if not session.study.is_volume:
+            return []  # a 2D image keeps today's reply, which says sizes need a whole study
+        try:
+            intent = self.predictor.reader.read(question, session.history(), prompted=session.has_prompts())
+        except Exception as error:  # noqa: BLE001 - the slice answer below reports any real problem
+            readable_error(error, "reading the question")
+            return []
+        if not asks_whole_volume(intent.intent, question):
+            return []
+        return measurable_names(intent.names, self.predictor.config.locator_vocabulary)
+
+    def answer_volume(self, session: Session, question: str, names: list[str]) -> Iterator[tuple]:
+        """Measure ``names`` over every slice, streaming progress: (textbox, chat, viewer, editor, legend, state)."""
+        skip = gr.skip()
+        if session.volume_cancel is not None:
+            yield ("", say(session, "A whole-volume answer is still being measured: wait for it or press Cancel."),
+                   skip, skip, skip, session)
+            return
+        study = session.study
+        say(session, progress_text(names, 0, study.num_slices(), "Looking through the slices"))
+        position = len(session.messages) - 1
+        yield ("", session.chat(), skip, skip, skip, session)
+        cancel = threading.Event()
+        session.volume_cancel = cancel
+        try:
+            encodings = session.slice_encodings(self.predictor)
+            work = measure(study, names, self.predictor, encodings, cancel, limits.Deadline(limits.VOLUME_PASS_SECONDS))
+            updates = run_in_background(work, cancel)
+            result = yield from self._stream_progress(session, position, names, updates)
+            if session.study is not study:
+                session.set_message(position, "Another study was opened while measuring; that answer was dropped.")
+            else:
+                self._show_volume(session, question, result, position)
+        except VolumeCancelled:
+            kept = session.encodings.encoded if session.encodings is not None else 0
+            session.set_message(position, f"Stopped measuring the {' and the '.join(names)} (cancelled). The {kept} "
+                                          "slices encoded so far are kept, so asking again continues from there.")
+        except Exception as error:  # noqa: BLE001 - shown to the user as a message
+            session.set_message(position, readable_error(error, "measuring the whole study"))
+        finally:
+            if session.volume_cancel is cancel:
+                session.volume_cancel = None
+        _, image, editor, legend = self.view_outputs(session)
+        yield ("", session.chat(), image, editor, legend, session)
+
+    @staticmethod
+    def _stream_progress(session: Session, position: int, names: list[str], updates: Iterator) -> Iterator[tuple]:
+        """Write each progress call into the chat's progress line; returns the pass's result."""
+        skip = gr.skip()
+        while True:
+            try:
+                done, total, message = next(updates)
+            except StopIteration as stop:
+                return stop.value
+            session.set_message(position, progress_text(names, done, total, message))
+            yield ("", session.chat(), skip, skip, skip, session)
+
+    def _show_volume(self, session: Session, question: str, result, position: int) -> None:
+        """Keep the 3D masks and their NIfTI files in the session and write the answer into the chat."""
+        session.exports += 1
+        files = write_niftis(result, session.study, session.grid, session.workdir / f"volume_{session.exports}")
+        session.volume = {name: item for name, item in result.structures.items() if item.found}
+        session.volume_files = files
+        session.new_downloads = list(files)
+        session.reply_layers = []  # the previous reply's masks were about one slice
+        reply = volume_reply(result, load_knowledge_base())
+        session.turns.append(Turn(question, reply.text, reply.text, [], [list(b) for b in session.boxes],
+                                  [list(p) for p in session.points], *session.view()))
+        session.set_message(position, highlight(reply.text, self._volume_phrases(session)) + sources_html(reply.sources))
+
+    @staticmethod
+    def _volume_phrases(session: Session) -> list[Layer]:
+        """A layer per measured structure, in its 3D mask's colour, for highlighting its name in the reply
+        (its mask: the axial slice through the middle of the structure)."""
+        layers = []
+        for (name, item), color in zip(session.volume.items(), session.volume_colors().values()):
+            middle = (item.slices[0] + item.slices[1]) // 2
+            layers.append(Layer(name, color, item.display_mask(session.study, middle, "axial"), None, item.score))
+        return layers
+
+    def cancel_volume(self, state: Session | None) -> None:
+        """The Cancel button: the running pass stops after its current slice and says so in the chat."""
+        if state is not None:
+            state.stop_volume()
+
+    def volume_downloads(self, state: Session | None):
+        """After an answer: the 3D masks' NIfTI files in the downloads box (unchanged when there are none)."""
+        if state is None or not state.new_downloads:
+            return gr.skip()
+        files, state.new_downloads = [str(path) for path in state.new_downloads], []
+        return files
 
 
 def layers_from_reply(reply) -> list[Layer]:

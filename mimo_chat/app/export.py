@@ -82,8 +82,9 @@ def export_files(session: Session) -> list[str]:
     pngs = write_masks(layers, folder)
     files = [p for p in pngs if p is not None]
     if session.study.is_volume:
+        files += session.volume_files  # a 3D mask's own NIfTI, not its cross-section with this slice
         for layer, png in zip(layers, pngs):
-            if png is not None:
+            if png is not None and not layer.volume:
                 nifti = save_mask_nifti(session.study, layer.mask, session.slice_index, session.plane,
                                         png.with_suffix(".nii.gz"))
                 files.append(match_source_orientation(nifti, session.source_path))

@@ -41,6 +41,7 @@ class Layer:
     score: float | None = None  # predicted quality (IoU) of the mask
     from_prompt: bool = False  # True for the mask of the user's own clicks/boxes (no phrase box drawn)
     name_score: float | None = None  # how sure the model is of the name (None: not scored)
+    volume: bool = False  # a 3D mask's cross-section with the view (its NIfTI is the whole mask)
 
     @property
     def has_mask(self) -> bool:

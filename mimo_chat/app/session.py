@@ -13,13 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from mimo_chat.app import storage
-from mimo_chat.app.render import PROMPT_COLOR, Layer, compose, display_scale, same_mask
+from mimo_chat.app.render import PHRASE_COLORS, PROMPT_COLOR, Layer, compose, display_scale, same_mask
 from mimo_chat.app.viewer import PLANE_AXIS, ZOOMS, Viewport, display_to_voxel, draw_orientation, value_at
+from mimo_chat.grounding import mask_to_box
 from mimo_chat.imaging import Study, load_study
+from mimo_chat.volume import SliceEncodings, SourceGrid, source_grid
 
 Window = str | tuple[float, float]
+# The 3D masks take colours from the palette's end: a reply's phrases take them from its start,
+# and both can be on screen together.
+VOLUME_COLORS = tuple(reversed(PHRASE_COLORS))
 HISTORY_TURNS = 3  # earlier turns of the same image the model sees: enough for "and the other one?",
 # few enough that an early mistake does not steer every later answer (and the prompt stays short)
 
@@ -59,6 +65,7 @@ class Session:
     study: Study | None = None
     source_name: str = ""
     source_path: Path | None = None  # the loaded file (inside the session folder for uploads)
+    grid: SourceGrid | None = None  # a NIfTI source's voxel grid, read at load: 3D masks are written on it
     plane: str = "axial"
     slice_index: int = 0
     window: Window = "auto"
@@ -76,6 +83,13 @@ class Session:
     center: tuple[float, float] | None = None  # display pixel the zoomed view is centred on
     messages: list[dict] = field(default_factory=list)  # the Chatbot's messages, {"role", "content"}
     exports: int = 0
+    # a volume's axial slices, each encoded once for the study: shared by the chat on axial views and
+    # the whole-volume pass, so scrolling back or asking again encodes nothing
+    encodings: SliceEncodings | None = None
+    volume: dict[str, Any] = field(default_factory=dict)  # structure -> StructureResult of the last whole-volume answer
+    volume_files: list[Path] = field(default_factory=list)  # its NIfTI files
+    new_downloads: list[Path] = field(default_factory=list)  # files the downloads box has not shown yet
+    volume_cancel: Any = None  # the running pass's threading.Event (the Cancel button sets it); None when idle
     _display: tuple[tuple, np.ndarray] | None = field(default=None, repr=False)  # (view key, image) cache
 
     @classmethod
@@ -97,6 +111,7 @@ class Session:
         self.study = study
         self.source_name = name or Path(path).name
         self.source_path = Path(path)
+        self.grid = source_grid(path, study) if study.is_volume else None  # /ask deletes its upload right after
         self.plane = "axial"
         self.cursor = [size // 2 for size in study.pixels.shape] if study.is_volume else None
         self.slice_index = self.cursor[PLANE_AXIS["axial"]] if study.is_volume else 0
@@ -106,6 +121,16 @@ class Session:
         self.zoom, self.center = 1, None
         self.clear_prompts()
         self.reply_layers = []
+        self.stop_volume()
+        if self.encodings is not None:
+            self.encodings.forget()  # the old study's embeddings are large; drop them now, not at the next GC
+        self.encodings = None
+        self.volume, self.volume_files, self.new_downloads = {}, [], []
+
+    def stop_volume(self) -> None:
+        """Ask a running whole-volume pass to stop (its answer would be about a study no longer on screen)."""
+        if self.volume_cancel is not None:
+            self.volume_cancel.set()
 
     def archive_conversation(self) -> None:
         """Put the conversation about the current study aside (still exported) and start an empty one."""
@@ -178,15 +203,37 @@ class Session:
         return (id(self.study), self.plane, self.slice_index, self.window)
 
     def ensure_context(self, predictor) -> Any:
-        """Encode the current view once; reuse the context until the view changes."""
+        """Encode the current view once; reuse the context until the view changes.
+
+        An axial slice of a volume in the study's default window comes from the study's slice cache
+        (the image the whole-volume pass encodes), so each such slice is encoded once per study.
+        """
         key = self.view_key()
         if self.context is None or self.context_key != key:
             hint = self.study.kind_hint or ""
             if self.study.is_volume and self.plane != "axial":
                 hint += f" {self.plane}"  # one coronal / sagittal image spans many levels
-            self.context = predictor.encode(self.image(), image_kind=hint.strip() or None)
+            if self.view_in_cache(predictor):
+                self.context = replace(self.slice_encodings(predictor).context(self.slice_index),
+                                       image_kind=hint.strip() or None)
+            else:
+                self.context = predictor.encode(self.image(), image_kind=hint.strip() or None)
             self.context_key = key
         return self.context
+
+    def slice_encodings(self, predictor) -> SliceEncodings:
+        """The loaded volume's slice cache (made at first use; one per study)."""
+        if self.encodings is None or self.encodings.study is not self.study:
+            self.encodings = SliceEncodings(self.study, predictor.encode)
+        return self.encodings
+
+    def view_in_cache(self, predictor) -> bool:
+        """Is the view on screen an image of the slice cache (axial, default window, same pixels)?"""
+        if self.study is None or not self.study.is_volume or self.plane != "axial":
+            return False
+        cache = self.slice_encodings(predictor)
+        same_shape = self.study.display_shape("axial", square_pixels=True) == self.study.display_shape("axial")
+        return same_shape and self.window == cache.window
 
     # ------------------------------------------------------------------ prompts
     def add_point(self, x: float, y: float, positive: bool) -> None:
@@ -262,6 +309,11 @@ class Session:
         """A copy of the chat messages for the ``gr.Chatbot``."""
         return [dict(message) for message in self.messages]
 
+    def set_message(self, position: int, content: str) -> None:
+        """Replace the text of the assistant message at ``position`` (a long pass's progress line:
+        other messages may arrive after it while it runs)."""
+        self.messages[position] = {"role": "assistant", "content": content}
+
     def set_last(self, content: str) -> None:
         """Replace the text of the newest (streaming) assistant message."""
         self.messages[-1] = {"role": "assistant", "content": content}
@@ -279,11 +331,32 @@ class Session:
         return [(turn.question, turn.raw_reply) for turn in here[-HISTORY_TURNS:]]
 
     def layers(self) -> list[Layer]:
-        """Layers on screen; the mask of the user's prompt is left out once a reply names it (shown once)."""
+        """Layers on screen; the mask of the user's prompt is left out once a reply names it (shown once).
+        The 3D masks of the last whole-volume answer follow every slice and plane."""
         named = [layer for layer in self.reply_layers if layer.mask is not None]
         prompt = [layer for layer in self.prompt_layers
                   if not any(same_mask(layer.mask, other.mask) for other in named)]
-        return prompt + self.reply_layers
+        return prompt + self.reply_layers + self.volume_layers()
+
+    def volume_layers(self) -> list[Layer]:
+        """One layer per 3D mask that crosses the view on screen: its cross-section."""
+        if not self.volume or self.study is None or not self.study.is_volume:
+            return []
+        shape = self.image_shape()
+        layers = []
+        for index, (name, item) in enumerate(self.volume.items()):
+            mask = item.display_mask(self.study, self.slice_index, self.plane)
+            if mask.shape != shape:  # thick slices are shown with square pixels: stretch the rows alike
+                mask = np.asarray(Image.fromarray(mask).resize(shape[::-1], Image.Resampling.NEAREST))
+            if not mask.any():
+                continue
+            layers.append(Layer(name, VOLUME_COLORS[index % len(VOLUME_COLORS)], mask, mask_to_box(mask), item.score,
+                                volume=True))
+        return layers
+
+    def volume_colors(self) -> dict[str, str]:
+        """Colour of each 3D mask's structure, as :meth:`volume_layers` draws it."""
+        return {name: VOLUME_COLORS[index % len(VOLUME_COLORS)] for index, name in enumerate(self.volume)}
 
     def scale(self) -> int:
         """Screen pixels per image pixel of the whole (unzoomed) view (1 for large images)."""

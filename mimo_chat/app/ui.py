@@ -171,6 +171,8 @@ def build_demo(
                     question = gr.Textbox(placeholder="Ask about the image…", show_label=False, scale=5,
                                           elem_id="mimo-question", submit_btn=False)
                     send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="mimo-send")
+                    cancel = gr.Button("Cancel", variant="stop", scale=1, min_width=80, visible=False,
+                                       elem_id="mimo-cancel")  # stops a whole-volume answer
                 with gr.Row() as quick_ct:
                     quick = [gr.Button(text, size="sm") for text in QUICK_ACTIONS]
                 with gr.Row(visible=False) as quick_xray:
@@ -210,10 +212,10 @@ def build_demo(
         answer = [question, chatbot, viewer, editor, legend, state]
 
         upload.upload(callbacks.load_upload, [upload, state], loaded, api_name="load_study").then(
-            callbacks.quick_rows, state, [quick_ct, quick_xray], api_visibility="private").then(
+            callbacks.quick_rows, state, [quick_ct, quick_xray, cancel], api_visibility="private").then(
             callbacks.prepare, state, state, api_name="prepare_upload", show_progress="hidden")
         example.select(callbacks.load_example, [example, state], loaded, api_name="load_example").then(
-            callbacks.quick_rows, state, [quick_ct, quick_xray], api_visibility="private").then(
+            callbacks.quick_rows, state, [quick_ct, quick_xray, cancel], api_visibility="private").then(
             callbacks.prepare, state, state, api_name="prepare_example", show_progress="hidden")
         view_inputs = [plane, slider, window, width, level, state]
         view_outputs = [*view, slider, width, level, chatbot]
@@ -244,10 +246,15 @@ def build_demo(
         undo.click(callbacks.undo, state, [*view, chatbot], api_name="undo")
         clear.click(callbacks.clear, state, [*view, chatbot], api_name="clear")
 
-        gr.on([question.submit, send.click], respond, [question, state], answer, api_name="chat")
+        # a whole-volume answer names its NIfTI files in the downloads box once it is done
+        gr.on([question.submit, send.click], respond, [question, state], answer, api_name="chat").then(
+            callbacks.volume_downloads, state, downloads, api_visibility="private", show_progress="hidden")
         for text, button in zip(QUICK_ACTIONS + QUICK_RADIOGRAPH, quick):
             name = "quick_" + "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
             button.click(functools.partial(respond, text), state, answer, api_name=name)
+        # not queued behind the answer it stops: it only sets the pass's threading.Event
+        cancel.click(callbacks.cancel_volume, state, None, api_name="cancel_volume", concurrency_limit=None,
+                     show_progress="hidden")
         chatbot.clear(callbacks.clear_chat, state, view, api_name="clear_chat")
         export.click(callbacks.export, state, [downloads, chatbot], api_name="export")
         api_ask.click(ask, [api_file, api_question, api_boxes, api_points, api_state],
