@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import gradio as gr
 import nibabel as nib
 import numpy as np
 import pytest
@@ -101,7 +102,7 @@ def test_volume_questions_are_recognised(callbacks):
         assert not asks_whole_volume(intent.intent, question), (question, intent)
 
 
-def test_how_big_is_the_liver_streams_progress_and_answers_in_ml(answered, liver_ml, slab_file):
+def test_how_big_is_the_liver_streams_progress_and_answers_in_ml(callbacks, answered, liver_ml, slab_file):
     session, updates, _ = answered
     progress = [chat_text(update) for update in updates[:-1]]
     assert any(re.search(r"Measuring the liver: slice \d+ of 12", text) for text in progress), progress
@@ -119,6 +120,8 @@ def test_how_big_is_the_liver_streams_progress_and_answers_in_ml(answered, liver
     # the NIfTI: on the uploaded file's grid, in the session's results folder, offered for download
     nifti = session.volume["liver"].nifti
     assert nifti.is_relative_to(session.workdir)
+    assert callbacks.volume_downloads(session) == [str(nifti)]  # the downloads box after the answer, once
+    assert callbacks.volume_downloads(session) == gr.skip()  # a later answer leaves the box alone
     written, source = nib.load(nifti), nib.load(slab_file)
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
     voxels = np.asarray(written.dataobj) > 0
@@ -192,3 +195,35 @@ def test_ask_returns_the_volume_numbers_and_nifti(callbacks, answered, slab_file
     (phrase,) = record["phrases"]  # the 3D mask's cross-section with the middle slice the API shows
     assert phrase["phrase"] == "liver" and Path(phrase["mask_png"]).is_file()
     assert has_color(overlay, phrase["color"])
+
+
+def client_text(message: dict) -> str:
+    """A chat message as gradio_client returns it (content as a list of parts), as the user reads it."""
+    content = message["content"]
+    parts = content if isinstance(content, list) else [{"text": content}]
+    return plain(" ".join(str(part.get("text", "")) for part in parts))
+
+
+def test_served_app_cancel_reaches_a_running_pass(callbacks, slab_file):
+    """The same through the served app and ``gradio_client``: the Cancel event reaches a running pass (it is
+    not queued behind it) and the session answers afterwards."""
+    from app_support import serve
+    from gradio_client import Client, handle_file
+
+    url, demo, workdir = serve(callbacks.predictor)
+    try:
+        client = Client(url, verbose=False)
+        client.predict(handle_file(str(slab_file)), api_name="/load_study")
+        job = client.submit("What is the kidney volume?", api_name="/chat")
+        deadline = time.time() + 120
+        while time.time() < deadline and not any("slice" in client_text(update[1][-1]) for update in job.outputs()):
+            time.sleep(0.2)
+        client.predict(api_name="/cancel_volume")
+        stopped = client_text(job.result()[1][-1])
+        assert re.search(r"Stopped measuring the (left|right) kidney and the (left|right) kidney \(cancelled\)",
+                         stopped), stopped
+        _, chat, *_ = client.predict("Where is the liver?", api_name="/chat")
+        assert "liver" in client_text(chat[-1]).lower()
+    finally:
+        demo.close()
+        shutil.rmtree(workdir, ignore_errors=True)
