@@ -36,7 +36,7 @@ from mimo_chat.volume.evaluate import crop_axial, reference_mask
 
 pytestmark = pytest.mark.slow
 
-SLAB = (14, 26)  # 12 dev slices through the liver, both kidneys and the pancreas
+SLAB = (14, 26)  # dev slices through the liver, both kidneys and the pancreas
 VOLUME_TOLERANCE = 0.15  # as tests/test_volume.py
 LIVER_ML = re.compile(r"The liver measures ([0-9.]+) mL on this study, on axial slices (\d+) to (\d+) of (\d+)")
 
@@ -172,6 +172,14 @@ def test_cancel_stops_the_pass_and_the_session_still_answers(callbacks, slab_fil
     updates = list(callbacks.respond("Segment the liver", session))
     reply = plain(chat_text(updates[-1]))
     assert reply and GENERIC_ERROR.split(" while")[0] not in reply and "liver" in reply.lower()
+    # opening another study during a pass stops it, and its answer stays out of the new conversation
+    answer = callbacks.respond("How big is the spleen?", session)
+    while "Measuring the spleen: slice" not in chat_text(next(answer)):
+        pass
+    callbacks.load_upload(str(pydicom_test_file("CT_small.dcm")), session)
+    last = list(answer)[-1]
+    assert [message["content"] for message in last[1]] == [session.messages[0]["content"]]
+    assert "Loaded" in session.messages[0]["content"] and not session.volume and session.volume_cancel is None
 
 
 def test_a_2d_image_keeps_the_slice_reply(callbacks):

@@ -5,6 +5,10 @@
 and returns (reply text without grounding tags, a JSON string
 ``{"phrases": [{"phrase", "color", "box", "score", "mask_png"}], ...}``, the overlay image).
 
+On a volume upload, a question about the whole study ("How big is the liver?") is answered by the
+whole-volume pass instead (see ``volume_chat``): the JSON then carries ``"volume"``, the
+``python -m mimo_chat.volume --json`` object with each structure's mL, slices and NIfTI path.
+
 Every limit of :mod:`mimo_chat.limits` is checked before the work it bounds, the answer runs
 within the request's time budget, the upload is deleted from Gradio's cache as soon as it has been
 read, and only the latest answer's masks of a session are kept (in its served results folder).

@@ -29,6 +29,7 @@ from mimo_chat.app.volume_chat import (
     measure,
     progress_text,
     run_in_background,
+    stopped_text,
     volume_reply,
     write_niftis,
 )
@@ -426,38 +427,36 @@ class Callbacks:
         try:
             encodings = session.slice_encodings(self.predictor)
             work = measure(study, names, self.predictor, encodings, cancel, limits.Deadline(limits.VOLUME_PASS_SECONDS))
-            updates = run_in_background(work, cancel)
-            result = yield from self._stream_progress(session, position, names, updates)
-            if session.study is not study:
-                session.set_message(position, "Another study was opened while measuring; that answer was dropped.")
-            else:
-                self._show_volume(session, question, result, position)
+            result = yield from self._stream_progress(session, study, position, names, run_in_background(work, cancel))
+            text = self._show_volume(session, question, result) if session.study is study else None
         except VolumeCancelled:
-            kept = session.encodings.encoded if session.encodings is not None else 0
-            session.set_message(position, f"Stopped measuring the {' and the '.join(names)} (cancelled). The {kept} "
-                                          "slices encoded so far are kept, so asking again continues from there.")
+            text = stopped_text(names, encodings.encoded)
         except Exception as error:  # noqa: BLE001 - shown to the user as a message
-            session.set_message(position, readable_error(error, "measuring the whole study"))
+            text = readable_error(error, "measuring the whole study")
         finally:
             if session.volume_cancel is cancel:
                 session.volume_cancel = None
+        if session.study is study:  # another study opened meanwhile has a new conversation: leave it alone
+            session.set_message(position, text)
         _, image, editor, legend = self.view_outputs(session)
         yield ("", session.chat(), image, editor, legend, session)
 
     @staticmethod
-    def _stream_progress(session: Session, position: int, names: list[str], updates: Iterator) -> Iterator[tuple]:
-        """Write each progress call into the chat's progress line; returns the pass's result."""
+    def _stream_progress(session: Session, study, position: int, names: list[str], updates: Iterator) -> Iterator[tuple]:
+        """Write each progress call into the chat's progress line (while ``study`` is on screen); returns the
+        pass's result."""
         skip = gr.skip()
         while True:
             try:
                 done, total, message = next(updates)
             except StopIteration as stop:
                 return stop.value
-            session.set_message(position, progress_text(names, done, total, message))
+            if session.study is study:
+                session.set_message(position, progress_text(names, done, total, message))
             yield ("", session.chat(), skip, skip, skip, session)
 
-    def _show_volume(self, session: Session, question: str, result, position: int) -> None:
-        """Keep the 3D masks and their NIfTI files in the session and write the answer into the chat."""
+    def _show_volume(self, session: Session, question: str, result) -> str:
+        """Keep the 3D masks, their NIfTI files and the turn in the session; returns the answer's chat text."""
         session.exports += 1
         files = write_niftis(result, session.study, session.grid, session.workdir / f"volume_{session.exports}")
         session.volume = {name: item for name, item in result.structures.items() if item.found}
@@ -467,7 +466,7 @@ class Callbacks:
         reply = volume_reply(result, load_knowledge_base())
         session.turns.append(Turn(question, reply.text, reply.text, [], [list(b) for b in session.boxes],
                                   [list(p) for p in session.points], *session.view()))
-        session.set_message(position, highlight(reply.text, self._volume_phrases(session)) + sources_html(reply.sources))
+        return highlight(reply.text, self._volume_phrases(session)) + sources_html(reply.sources)
 
     @staticmethod
     def _volume_phrases(session: Session) -> list[Layer]:

@@ -311,8 +311,12 @@ class Session:
 
     def set_message(self, position: int, content: str) -> None:
         """Replace the text of the assistant message at ``position`` (a long pass's progress line:
-        other messages may arrive after it while it runs)."""
-        self.messages[position] = {"role": "assistant", "content": content}
+        other messages may arrive after it while it runs; a cleared chat gets it as a new message)."""
+        message = {"role": "assistant", "content": content}
+        if position < len(self.messages):
+            self.messages[position] = message
+        else:
+            self.messages.append(message)
 
     def set_last(self, content: str) -> None:
         """Replace the text of the newest (streaming) assistant message."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mimo_chat import limits
+from mimo_chat.app.render import is_observation
 from mimo_chat.data.knowledge import KnowledgeBase
 from mimo_chat.data.names import canonical_name, normalize
 from mimo_chat.evidence.compose import UNCITED
@@ -59,8 +60,6 @@ def asks_whole_volume(intent: str, question: str) -> bool:
 def measurable_names(names: Sequence[str], vocabulary: Sequence[str]) -> list[str]:
     """The asked structures the locator can follow (its vocabulary), lesions left out: a lesion's
     size is an observation the app never states as a measurement."""
-    from mimo_chat.app.render import is_observation
-
     known = {canonical_name(name) for name in vocabulary}
     return [name for name in dict.fromkeys(canonical_name(n) for n in names)
             if name in known and not is_observation(name)]
@@ -73,6 +72,12 @@ def progress_text(names: Sequence[str], done: int, total: int, message: str) -> 
         return f"Measuring the {what}: {message[0].lower()}{message[1:]} from slice to slice…"
     filled = round(BAR_CELLS * done / max(total, 1))
     return f"Measuring the {what}: slice {done} of {total} {'▰' * filled}{'▱' * (BAR_CELLS - filled)} (Cancel stops it)"
+
+
+def stopped_text(names: Sequence[str], kept: int) -> str:
+    """The chat line of a cancelled pass."""
+    return (f"Stopped measuring the {join_names(list(names))} (cancelled). The {kept} slices encoded so far are kept, "
+            "so asking again continues from there.")
 
 
 def run_in_background(work: Callable[[Progress], VolumeResult], cancel: threading.Event,
