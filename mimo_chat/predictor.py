@@ -35,7 +35,7 @@ from mimo_chat.evidence.compose import Plan, plan_reply
 from mimo_chat.evidence.constrain import NameTrie, phrase_constraint
 from mimo_chat.evidence.evidence import gather_evidence, vocabulary_presence
 from mimo_chat.evidence.intent import IntentReader
-from mimo_chat.evidence.policy import Evidence
+from mimo_chat.evidence.policy import Evidence, clicks_inside
 from mimo_chat.generation import decode_steps
 from mimo_chat.grounding import GroundedReply, build_reply, mask_to_box, parse_grounded_text, render_plain_text
 from mimo_chat.modeling.config import MimoConfig
@@ -57,6 +57,7 @@ class MimoContext:
     locator_features: torch.Tensor | None = None  # (1, W, E, E), computed at the first question
     image_kind: str | None = None  # study metadata, e.g. "XR chest", "CT", "MR abdomen"; None = unknown
     presence: torch.Tensor | None = None  # (V,) the locator's vocabulary presence, computed once
+    located: dict[str, Located] = field(default_factory=dict)  # found structures' masks, computed once each
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -279,6 +280,8 @@ class MimoPredictor:
         if not prompts.empty:
             state.prompted = self.segmenter.segment(ctx.image, boxes=boxes, points=points, point_labels=point_labels)
         state.evidence = self._evidence(ctx, state.prompted, image_kind)
+        if state.prompted is not None and not boxes and points:
+            self._outline_clicked(ctx, state, points, point_labels)
         if reply_prefix:
             forced, free = self.processor.reply_prefix_ids(reply_prefix), max_new_tokens
             free = self.config.max_new_tokens if free is None else free
@@ -372,14 +375,35 @@ class MimoPredictor:
         return ctx.locator_features
 
     def _evidence(self, ctx: MimoContext, prompted: SegmentationResult | None, image_kind: str | None) -> Evidence:
-        """What the image shows for this question (the vocabulary presence is computed once per image)."""
+        """What the image shows for this question. The vocabulary presence and the masks of the found
+        structures (with the decoder's predicted IoU: is the outline worth drawing?) are computed once per image."""
         features = self._locator_features(ctx)
         if ctx.presence is None:
             ctx.presence = vocabulary_presence(self.model, features)
         masks = None
         if prompted is not None and len(prompted.masks):
             masks = torch.stack([self.processor.transform.apply_mask(mask) for mask in prompted.masks])  # (N, S, S)
-        return gather_evidence(self.model, features, self.knowledge, image_kind or ctx.image_kind, masks, ctx.presence)
+        evidence = gather_evidence(self.model, features, self.knowledge, image_kind or ctx.image_kind, masks, ctx.presence)
+        found = [name for name, _ in evidence.present()]
+        missing = [name for name in found if name not in ctx.located]
+        ctx.located.update({item.name: item for item in self.locate(ctx, missing)})
+        evidence.outline = {name: ctx.located[name].score for name in found if ctx.located[name].score is not None}
+        return evidence
+
+    @staticmethod
+    def _outline_clicked(ctx: MimoContext, state: _StreamState, points, point_labels) -> None:
+        """Clicks (no box) on a structure the evidence names and outlines reliably show the whole
+        structure: the clicks say which one, its located mask outlines it better than the clicks' mask."""
+        named = state.evidence.prompted[0] if state.evidence.prompted else None
+        found = ctx.located.get(named.name) if named is not None and named.name else None
+        if found is None or found.mask is None or not state.evidence.outlined(found.name):
+            return
+        if not clicks_inside(points, point_labels, found.mask):
+            return
+        prompted = state.prompted
+        prompted.masks = prompted.masks.copy()
+        prompted.scores = prompted.scores.copy()
+        prompted.masks[0], prompted.scores[0] = found.mask, found.score
 
     def _phrase_trie(self, phrase: int, state: _StreamState) -> NameTrie:
         """Names the ``phrase``-th free-text phrase may spell: the prompted object's name, else any allowed name."""
@@ -403,8 +427,10 @@ class MimoPredictor:
     def _mask_ready(self, state: _StreamState, ctx: MimoContext, hidden_state: torch.Tensor, embedding: torch.Tensor) -> MaskReady:
         """Locate and decode the phrase of the ``<SEG>`` just produced (its phrase is found by the reply parser).
 
-        A ``<SEG>`` that shows a prompted object gets the engine's mask of that prompt; the others
-        go the one ``<SEG>`` -> mask path of training (``MimoModel.phrase_presence`` / ``ground_phrases``)."""
+        A ``<SEG>`` that shows a prompted object gets the engine's mask of that prompt; a planned
+        ``<SEG>`` of a found structure the mask its evidence was judged on (``locate``: the phrase's
+        heatmap box prompting the decoder); the others go the one ``<SEG>`` -> mask path of
+        training (``MimoModel.phrase_presence`` / ``ground_phrases``)."""
         model = self.model
         spans = phrase_spans(state.generated, model.token_ids["<p>"], model.token_ids["</p>"], model.seg_token_id)
         phrase = model.phrase_embeddings([spans[-1][1]])  # (1, H)
@@ -414,9 +440,13 @@ class MimoPredictor:
         state.feedback = model.feedback(presence)[0]
         seg_index = len(state.masks)
         prompt_index, name_score = self._seg_source(state, seg_index, float(presence[0]))
+        planned = state.plan.segs[seg_index].name if state.plan is not None and seg_index < len(state.plan.segs) else None
+        found = ctx.located.get(planned) if planned is not None else None
         if prompt_index is not None:
             mask = state.prompted.masks[prompt_index]
             score = float(state.prompted.scores[prompt_index])
+        elif found is not None and found.mask is not None:  # the mask the evidence judged (see ``_evidence``)
+            mask, score = found.mask, float(found.score)
         else:
             _, low_res, iou = model.ground_phrases(features, rows, phrase, presence, embedding, hidden_state[None].to(phrase.dtype))
             full = self.processor.transform.postprocess_logits(low_res.float(), ctx.original_size)  # (1, 1, H, W)

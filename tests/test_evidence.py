@@ -124,6 +124,35 @@ def test_an_axial_slice_below_the_diaphragm_gets_no_chest_names() -> None:
     assert not upper.is_present("left clavicle") and "left clavicle" in upper.excluded
 
 
+def test_a_found_structure_without_a_reliable_outline_is_named_without_a_mask() -> None:
+    evidence = _evidence("CT abdomen", {"liver": 0.95, "pancreas": 0.9, "spleen": 0.8})
+    evidence.outline = {"liver": 0.9, "pancreas": 0.4, "spleen": 0.8}
+    shown = plan_reply(Intent("segment", ["pancreas", "liver"]), evidence, KB)
+    assert [seg.name for seg in shown.segs] == ["liver"]
+    assert "<p>pancreas</p> on this slice but cannot outline it reliably" in shown.raw_text
+    described = plan_reply(Intent("describe"), evidence, KB)
+    assert [seg.name for seg in described.segs] == ["liver", "spleen"]
+    assert "It also finds the <p>pancreas</p>, without a reliable outline." in described.raw_text
+    for plan in (shown, described):
+        assert unsupported(plan.raw_text) == [], plan.raw_text
+
+
+def test_found_structures_without_an_outline_are_read_back_and_clicks_point_inside() -> None:
+    from mimo_chat.evidence.framing import found_without_outline
+    from mimo_chat.evidence.policy import clicks_inside
+
+    evidence = _evidence("CT abdomen", {"liver": 0.95, "pancreas": 0.9, "spleen": 0.8})
+    evidence.outline = {"liver": 0.3, "pancreas": 0.4, "spleen": 0.5}
+    text, _ = parse_grounded_text(plan_reply(Intent("describe"), evidence, KB).raw_text)
+    assert sorted(found_without_outline(text)) == ["liver", "pancreas", "spleen"]
+    asked, _ = parse_grounded_text(plan_reply(Intent("presence", ["pancreas"]), evidence, KB).raw_text)
+    assert asked.startswith("Yes,") and found_without_outline(asked) == ["pancreas"]
+    mask = np.zeros((20, 30), dtype=bool)
+    mask[5:15, 10:20] = True
+    assert clicks_inside([[12, 6]], [1], mask) and clicks_inside([[12, 6], [0, 0]], [1, 0], mask)
+    assert not clicks_inside([[12, 6], [25, 6]], [1, 1], mask) and not clicks_inside([[0, 0]], [0], mask)
+
+
 def test_planned_replies_say_only_framing_and_cited_facts() -> None:
     box = np.zeros((1, len(VOCABULARY)))
     box[0, VOCABULARY.index("right kidney")] = 0.7

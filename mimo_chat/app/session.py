@@ -354,8 +354,9 @@ class Session:
                 mask = np.asarray(Image.fromarray(mask).resize(shape[::-1], Image.Resampling.NEAREST))
             if not mask.any():
                 continue
+            # the name's confidence: the locator's best presence of the structure on any slice
             layers.append(Layer(name, VOLUME_COLORS[index % len(VOLUME_COLORS)], mask, mask_to_box(mask), item.score,
-                                volume=True))
+                                name_score=float(item.presence.max(initial=0.0)), volume=True))
         return layers
 
     def volume_colors(self) -> dict[str, str]:

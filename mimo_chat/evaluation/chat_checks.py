@@ -6,7 +6,8 @@ checked for:
 - ``forbidden``: no structure that cannot be on this kind of image is named
   (:func:`mimo_chat.data.chat_bench.forbidden_names`);
 - ``unsupported``: every sentence is a knowledge-base statement about a structure grounded in
-  this reply or an earlier turn of the conversation, or matches one of
+  this reply or an earlier turn of the conversation (drawn with a mask, or stated found without
+  a reliable outline: ``mimo_chat.evidence.framing.found_without_outline``), or matches one of
   ``mimo_chat.evidence.framing.FRAMING_PATTERNS`` (the fixed framing sentences);
 - ``names``: the first structure named is the expected one, and no grounded phrase names a
   labelled structure its mask does not cover (IoU below ``MASK_IOU``) or one labelled absent;
@@ -35,6 +36,7 @@ from mimo_chat.data.names import names_structure
 from mimo_chat.evaluation import metrics
 from mimo_chat.evaluation.conversation import first_named, names_any
 from mimo_chat.evaluation.parsing import parse_yes_no, says_capabilities
+from mimo_chat.evidence.framing import FRAMING_PATTERNS, found_without_outline
 
 MASK_IOU = 0.5
 CHECKS = ("forbidden", "unsupported", "names", "masks", "absent", "knowledge", "decline")
@@ -63,15 +65,6 @@ class TurnResult:
         return all(v for v in self.checks.values() if v is not None)
 
 
-@lru_cache(maxsize=1)
-def framing_patterns() -> tuple[re.Pattern, ...]:
-    """The evidence module's framing sentences (empty when that module is not there yet)."""
-    try:
-        from mimo_chat.evidence.framing import FRAMING_PATTERNS
-    except ImportError:
-        return ()
-    return tuple(FRAMING_PATTERNS)
-
 
 @lru_cache(maxsize=1)
 def _kb_entries() -> tuple:
@@ -87,6 +80,11 @@ def kb_entry_names(entry) -> list[str]:
 def grounded_phrases(reply) -> list[tuple[str, np.ndarray]]:
     """(phrase, mask) of every phrase of ``reply`` with a mask."""
     return [(p.phrase, np.asarray(p.mask, dtype=bool)) for p in reply.phrases if p.mask is not None]
+
+
+def found_names(reply) -> list[str]:
+    """Structures the reply grounds: phrases drawn with a mask and those it says are found without an outline."""
+    return [p.phrase for p in reply.phrases if p.mask is not None] + found_without_outline(reply.text)
 
 
 def grounded_entries(phrases: Iterable[str]) -> list:
@@ -116,7 +114,7 @@ def unsupported_sentences(text: str, grounded: Iterable[str]) -> list[str]:
     lines = [" ".join(line.split()) for line in text.splitlines()]
     for fact in facts:
         lines = [line.replace(" ".join(fact.split()), "\n") for line in lines]
-    patterns = framing_patterns()
+    patterns = FRAMING_PATTERNS
     return [s for s in split_sentences("\n".join(lines)) if not any(p.fullmatch(s) for p in patterns)]
 
 
@@ -149,7 +147,7 @@ def check_turn(reply, expect: dict, truth: ImageTruth, earlier_grounded: Sequenc
         result.checks["knowledge"] = any(fact in " ".join(reply.text.split()) for fact in wanted)
         if not result.checks["knowledge"]:
             result.notes.append(f"no {topic} fact of the {name}")
-    return _unsupported(result, reply.text, [p for p, _ in grounded] + list(earlier_grounded))
+    return _unsupported(result, reply.text, found_names(reply) + list(earlier_grounded))
 
 
 def _unsupported(result: TurnResult, text: str, grounded: Sequence[str]) -> TurnResult:

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mimo_chat.data.make_bench import interior_point, tight_box
-from mimo_chat.evaluation.chat_checks import CHECKS, ImageTruth, TurnResult, check_turn
+from mimo_chat.evaluation.chat_checks import CHECKS, ImageTruth, TurnResult, check_turn, found_names
 
 REGRESSION_PATH = Path(__file__).resolve().parents[2] / "tests" / "chat_regression.jsonl"
 
@@ -133,7 +133,7 @@ def _ask_conversation(predictor, ctx, conversation: dict, sample, truth: ImageTr
         records.append(TurnRecord(conversation["id"], conversation["kind"], sample.modality, turn["question"],
                                   bool(turn["expect"].get("follow_up")), reply.text, result, seconds))
         history.append((turn["question"], reply.raw_text))
-        grounded += [p.phrase for p in reply.phrases if p.mask is not None]
+        grounded += found_names(reply)
     return records
 
 

@@ -121,6 +121,9 @@ def _ground_asked(build: _Builder, names: list[str], present_key: str | None, ab
             missing.append(fill("not_on_kind", name=f"<p>{asked}</p>", kind=evidence.kind.phrase()))
         elif name is None:
             missing.append(fill("cannot_find", name=asked))
+        elif evidence.is_present(name) and not evidence.outlined(name):
+            key = "present_no_outline" if present_key == "present" else "no_outline"
+            missing.append(fill(key, name=f"<p>{name}</p>"))
         elif evidence.is_present(name):
             phrase = build.grounded(name)
             phrases.append(phrase)
@@ -165,7 +168,19 @@ def _describe(build: _Builder, intent: Intent, subjects: list[str], question: st
     if not found:
         build.say("describe_none")
         return
-    build.say("describe", names=join_names([build.grounded(name) for name in found]))
+    _say_found(build, found)
+
+
+def _say_found(build: _Builder, found: list[str]) -> None:
+    """The found structures: those with a reliable outline grounded, the others named without a mask."""
+    drawn = [name for name in found if build.evidence.outlined(name)]
+    plain = [f"<p>{name}</p>" for name in found if not build.evidence.outlined(name)]
+    if drawn:
+        build.say("describe", names=join_names([build.grounded(name) for name in drawn]))
+        if plain:
+            build.say("describe_no_outline", names=join_names(plain))
+    else:
+        build.say("describe_none_outlined", names=join_names(plain))
 
 
 def _explain(build: _Builder, intent: Intent, subjects: list[str], question: str) -> None:
@@ -211,7 +226,7 @@ def _level(build: _Builder, intent: Intent, subjects: list[str], question: str) 
     reference = [entry for entry in reference if entry is not None and entry.levels is not None]
     spans = [knowledge.find(name).levels for name in present if knowledge.find(name) and knowledge.find(name).levels]
     if present:
-        build.say("describe", names=join_names([build.grounded(name) for name in present[:MAX_DESCRIBED]]))
+        _say_found(build, present[:MAX_DESCRIBED])
     if not reference or not spans:
         build.say("level_unknown")
         return

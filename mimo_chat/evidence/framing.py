@@ -25,6 +25,8 @@ TEMPLATES: dict[str, str] = {
     # segment / show
     "segment": "Here is the {names}.",
     "absent": "The {name} is not on this slice.",
+    "no_outline": "The model finds the {name} on this slice but cannot outline it reliably.",
+    "present_no_outline": "Yes, the model finds the {name} on this slice but cannot outline it reliably.",
     "not_on_kind": "The {name} is not seen on {kind}.",
     "cannot_find": "The model has not learned to find the {name} on images.",
     # what is this (box / click)
@@ -44,6 +46,8 @@ TEMPLATES: dict[str, str] = {
     "kind": "This looks like {kind}.",
     "describe": "On this slice the model finds the {names}.",
     "describe_none": "The model finds none of the structures it knows on this slice.",
+    "describe_no_outline": "It also finds the {names}, without a reliable outline.",
+    "describe_none_outlined": "On this slice the model finds the {names}, without a reliable outline.",
     # slice level
     "level_at": "This slice is at the level of the {name}.",
     "level_above": "This slice is above the {name}.",
@@ -88,6 +92,25 @@ def is_framing(sentence: str) -> bool:
     return any(pattern.match(sentence.strip()) for pattern in FRAMING_PATTERNS)
 
 
+# Sentences that state structures found on the image without drawing them (their names are evidence
+# as much as a drawn mask is).
+FOUND_WITHOUT_OUTLINE = ("no_outline", "present_no_outline", "describe_no_outline", "describe_none_outlined")
+
+
+def found_without_outline(text: str) -> list[str]:
+    """The names that ``text`` (plain display text) says are found but not outlined."""
+    found = []
+    for key in FOUND_WITHOUT_OUTLINE:
+        slot = "{names}" if "{names}" in TEMPLATES[key] else "{name}"
+        head, tail = TEMPLATES[key].split(slot)
+        pattern = re.compile(re.escape(head) + r"(?P<names>" + _NAMES + r")" + re.escape(tail))
+        for sentence in split_sentences(text):
+            match = pattern.fullmatch(sentence.strip())
+            if match:
+                found += [name.strip() for name in re.split(r",\s*|\s+and\s+", match["names"])]
+    return [name.removeprefix("the ").strip() for name in found if name.strip()]
+
+
 def fill(key: str, **slots: str) -> str:
     """The framing sentence ``key`` with its slots filled (raw text: names may carry markup)."""
     return TEMPLATES[key].format(**slots)
@@ -101,4 +124,4 @@ def join_names(items: list[str]) -> str:
     return ", ".join([items[0], *rest[:-1]]) + " and " + rest[-1]
 
 
-__all__ = ["FRAMING_PATTERNS", "TEMPLATES", "fill", "is_framing", "join_names", "split_sentences"]
+__all__ = ["FRAMING_PATTERNS", "TEMPLATES", "fill", "found_without_outline", "is_framing", "join_names", "split_sentences"]

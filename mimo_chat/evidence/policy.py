@@ -34,6 +34,10 @@ PRESENT = 0.5  # presence probability above which the locator finds a structure 
 SURE_NAME = 0.5  # a prompted object's name score from which the name is stated without doubt
 MIN_NAME = 0.05  # below this no name fits the prompted object
 MAX_DESCRIBED = 6  # structures named in a caption of the image
+# A located structure's mask is drawn only when the mask decoder predicts at least this IoU for it;
+# below, the structure is named without an outline (a wrong outline misleads as a wrong name does).
+# The dev check behind the value: python -m mimo_chat.evaluation.outline_check
+MASK_SHOWN = 0.75
 
 _MODALITY_WORDS = {
     "ct": "CT", "mr": "MR", "mri": "MR", "xr": "XR", "cr": "XR", "dx": "XR", "x-ray": "XR", "xray": "XR",
@@ -106,6 +110,7 @@ class Evidence:
     presence: dict[str, float]  # allowed vocabulary name -> presence probability
     prompted: list[PromptedObject] = field(default_factory=list)
     excluded: tuple[str, ...] = ()  # vocabulary names this kind of image cannot show
+    outline: dict[str, float] = field(default_factory=dict)  # found name -> the decoder's predicted IoU of its mask
 
     def present(self) -> list[tuple[str, float]]:
         """Structures the locator finds, most confident first."""
@@ -114,6 +119,10 @@ class Evidence:
 
     def is_present(self, name: str) -> bool:
         return self.presence.get(name, 0.0) > PRESENT
+
+    def outlined(self, name: str) -> bool:
+        """Whether a found structure's mask is good enough to draw (no quality known: drawn)."""
+        return self.outline.get(name, 1.0) >= MASK_SHOWN
 
 
 def build_evidence(
@@ -150,6 +159,16 @@ def _ruled_out_by_level(vocabulary: Sequence[str], presence: np.ndarray, allowed
         higher = (*ABOVE_DIAPHRAGM, *UPPER_CHEST)
         ruled_out[:] = [any(names_structure(name, h) for h in higher) for name in vocabulary]
     return ruled_out
+
+
+def clicks_inside(points: Sequence[Sequence[float]], labels: Sequence[int] | None, mask: np.ndarray) -> bool:
+    """Whether every positive click ``[x, y]`` (original pixels) lies inside ``mask`` (H, W): the clicks
+    then point at the structure that mask outlines."""
+    labels = list(labels) if labels is not None else [1] * len(points)
+    positive = [point for point, label in zip(points, labels, strict=True) if label == 1]
+    height, width = mask.shape
+    inside = [0 <= int(y) < height and 0 <= int(x) < width and bool(mask[int(y), int(x)]) for x, y in positive]
+    return bool(inside) and all(inside)
 
 
 def groundable(names: Sequence[str], vocabulary: Sequence[str]) -> dict[str, str | None]:

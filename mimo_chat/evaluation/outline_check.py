@@ -1,0 +1,91 @@
+"""Is the mask decoder's predicted IoU a fair judge of a located structure's outline? (dev patients)
+
+    python -m mimo_chat.evaluation.outline_check [--checkpoint DIR] [--cache DIR]
+
+For every labelled structure of the locator's vocabulary on the cached dev slices
+(``python -m mimo_chat.train.seg_cache``), the structure is located by name as the chat does
+(``MimoPredictor.locate``: the phrase's heatmap box prompts the decoder) and its mask compared with
+the label. Printed per threshold on the predicted IoU: the share of found structures whose outline
+would be drawn, the share of drawn outlines that hit the label (IoU >= 0.5, the benchmark's hit
+criterion) and the hits lost; then per structure the mean predicted and actual IoU. This is the
+check behind ``mimo_chat.evidence.policy.MASK_SHOWN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mimo_chat.evaluation.metrics import mask_iou_dice
+
+HIT_IOU = 0.5
+THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+
+
+def located_outlines(predictor, records: Sequence[dict]) -> list[tuple[str, str, float, float]]:
+    """(source, name, predicted IoU, actual IoU) of every labelled vocabulary structure the locator finds."""
+    from mimo_chat.predictor import MimoContext
+    from mimo_chat.segmentation import ImageContext
+    from mimo_chat.train.seg_cache import unpack_mask
+
+    vocabulary = set(predictor.config.locator_vocabulary)
+    rows = []
+    for record in records:
+        names = [name for name in record["masks"] if name in vocabulary]
+        if not names:
+            continue
+        shape = tuple(int(v) for v in record["shape"])
+        image = ImageContext(record["embedding"].float()[None], shape, predictor.processor.transform.input_size(shape))
+        for found in predictor.locate(MimoContext(image), names):
+            if found.mask is None:
+                continue
+            truth = unpack_mask(record["masks"][found.name], shape)
+            rows.append((record["source"], found.name, float(found.score), mask_iou_dice(found.mask, truth)[0]))
+    return rows
+
+
+def report(rows: Sequence[tuple[str, str, float, float]]) -> str:
+    predicted = np.array([row[2] for row in rows])
+    actual = np.array([row[3] for row in rows])
+    hits = actual >= HIT_IOU
+    lines = [f"{len(rows)} located structures on dev slices; outlines hitting the label: {hits.mean():.3f}",
+             "predicted IoU >=   drawn   hits among drawn   hits lost   misses kept out"]
+    for threshold in THRESHOLDS:
+        drawn = predicted >= threshold
+        lines.append(f"{threshold:>17.2f}   {drawn.mean():5.2f}   {hits[drawn].mean() if drawn.any() else 0:16.3f}"
+                     f"   {int((hits & ~drawn).sum()):9d}   {int((~hits & ~drawn).sum()):15d}")
+    by_name: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for _, name, guess, truth in rows:
+        by_name[name].append((guess, truth))
+    lines.append("structure               n   predicted   actual")
+    for name, values in sorted(by_name.items()):
+        pair = np.array(values)
+        lines.append(f"{name:<22}{len(pair):>3}   {pair[:, 0].mean():9.2f}   {pair[:, 1].mean():6.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mimo_chat.evaluation.outline_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default="lite", help="model folder (default: the embedded lite model)")
+    parser.add_argument("--cache", default=None, help="seg_cache folder (default: the cache's seg_cache)")
+    args = parser.parse_args(argv)
+    from mimo_chat.predictor import MimoPredictor, default_quantization
+    from mimo_chat.train.seg_cache import default_cache, load_cache
+
+    folder = Path(args.cache) if args.cache else default_cache()
+    records = load_cache(folder / "dev")
+    if not records:
+        parser.error(f"no cached dev slices in {folder / 'dev'}: run python -m mimo_chat.train.seg_cache first")
+    predictor = MimoPredictor.from_pretrained(args.checkpoint, quantize=default_quantization("auto", args.checkpoint, "cpu"))
+    with torch.inference_mode():
+        print(report(located_outlines(predictor, records)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
