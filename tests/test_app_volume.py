@@ -235,3 +235,51 @@ def test_served_app_cancel_reaches_a_running_pass(callbacks, slab_file):
     finally:
         demo.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.browser
+def test_browser_volume_answer_mask_while_scrolling_and_nifti_download(callbacks, slab_file):
+    """In headless Chromium: open the slab, ask "How big is the liver?", read the mL answer, see the 3D mask
+    on the viewer before and after moving a slice, and find the NIfTI under Downloads."""
+    import io
+
+    from app_support import serve
+    from PIL import Image
+    from test_app import CHROMIUM, CHROMIUM_ARGS, _chromium_or_skip
+
+    _chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    def viewer_shows_mask(page) -> bool:
+        source = page.locator("#mimo-viewer img").get_attribute("src")
+        return has_color(np.asarray(Image.open(io.BytesIO(page.request.get(source).body())).convert("RGB")),
+                         VOLUME_COLORS[0])
+
+    url, demo, workdir = serve(callbacks.predictor)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(url)
+                page.locator("#mimo-upload input[type=file]").set_input_files(str(slab_file))
+                page.wait_for_selector("#mimo-cancel", state="visible", timeout=60_000)  # volumes only
+                page.locator("#mimo-question textarea").fill("How big is the liver?")
+                page.locator("#mimo-send").click()
+                page.wait_for_function(
+                    "() => [...document.querySelectorAll('#mimo-chat [data-testid=bot]')]"
+                    ".some(m => /liver\\s*measures [0-9.]+ mL/.test(m.innerText))", timeout=180_000)
+                page.locator("a[href*='liver.nii.gz']").first.wait_for(timeout=30_000)  # under Downloads
+                page.wait_for_timeout(1000)
+                assert viewer_shows_mask(page)
+                before = page.locator("#mimo-viewer img").get_attribute("src")
+                page.evaluate("document.querySelector('#mimo-slice-next').click()")
+                page.wait_for_function(
+                    "src => document.querySelector('#mimo-viewer img').getAttribute('src') !== src",
+                    arg=before, timeout=30_000)
+                assert viewer_shows_mask(page)  # the next slice's cross-section of the same 3D mask
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+        shutil.rmtree(workdir, ignore_errors=True)
