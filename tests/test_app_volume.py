@@ -94,10 +94,12 @@ def answered(callbacks, slab_file):
 def test_volume_questions_are_recognised(callbacks):
     reader = callbacks.predictor.reader
     for question in ("How big is the spleen?", "What is the kidney volume?", "Segment the spleen in the whole scan",
-                     "How big is the liver?", "Outline the liver in the whole scan"):
+                     "How big is the liver?", "Outline the liver in the whole scan", "Show the liver on every slice",
+                     "Segment the liver in 3D", "Measure the spleen volume"):
         intent = reader.read(question)
         assert asks_whole_volume(intent.intent, question), (question, intent)
-    for question in ("Segment the spleen", "What is the normal size of the spleen?", "Where is the liver?"):
+    for question in ("Segment the spleen", "What is the normal size of the spleen?", "Where is the liver?",
+                     "Is the spleen enlarged?", "Is the liver on this slice?"):
         intent = reader.read(question)
         assert not asks_whole_volume(intent.intent, question), (question, intent)
 

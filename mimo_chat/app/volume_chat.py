@@ -29,8 +29,8 @@ from mimo_chat.volume import SourceGrid, VolumeResult, save_niftis, segment_volu
 
 Progress = Callable[[int, int, str], None]
 
-# "Segment the spleen in the whole scan" reads as a one-slice "segment" question; these words
-# say the user wants it through the study.
+# "Segment the spleen in the whole scan" reads as a one-slice "segment" question and "Show the liver
+# on every slice" as "presence"; these words say the user wants it through the study.
 WHOLE_STUDY = re.compile(
     r"\b(whole|entire|full|complete|all|every)\b(\s+\w+)?\s+(scan|study|volume|series|slices?|ct|mri?|exam)\b"
     r"|\b3d\b|\bin 3 d\b|\bthrough(out)? the (scan|study|volume|series)\b")
@@ -45,14 +45,14 @@ def asks_whole_volume(intent: str, question: str) -> bool:
 
     The reader's "volume" intent always does. Two other intents do when their words say so, because
     the reader files them by form, not by study: a "size" question that is not about the normal
-    size, and a "segment" question that names the whole scan.
+    size, and a "segment" or "presence" question that names the whole scan.
     """
     text = normalize(question)
     if intent == "volume":
         return True
     if intent == "size":
         return NORMAL_SIZE.search(text) is None
-    if intent == "segment":
+    if intent in ("segment", "presence"):
         return WHOLE_STUDY.search(text) is not None
     return False
 
