@@ -98,6 +98,11 @@ def test_session_prompts_undo_and_clear(session):
         session.add_point(500, 3, positive=True)
     session.clear_prompts()
     assert not session.has_prompts()
+    for index in range(64):
+        session.add_point(index, index, positive=True)
+    with pytest.raises(ValueError, match="At most 64 clicks"):
+        session.add_point(100, 100, positive=True)
+    assert len(session.points) == 64 and session.prompt_arguments()["points"][-1] == [63.0, 63.0]
 
 
 def test_session_folder_is_private_and_removed(tmp_path):

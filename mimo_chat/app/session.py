@@ -19,6 +19,7 @@ from mimo_chat.app import storage
 from mimo_chat.app.render import PHRASE_COLORS, PROMPT_COLOR, Layer, compose, display_scale, same_mask
 from mimo_chat.app.viewer import PLANE_AXIS, ZOOMS, Viewport, display_to_voxel, draw_orientation, value_at
 from mimo_chat.grounding import mask_to_box
+from mimo_chat.limits import MAX_POINTS
 from mimo_chat.imaging import Study, load_study
 from mimo_chat.volume import SliceEncodings, SourceGrid, source_grid
 
@@ -240,6 +241,8 @@ class Session:
         height, width = self.image_shape()
         if not (0 <= x < width and 0 <= y < height):
             raise ValueError(f"The point ({x:.0f}, {y:.0f}) is outside the {width}x{height} image.")
+        if len(self.points) >= MAX_POINTS:  # refused before it is kept: the earlier clicks stay usable
+            raise ValueError(f"At most {MAX_POINTS} clicks on one image; undo or clear some first.")
         self.points.append([float(x), float(y), 1 if positive else 0])
         self.prompt_order.append("point")
         if self.cursor is not None:  # the clicked voxel becomes the position other planes open on
