@@ -48,6 +48,8 @@ def test_highlight_colours_each_phrase_and_marks_missing_masks():
     assert html.count("class='mimo-phrase ") == 2 and html.count("mimo-phrase-nomask") == 1
     assert f"mimo-color-{color_for(0)[1:]}'" in html and ">Liver</span>" in html
     assert "(no mask)" in html and "&amp;" in html and "&lt;b&gt;" in html  # user text is escaped
+    r, g, b = hex_to_rgb(color_for(1))
+    assert f"rgba({r}, {g}, {b}" not in html  # a phrase without a mask gets no mask colour
     legend = legend_html(layers)
     assert "0.90" in legend and "<em>no mask</em>" in legend and color_for(1) in legend
 

@@ -231,6 +231,8 @@ def _phrase_span(phrase_text: str, layer: Layer) -> str:
         css = f"mimo-phrase mimo-observation mimo-color-{color}" + ("" if has_mask else " mimo-phrase-nomask")
         return f"<span class='{css}' style='{style}'>{html.escape(phrase_text)}{note}</span>"
     style = f"background-color: rgba({r}, {g}, {b}, 0.35); border-bottom: 3px solid {layer.color}; padding: 0 2px;"
+    if not has_mask:  # no colour: nothing on the image matches it (absent, or found without a reliable outline)
+        style = "border-bottom: 1px dashed #888; padding: 0 2px;"
     marker = "" if has_mask else " <sup class='mimo-nomask'>(no mask)</sup>"
     css = f"mimo-phrase mimo-color-{color}" + ("" if has_mask else " mimo-phrase-nomask")
     return f"<span class='{css}' style='{style}'>{html.escape(phrase_text)}{marker}</span>"
