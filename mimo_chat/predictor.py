@@ -114,8 +114,8 @@ QUANTIZE_CHOICES = ("auto", "none", "int8-weights", "int8")
 
 
 def default_quantization(choice: str, name_or_path: str | Path, device: str | torch.device) -> str | None:
-    """Resolve a ``--quantize`` choice. ``"auto"`` is weight-only int8 on a CPU (about 2.5x the float32
-    decode rate, replies nearly identical) except for the random ``tiny`` preset; float32 elsewhere."""
+    """Resolve a ``--quantize`` choice. ``"auto"`` is weight-only int8 on a CPU (a faster decode
+    than float32, replies nearly identical; ``python -m mimo_chat.bench chat``) except for the random ``tiny`` preset; float32 elsewhere."""
     if choice != "auto":
         return None if choice == "none" else choice
     on_cpu = torch.device(device).type == "cpu"

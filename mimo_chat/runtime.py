@@ -21,9 +21,9 @@ def keep_freed_memory() -> bool:
 
     By default glibc maps every block above a threshold (128 kB, adapting up to 32 MB) fresh from
     the system and unmaps it when freed, so each new activation of the image encoder pays page
-    faults and zeroing again. Keeping freed memory makes LiteMedSAM's image encoding ~1.5x faster
-    on 2 CPU cores (``python -m mimo_chat.bench segment``, measured with and without
-    ``MIMO_CHAT_DEFAULT_MALLOC=1``) at the cost of a process that holds on to its peak memory.
+    faults and zeroing again. Keeping freed memory makes LiteMedSAM's image encoding faster on a
+    CPU (``python -m mimo_chat.bench segment`` with and without ``MIMO_CHAT_DEFAULT_MALLOC=1``; the
+    README's Measured table) at the cost of a process that holds on to its peak memory.
 
     Returns True when applied; False on other C libraries, or when ``$MIMO_CHAT_DEFAULT_MALLOC`` is set.
     """

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["GRADIO_TEMP_DIR"] = str(storage.gradio)  # before any Blocks exists: Gradio reads it then
     from mimo_chat.runtime import keep_freed_memory
 
-    keep_freed_memory()  # ~1.5x faster image encoding on CPU; see mimo_chat/runtime.py
+    keep_freed_memory()  # faster image encoding on CPU; see mimo_chat/runtime.py
     import torch
 
     from mimo_chat.app.ui import build_demo

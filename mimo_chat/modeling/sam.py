@@ -275,13 +275,13 @@ def native_bf16() -> bool:
 def fuse_for_inference(model: LiteMedSam, bf16_decoder: bool | None = None) -> LiteMedSam:
     """Fold TinyViT's batch norms into its convolutions and use channels-last memory (in place).
 
-    Same outputs up to float rounding (max abs difference ~1e-5) and ~20 % faster encoding on CPU;
+    Same outputs up to float rounding (max abs difference ~1e-5) and faster encoding on CPU;
     for inference only: the fused encoder no longer loads the original state dict.
     ``bf16_decoder`` (None: where the CPU has native bf16): the mask decoder's products with the
     per-prompt image side and its mask head's upscaling run in bfloat16 (``decoder_dtype``;
-    residual sums, norms and softmaxes stay float32) — on 2 cores 14.7–16.3 ms per extra prompt
-    instead of 19.1–19.8 ms (``bench segment`` with and without ``--fp32-decoder``); a few boundary
-    pixels change and IoU scores move by < 1e-3 — see the README for its Dice on the dev benchmark.
+    residual sums, norms and softmaxes stay float32), which makes each extra prompt cheaper
+    (``bench segment`` with and without ``--fp32-decoder``); a few boundary pixels change and IoU
+    scores move slightly — see the README for its speed and its Dice on the dev benchmark.
     """
     if bf16_decoder is None:
         bf16_decoder = native_bf16()

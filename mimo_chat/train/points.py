@@ -11,7 +11,7 @@ The TinyViT encoder stays frozen; its embeddings come from :mod:`mimo_chat.train
   pixel); in 40 % of the examples also a second positive click and/or a negative click on a
   neighbouring structure or the ring around the target (what a leaking mask would cover).
 
-Forward passes run under bf16 autocast (1.8x faster on CPU); master weights stay fp32.
+Forward passes run under bf16 autocast (faster on CPU); master weights stay fp32.
 
 Loss: BCE + Dice on the (256 x 256) low-res logits, MSE on the predicted IoU. Only the
 trained tensors are saved (``model.safetensors``, fp16) with ``config.json``; the optimiser
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from mimo_chat import resources
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, load_lite_medsam_weights
 from mimo_chat.modeling.transforms import SamTransform
 from mimo_chat.segmentation import CHECKPOINT_DIR
@@ -100,8 +101,7 @@ def sample_click(region: np.ndarray, rng: random.Random, centre_probability: flo
 
 
 def jittered_box(mask: np.ndarray, rng: random.Random, fraction: float = 0.1, pixels: int = 5) -> list[float]:
-    rows, cols = np.nonzero(mask)
-    x0, y0, x1, y1 = cols.min(), rows.min(), cols.max() + 1, rows.max() + 1
+    x0, y0, x1, y1 = mask_to_box(mask)
     span = max(x1 - x0, y1 - y0)
     limit = max(1, min(pixels, int(fraction * span) + 1))
     x0, y0 = x0 + rng.randint(-limit, limit), y0 + rng.randint(-limit, limit)

@@ -1,6 +1,6 @@
 """One image encoding per slice of a study, made on first use and kept for the session.
 
-The image encoder is the expensive step (about a second per slice on 2 CPU cores); the locator and
+The image encoder is the expensive step (``python -m mimo_chat.bench segment``); the locator and
 the mask decoder reuse its embedding as often as they like. The app keeps one
 :class:`SliceEncodings` per opened study in the user's session state, so scrolling back, asking
 about another structure or running the whole-volume pass again encodes nothing twice.

@@ -16,7 +16,7 @@ For each structure (a pair such as "kidneys" is its left and right parts, follow
    the cached embeddings;
 4. clean: the largest 3D component (and any other at least a tenth of its size), holes filled.
 
-``propagate=False`` gives the 2D answer instead: each slice the locator calls present gets its own
+``walk=False`` gives the 2D answer instead: each slice the locator calls present gets its own
 locator mask, with no walk and no clean-up (the anchor the docs compare against).
 """
 
