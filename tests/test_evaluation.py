@@ -47,8 +47,6 @@ def test_box_iou_and_absent_structure_rules() -> None:
     assert metrics.detect_box_score([1, 1, 5, 5], absent) == 0.0
     assert metrics.detect_box_score(absent, [1, 1, 5, 5]) == 0.0
     assert metrics.detect_box_score([0, 0, 10, 10], [0, 0, 10, 20]) == pytest.approx(0.5)
-    assert metrics.mask_box(_square(12, 3, 4, 5)) == [4.0, 3.0, 9.0, 8.0]
-    assert metrics.mask_box(np.zeros((5, 5), bool)) == [0.0, 0.0, 0.0, 0.0]
 
 
 def test_grounding_matches_need_the_name_and_iou_above_half() -> None:

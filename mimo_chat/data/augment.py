@@ -145,11 +145,3 @@ def augment_sample(
         points=[[float(x), float(y)] for x, y in moved_points],
     )
     return sample, augmentation
-
-
-def tight_box(mask: np.ndarray) -> list[float]:
-    """[x0, y0, x1, y1] of a bool mask (x1/y1 exclusive); [0, 0, 0, 0] when empty."""
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
-        return [0.0, 0.0, 0.0, 0.0]
-    return [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]

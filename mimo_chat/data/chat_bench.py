@@ -26,6 +26,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.data.knowledge import ABOVE_DIAPHRAGM, BELOW_DIAPHRAGM_EVIDENCE, CHEST_RADIOGRAPH_ALLOWED, UPPER_CHEST
 from mimo_chat.data.names import canonical_name
 from mimo_chat.data.sources import LabelledSlice
@@ -150,10 +151,8 @@ def multi_seg_row(sample: LabelledSlice, writer, present: Sequence[str], queries
 
 
 def explain_row(sample: LabelledSlice, writer, present: Sequence[str], name: str) -> dict:
-    from mimo_chat.data.make_bench import tight_box
-
     row = _base(sample, writer, "explain", _slug([name]))
-    row.update(prompt={"box": tight_box(sample.masks[name])}, target_name=name, target_mask=writer.mask(sample, name),
+    row.update(prompt={"box": mask_to_box(sample.masks[name])}, target_name=name, target_mask=writer.mask(sample, name),
                forbidden_names=forbidden_names(sample, present))
     return row
 

@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.data import templates as T
-from mimo_chat.data.augment import tight_box
 from mimo_chat.data.knowledge import KnowledgeBase, KnowledgeEntry, load_knowledge_base
 from mimo_chat.data.names import canonical_name
 from mimo_chat.data.sources import LabelledSlice
@@ -76,7 +76,7 @@ class Conversation:
 
     @property
     def boxes(self) -> list[list[float]]:
-        return [None if mask is None else tight_box(mask) for mask in self.masks]
+        return [None if mask is None else mask_to_box(mask) for mask in self.masks]
 
     def record(self, image_ref: str, image_hash: str, mask_refs: list[str]) -> dict:
         sample = self.sample
@@ -109,7 +109,7 @@ def interior_point(mask: np.ndarray, rng: np.random.Generator) -> list[float]:
 
 def jittered_box(mask: np.ndarray, pixels: int, rng: np.random.Generator) -> list[float]:
     height, width = mask.shape
-    x0, y0, x1, y1 = tight_box(mask)
+    x0, y0, x1, y1 = mask_to_box(mask)
     deltas = rng.integers(-pixels, pixels + 1, size=4) if pixels > 0 else np.zeros(4)
     x0, x1 = np.clip([x0 + deltas[0], x1 + deltas[2]], 0, width)
     y0, y1 = np.clip([y0 + deltas[1], y1 + deltas[3]], 0, height)
@@ -230,7 +230,7 @@ class _SliceBuilder:
         if name is not None:
             entry, mask = self.present[name]
             question = _pick(T.INSTRUCTIONS["detect_box"], self.rng).format(query=self.query_word(name, entry))
-            box = T.box_to_tokens(tight_box(mask), mask.shape)
+            box = T.box_to_tokens(mask_to_box(mask), mask.shape)
             answer = _pick(T.RESPONSES["box"], self.rng).format(phrases=T.grounded_phrase(entry.name), box=box)
             yield self.make("detect_box", question, answer, [mask], [entry.key])
         name = self._focus_or_random(self.absent)

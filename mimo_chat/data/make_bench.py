@@ -36,6 +36,7 @@ from PIL import Image
 from scipy import ndimage
 
 from mimo_chat import resources
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.data import chat_bench, sources
 from mimo_chat.data.sources import SOURCES, LabelledSlice, iter_source
 from mimo_chat.evaluation.runner import CONVERSATION_TASKS, TASKS, V1_TASKS
@@ -51,14 +52,6 @@ BENCH_STRUCTURES = (
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
-def tight_box(mask: np.ndarray) -> list[float]:
-    """[x0, y0, x1, y1] pixels, x1/y1 exclusive; [0, 0, 0, 0] for an empty mask."""
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
-        return [0.0, 0.0, 0.0, 0.0]
-    return [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
 
 
 def jitter_box(box: Sequence[float], pixels: int, shape: tuple[int, int], rng: np.random.Generator) -> list[float]:
@@ -124,7 +117,7 @@ def structure_rows(sample: LabelledSlice, writer: BenchWriter, name: str, tasks:
                    jitter: int, rng: np.random.Generator) -> list[dict]:
     """Rows of the mask tasks for one structure present on ``sample``."""
     mask = sample.masks[name]
-    box = tight_box(mask)
+    box = mask_to_box(mask)
     rows = []
     for task in tasks:
         if task == "observe":

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mimo_chat.data.make_bench import interior_point, tight_box
+from mimo_chat.boxes import mask_to_box
+from mimo_chat.data.make_bench import interior_point
 from mimo_chat.evaluation.chat_checks import CHECKS, ImageTruth, TurnResult, check_turn, found_names
 
 REGRESSION_PATH = Path(__file__).resolve().parents[2] / "tests" / "chat_regression.jsonl"
@@ -95,7 +96,7 @@ def image_truth(sample) -> ImageTruth:
 def visual_prompt(turn: dict, sample) -> dict:
     """``boxes`` or ``points``/``point_labels`` from the label mask of the turn's ``box``/``point``."""
     if "box" in turn:
-        return {"boxes": [tight_box(sample.masks[turn["box"]])]}
+        return {"boxes": [mask_to_box(sample.masks[turn["box"]])]}
     if "point" in turn:
         return {"points": [interior_point(sample.masks[turn["point"]])], "point_labels": [1]}
     return {}

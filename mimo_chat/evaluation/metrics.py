@@ -74,15 +74,6 @@ def detect_box_score(prediction: Sequence[float] | None, target: Sequence[float]
     return box_iou(prediction, target)
 
 
-def mask_box(mask: np.ndarray | None) -> list[float]:
-    """Tight XYXY box of a mask (x1/y1 exclusive); zeros for an empty or missing mask."""
-    if mask is None or not mask.any():
-        return list(ABSENT_BOX)
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
-
-
 def grounding_matches(
     phrases: Sequence[tuple[str, np.ndarray | None]],
     targets: Sequence[tuple[str, np.ndarray]],

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.data.names import names_structure
 from mimo_chat.evaluation import metrics
 from mimo_chat.evaluation.conversation import (
@@ -150,7 +151,7 @@ def _score_detect_box(score: RowScore, row: dict, prediction: Prediction, bench:
     box: list[float] | None = None
     if named and not failed:
         first = named[0]
-        box = metrics.mask_box(first.mask_array()) if first.mask is not None else list(first.box)
+        box = mask_to_box(first.mask_array()) if first.mask is not None else list(first.box)
     elif not failed:
         width, height = Image.open(bench / row["image"]).size
         box = parse_text_box(prediction.raw_text, (height, width)) or parse_text_box(prediction.text, (height, width))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.data.names import same_structure
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.locator import StructureLocator, heatmap_box, presence_logits, target_fractions
@@ -35,7 +36,7 @@ from mimo_chat.segmentation import SegmentationPredictor
 from mimo_chat.train.locator import PhraseEmbedder
 from mimo_chat.train.locator_targets import IMAGE_KINDS, image_kind
 from mimo_chat.train.seg_cache import default_cache, load_cache, unpack_mask
-from mimo_chat.train.seg_eval import context_of, tight_box
+from mimo_chat.train.seg_eval import context_of
 
 PYRADIOMICS_NAMES = {"lung": "lung tumour", "brain": "brain tumour", "breast": "breast lesion"}
 
@@ -113,7 +114,7 @@ def evaluate(locator: StructureLocator, vocabulary: tuple[str, ...], kinds: tupl
                     value = iou(engine.segment(context, boxes=[original]).masks[0], target)
                 for key in ("text_seg", f"text_seg/{source}", f"text_seg/{source}/{name}"):
                     scores[key].append(value)
-            region = engine.segment(context, boxes=[tight_box(target)]).masks[0]
+            region = engine.segment(context, boxes=[mask_to_box(target)]).masks[0]
             fraction = target_fractions(engine.transform.apply_mask(region)[None], grid).flatten(1)  # (1, E*E)
             dice = (2 * fraction @ probabilities.T / (fraction.sum() + probabilities.sum(1) + 1e-6))[0]  # (V,)
             ranked = [vocabulary[i] for i in dice.argsort(descending=True).tolist()]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.segmentation import ImageContext, SegmentationPredictor
 from mimo_chat.train.seg_cache import default_cache, load_cache, unpack_mask
 
@@ -31,11 +32,6 @@ def interior_point(mask: np.ndarray) -> list[float]:
     distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
     return [col + 0.5, row + 0.5]
-
-
-def tight_box(mask: np.ndarray) -> list[float]:
-    rows, cols = np.nonzero(mask)
-    return [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
 
 
 def dice(prediction: np.ndarray, target: np.ndarray) -> float:
@@ -60,7 +56,7 @@ def evaluate(predictor: SegmentationPredictor, records: list[dict], min_pixels: 
         if not masks:
             continue
         names = sorted(masks)
-        boxes = [tight_box(masks[name]) for name in names]
+        boxes = [mask_to_box(masks[name]) for name in names]
         clicks = [[interior_point(masks[name])] for name in names]
         box_result = predictor.segment(context, boxes=boxes)
         click_result = predictor.segment(context, points=clicks, point_labels=[[1]] * len(names))

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from mimo_chat.segmentation import ImageContext, SegmentationPredictor, tight_boxes
+from mimo_chat.boxes import mask_to_box
+from mimo_chat.segmentation import ImageContext, SegmentationPredictor
 
 
 class VolumeCancelled(RuntimeError):
@@ -44,7 +45,7 @@ def image_context(context: Any) -> ImageContext:
 
 def widened_box(mask: np.ndarray, settings: PropagationSettings) -> list[float]:
     """Tight box of an (H, W) mask, widened by ``settings.margin`` and ``margin_px``, clipped to the image."""
-    x0, y0, x1, y1 = (float(v) for v in tight_boxes(mask[None])[0])
+    x0, y0, x1, y1 = mask_to_box(mask)
     pad_x = settings.margin * (x1 - x0) + settings.margin_px
     pad_y = settings.margin * (y1 - y0) + settings.margin_px
     height, width = mask.shape

@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.imaging import Study
 from mimo_chat.predictor import Located
-from mimo_chat.segmentation import tight_boxes
 
 UNKNOWN = 0.5
 
@@ -56,6 +56,6 @@ class LabelFinder:
                 raise KeyError(f"No label values given for {name!r}")
             presence = self.presence(index, name)
             mask = self.mask(index, name) if masks and presence > UNKNOWN else None
-            box = [float(v) for v in tight_boxes(mask[None])[0]] if mask is not None and mask.any() else None
+            box = mask_to_box(mask) if mask is not None and mask.any() else None
             found.append(Located(name, presence, mask, box, 1.0 if mask is not None else None))
         return found
