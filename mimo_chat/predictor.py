@@ -37,7 +37,8 @@ from mimo_chat.evidence.evidence import gather_evidence, vocabulary_presence
 from mimo_chat.evidence.intent import IntentReader
 from mimo_chat.evidence.policy import Evidence, clicks_inside
 from mimo_chat.generation import decode_steps
-from mimo_chat.grounding import GroundedReply, build_reply, mask_to_box, parse_grounded_text, render_plain_text
+from mimo_chat.boxes import mask_to_box
+from mimo_chat.grounding import GroundedReply, build_reply, parse_grounded_text, render_plain_text
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import load_tokenizer
 from mimo_chat.modeling.locator import PRESENCE_THRESHOLD, phrase_spans, region_cells
