@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
+from mimo_chat.boxes import mask_to_box
 from mimo_chat.data.knowledge import load_knowledge_base
 from mimo_chat.evidence.compose import Plan, plan_reply
 from mimo_chat.evidence.constrain import NameTrie, phrase_constraint
@@ -37,7 +38,6 @@ from mimo_chat.evidence.evidence import gather_evidence, vocabulary_presence
 from mimo_chat.evidence.intent import IntentReader
 from mimo_chat.evidence.policy import Evidence, clicks_inside
 from mimo_chat.generation import decode_steps
-from mimo_chat.boxes import mask_to_box
 from mimo_chat.grounding import GroundedReply, build_reply, parse_grounded_text, render_plain_text
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import load_tokenizer
