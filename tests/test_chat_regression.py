@@ -95,8 +95,6 @@ def test_checks_judge_replies_on_a_real_chest_radiograph(conversations, images) 
 # note and `python -m mimo_chat.evaluate --chat-regression`). Kept as a strict xfail: the day they
 # are met the test fails until the entry is removed, and every other threshold is asserted.
 OPEN_TARGETS = {
-    "masks on CT": "the locator's outline of the pancreas and kidneys on unseen CURVAS / KiTS patients",
-    "follow_up on CT": "follow-ups ask for the same pancreas and kidney outlines",
     "forbidden on CT": "lungs named on a KiTS kidney-level slice where the locator misses the kidney, "
                        "so nothing shows the slice is below the diaphragm",
 }
