@@ -214,11 +214,11 @@ class Session:
             hint = self.study.kind_hint or ""
             if self.study.is_volume and self.plane != "axial":
                 hint += f" {self.plane}"  # one coronal / sagittal image spans many levels
+            kind = hint.strip() or None
             if self.view_in_cache(predictor):
-                self.context = replace(self.slice_encodings(predictor).context(self.slice_index),
-                                       image_kind=hint.strip() or None)
+                self.context = replace(self.slice_encodings(predictor).context(self.slice_index), image_kind=kind)
             else:
-                self.context = predictor.encode(self.image(), image_kind=hint.strip() or None)
+                self.context = predictor.encode(self.image(), image_kind=kind)
             self.context_key = key
         return self.context
 
