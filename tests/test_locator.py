@@ -131,7 +131,9 @@ def test_labelled_sets_are_complete_and_have_an_image_kind() -> None:
     # a labelled name of the same set not on the slice is absent; abdominal organs are absent on a radiograph
     assert {"right clavicle", "pancreas", "kidney tumour"} <= targets["x1"].absent
     assert {"heart", "left lung"} <= targets["x2"].absent
-    assert {"left clavicle", "right clavicle"} <= targets["k1"].absent and "heart" not in targets["k1"].absent
+    assert {"left clavicle", "right clavicle"} <= targets["k1"].absent
+    # a kidney tumour puts the slice below the diaphragm; the stomach alone does not
+    assert "heart" in targets["k1"].absent and "heart" not in targets["u1"].absent
     kinds = {key: item.kind for key, item in targets.items()}
     assert kinds == {"x1": "XR chest", "x2": "XR chest", "k1": "CT abdomen", "u1": "MR abdomen",
                      "d1": "CT chest", "d2": "CT abdomen"}
@@ -178,3 +180,7 @@ def test_structures_file_of_real_slices_gives_complete_targets(tmp_path) -> None
     assert mr.kind == "MR abdomen" and xr.kind == "XR chest"
     assert set(xr.masks) == {"heart", "left lung", "right lung", "left clavicle", "right clavicle"}
     assert {"pancreas", "left kidney", "spleen"} <= xr.absent
+    # an axial MR slice with the pancreas lies below the diaphragm: no lung or heart can be on it;
+    # a radiograph shows all levels at once, so its lungs and heart stay
+    assert {"heart", "left lung", "right lower lung lobe", "trachea", "left clavicle"} <= mr.absent
+    assert not {"heart", "left lung"} & xr.absent

@@ -27,7 +27,7 @@ from functools import lru_cache
 import numpy as np
 
 from mimo_chat.boxes import mask_to_box
-from mimo_chat.data.knowledge import ABOVE_DIAPHRAGM, BELOW_DIAPHRAGM_EVIDENCE, CHEST_RADIOGRAPH_ALLOWED, UPPER_CHEST
+from mimo_chat.data.knowledge import ABOVE_DIAPHRAGM, CHEST_RADIOGRAPH_ALLOWED, UPPER_CHEST, below_diaphragm_slice
 from mimo_chat.data.names import canonical_name
 from mimo_chat.data.sources import LabelledSlice
 
@@ -92,7 +92,7 @@ def forbidden_names(sample: LabelledSlice, present: Sequence[str]) -> list[str]:
         return _merge([*names, "brain"], present)
     if region == "abdomen":
         names = [n for n, r in kb if r in ("head", "neck")] + list(UPPER_CHEST) + ["brain"]
-        if any(canonical_name(n) in {canonical_name(e) for e in BELOW_DIAPHRAGM_EVIDENCE} for n in present):
+        if below_diaphragm_slice(present):
             names += list(ABOVE_DIAPHRAGM)
         return _merge(names, present)
     if region == "head":

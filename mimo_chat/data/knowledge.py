@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from mimo_chat.data.names import canonical_name
+from mimo_chat.data.names import canonical_name, names_structure
 
 KNOWLEDGE_BASE_PATH = Path(__file__).with_name("knowledge_base.json")
 TOTALSEGMENTATOR_SPEC = "totalsegmentator==2.18.0"
@@ -41,6 +42,18 @@ BELOW_DIAPHRAGM_EVIDENCE = ("pancreas", "left kidney", "right kidney", "kidney t
                             "small bowel")
 # Abdominal structures a chest radiograph may show below the left hemidiaphragm (the gastric air bubble).
 CHEST_RADIOGRAPH_ALLOWED = ("stomach",)
+
+
+def below_diaphragm_slice(names: Iterable[str]) -> bool:
+    """Whether an axial CT / MR slice showing ``names`` lies below the lung bases and the heart."""
+    return any(names_structure(name, below) for name in names for below in BELOW_DIAPHRAGM_EVIDENCE)
+
+
+def above_diaphragm(name: str) -> bool:
+    """Whether ``name`` is a structure at or above the diaphragm or at the thoracic inlet, so that it
+    cannot share an axial slice with one of :data:`BELOW_DIAPHRAGM_EVIDENCE`."""
+    return any(names_structure(name, higher) for higher in (*ABOVE_DIAPHRAGM, *UPPER_CHEST))
+
 # Typical cranio-caudal span of a structure in an adult, by vertebral level; compared as numbers.
 VERTEBRAL_LEVELS = (
     [f"C{n}" for n in range(1, 8)] + [f"T{n}" for n in range(1, 13)] + [f"L{n}" for n in range(1, 6)]

@@ -21,14 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mimo_chat.data.knowledge import (
-    ABOVE_DIAPHRAGM,
-    BELOW_DIAPHRAGM_EVIDENCE,
-    UPPER_CHEST,
-    KnowledgeBase,
-    KnowledgeEntry,
-)
-from mimo_chat.data.names import names_structure
+from mimo_chat.data.knowledge import KnowledgeBase, KnowledgeEntry, above_diaphragm, below_diaphragm_slice
 
 PRESENT = 0.5  # presence probability above which the locator finds a structure (logit 0)
 SURE_NAME = 0.5  # a prompted object's name score from which the name is stated without doubt
@@ -154,11 +147,9 @@ def _ruled_out_by_level(vocabulary: Sequence[str], presence: np.ndarray, allowed
     ruled_out = np.zeros(len(vocabulary), dtype=bool)
     if kind.modality == "XR" or not kind.axial:  # a radiograph or a coronal view shows many levels at once
         return ruled_out
-    below = any(p > PRESENT and ok and any(names_structure(name, b) for b in BELOW_DIAPHRAGM_EVIDENCE)
-                for name, p, ok in zip(vocabulary, presence, allowed, strict=True))
-    if below:
-        higher = (*ABOVE_DIAPHRAGM, *UPPER_CHEST)
-        ruled_out[:] = [any(names_structure(name, h) for h in higher) for name in vocabulary]
+    found = [name for name, p, ok in zip(vocabulary, presence, allowed, strict=True) if p > PRESENT and ok]
+    if below_diaphragm_slice(found):
+        ruled_out[:] = [above_diaphragm(name) for name in vocabulary]
     return ruled_out
 
 

@@ -153,10 +153,12 @@ def training_loss(locator: StructureLocator, embeddings: torch.Tensor, rows: tor
 
 @torch.no_grad()
 def validate(locator: StructureLocator, data: LocatorData, embed: PhraseEmbedder, cell: float) -> dict:
-    """Presence accuracy and heatmap-box IoU (model frame) per name on held-out images."""
+    """Presence accuracy and heatmap-box IoU (model frame) per name on held-out images; ``false_presence``:
+    the share of all labelled-absent names found anyway."""
     locator.eval()
     per_name: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"presence": [], "box_iou": []})
     per_kind: dict[str, list[float]] = defaultdict(list)
+    false_presence: list[float] = []  # every labelled-absent name of every image: found anyway?
     for item in data.items:
         device = next(locator.parameters()).device
         stored = data.embeddings[item.image_hash].float()[None].to(device)
@@ -164,6 +166,11 @@ def validate(locator: StructureLocator, data: LocatorData, embed: PhraseEmbedder
         if locator.kind_head is not None and item.kind in IMAGE_KINDS:
             guess = IMAGE_KINDS[int(locator.image_kind_logits(features).argmax(1))]
             per_kind[item.kind].append(float(guess == item.kind))
+        if item.absent:
+            absent = sorted(item.absent)
+            logits = presence_logits(locator(features, torch.zeros(len(absent), dtype=torch.long, device=device),
+                                             embed(absent).to(device)))
+            false_presence += (logits > 0).float().tolist()
         names = sorted(item.masks) + sorted(item.absent)[:3] + sorted(item.present)
         if not names:
             continue
@@ -186,6 +193,7 @@ def validate(locator: StructureLocator, data: LocatorData, embed: PhraseEmbedder
     return {"box_iou": float(np.mean(every_box)) if every_box else None,
             "presence_acc": float(np.mean(every_presence)) if every_presence else None,
             "kind_acc": float(np.mean(every_kind)) if every_kind else None,
+            "false_presence": float(np.mean(false_presence)) if false_presence else None,
             "per_kind": {kind: {"acc": float(np.mean(v)), "n": len(v)} for kind, v in sorted(per_kind.items())},
             "per_name": summary}
 
@@ -296,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
             log.write(json.dumps({"step": step, "dev": metrics}) + "\n")
             log.flush()
             tqdm.write(f"step {step} dev box IoU {metrics['box_iou']:.3f} presence {metrics['presence_acc']:.3f} "
-                       f"kind {metrics['kind_acc']}")
+                       f"kind {metrics['kind_acc']} false presence {metrics['false_presence']}")
             if not args.freeze_adapter and train.skipped and sum(1 for key in train_targets if key in cache) > len(train.items):
                 train = LocatorData(args.data, train_targets, cache, 64, transform, progress=False)  # the cache grew
                 tqdm.write(f"reloaded: {len(train.items)} training images ({train.skipped} not cached yet)")

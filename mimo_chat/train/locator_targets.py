@@ -7,7 +7,8 @@ Two readers give the same :class:`ImageTargets`:
   the slice as absent, an image-level ``tumour`` label as present without a mask or absent;
 - :func:`collect_targets` reads conversation records (names from grounded answers).
 
-Both add the names that cannot be on a source's images (``IMPLIED_ABSENT``), keep only the
+Both add the names that cannot be on a source's images (``IMPLIED_ABSENT``) or on a slice below
+the diaphragm (:func:`level_absent`), keep only the
 names of ``LOCATOR_VOCABULARY`` and give each image one of ``IMAGE_KINDS``.
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mimo_chat.data.conversations import STRUCTURES_SUFFIX, read_conversations, read_structures
+from mimo_chat.data.knowledge import above_diaphragm, below_diaphragm_slice
 from mimo_chat.data.sources import LABELLED_SETS
 
 # Sampling weight of each source per training image (tiny sets are not drowned by large ones).
@@ -157,11 +159,21 @@ def structure_targets(records: list[dict]) -> dict[str, ImageTargets]:
     return _finish(images)
 
 
+def level_absent(kind: str | None, names: set[str]) -> set[str]:
+    """Vocabulary names an axial CT / MR slice labelled with ``names`` cannot show: with a structure
+    below the diaphragm on it, those at or above it (the rule the reply policy applies to what the
+    locator finds, so the locator learns it from the labels of every abdominal set)."""
+    if kind is None or kind.startswith("XR") or not below_diaphragm_slice(names):
+        return set()
+    return {name for name in LOCATOR_VOCABULARY if above_diaphragm(name)}
+
+
 def _finish(images: dict[str, ImageTargets]) -> dict[str, ImageTargets]:
     """Add the implied absences, resolve overlaps (a mask wins) and keep only vocabulary names."""
     vocabulary = set(LOCATOR_VOCABULARY)
     for item in images.values():
         item.absent |= set(IMPLIED_ABSENT.get(item.source, ()))
+        item.absent |= level_absent(item.kind, set(item.masks))
         item.absent -= set(item.masks) | item.present
         item.present -= set(item.masks)
         item.masks = {name: mask for name, mask in item.masks.items() if name in vocabulary}
