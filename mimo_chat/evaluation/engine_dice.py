@@ -1,6 +1,6 @@
 """Dev Dice of the segmentation engine on cached real slices (held-out patients only).
 
-    python -m mimo_chat.train.seg_eval [--cache DIR] [--split dev] [--checkpoint DIR | --baseline]
+    python -m mimo_chat.evaluation.engine_dice [--cache DIR] [--split dev] [--checkpoint DIR | --baseline]
 
 For every structure on every cached slice of ``--split`` (see :mod:`mimo_chat.train.seg_cache`;
 the split comes from :func:`mimo_chat.data.sources.split_of`): ``box`` = the tight box,

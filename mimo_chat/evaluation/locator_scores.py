@@ -1,6 +1,6 @@
 """Dev scores of the locator + engine by name, by box and by kind, on cached embeddings (unseen patients).
 
-    python -m mimo_chat.train.anatomy_eval --locator RUN_OR_CHECKPOINT [--cache DIR] [--split dev]
+    python -m mimo_chat.evaluation.locator_scores --locator RUN_OR_CHECKPOINT [--cache DIR] [--split dev]
         [--sources a,b] [--engine-checkpoint DIR | --baseline-engine] [--json OUT]
 
 What the chat predictor does with a name or a box, without the language model around it, on
@@ -36,7 +36,7 @@ from mimo_chat.segmentation import SegmentationPredictor
 from mimo_chat.train.locator import PhraseEmbedder
 from mimo_chat.train.locator_targets import IMAGE_KINDS, image_kind
 from mimo_chat.train.seg_cache import default_cache, load_cache, unpack_mask
-from mimo_chat.train.seg_eval import context_of
+from mimo_chat.evaluation.engine_dice import context_of
 
 PYRADIOMICS_NAMES = {"lung": "lung tumour", "brain": "brain tumour", "breast": "breast lesion"}
 
@@ -61,7 +61,7 @@ def load_locator(folder: Path) -> tuple[StructureLocator, tuple[str, ...], tuple
 def kind_names(split_folder: Path) -> dict[str, set[str]]:
     """The structure names labelled on training images of each kind (what a kind allows)."""
     allowed: dict[str, set[str]] = defaultdict(set)
-    for record in load_cache(split_folder):
+    for record in load_cache(split_folder, embeddings=False):
         kind = image_kind(record["source"], record["modality"], set(record["masks"]))
         if kind is not None:
             allowed[kind] |= {locator_name(record, name) for name in record["masks"]}

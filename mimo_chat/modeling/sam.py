@@ -71,6 +71,14 @@ class SamConfig:
             iou_head_hidden_dim=32,
         )
 
+    @classmethod
+    def preset(cls, name: str) -> SamConfig:
+        """``MimoConfig.sam``'s names: "lite" or "tiny"."""
+        presets = {"lite": cls.lite, "tiny": cls.tiny}
+        if name not in presets:
+            raise ValueError(f"Unknown SAM preset {name!r}; expected one of {sorted(presets)}")
+        return presets[name]()
+
     @property
     def low_res_size(self) -> int:
         """Side of the decoder's low-resolution logits (4 x E)."""

@@ -27,7 +27,7 @@ from mimo_chat.modeling.mimo import MimoModel, load_tokenizer
 from mimo_chat.processing import MimoProcessor
 from mimo_chat.train.config import TrainConfig
 from mimo_chat.train.dataset import Batch, ConversationDataset, collate, prompt_embeddings
-from mimo_chat.train.embeddings_cache import EmbeddingCache, build_encoder
+from mimo_chat.train.embeddings_cache import EmbeddingCache, fill_cache
 from mimo_chat.train.trainer import Trainer, TrainingTask, TrainSettings
 
 LOSS_PARTS = ("loss", "lm_loss", "heatmap_loss", "presence_loss")
@@ -53,23 +53,6 @@ def mimo_config_of(config: TrainConfig) -> MimoConfig:
     if markup:  # they would become real <SEG>/<image> tokens and break the mask targets
         raise ValueError(f"The system prompt must not contain the special tokens {markup}.")
     return mimo_config
-
-
-def encode_missing(dataset_root: Path, records: list[dict], mimo_config: MimoConfig, cache: EmbeddingCache) -> int:
-    """Encode images of ``records`` that are not cached (used with small data and the tiny preset)."""
-    from PIL import Image
-
-    from mimo_chat.modeling.transforms import SamTransform
-
-    missing = sorted({(r["image_hash"], r["image"]) for r in records if r["image_hash"] not in cache})
-    if not missing:
-        return 0
-    encoder, transform = build_encoder(mimo_config), SamTransform(mimo_config.image_size)
-    with torch.inference_mode():
-        for key, image in missing:
-            pixels = np.asarray(Image.open(dataset_root / image))
-            cache.save(key, encoder.encode_image(transform.apply_image(pixels)[None])[0])
-    return len(missing)
 
 
 def load_locator(model: MimoModel, path: Path) -> None:
@@ -105,11 +88,7 @@ class MimoTask(TrainingTask):
         cache = EmbeddingCache(config.embeddings, self.mimo_config)
         low_res = model.sam.config.low_res_size
         if config.encode_missing and process.is_main_process:
-            from mimo_chat.data.conversations import read_conversations
-
-            for split in ("train", "dev"):
-                if (self.data / f"{split}.jsonl").exists():
-                    encode_missing(self.data, read_conversations(self.data / f"{split}.jsonl"), self.mimo_config, cache)
+            fill_cache(self.data, self.mimo_config, root=config.embeddings, progress=False)
         process.wait_for_everyone()
         self.train_set = ConversationDataset(self.data, "train", self.processor, cache, low_res)
         self.dev_set = ConversationDataset(self.data, "dev", self.processor, cache, low_res)
