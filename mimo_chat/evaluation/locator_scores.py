@@ -30,13 +30,13 @@ from safetensors.torch import load_file
 
 from mimo_chat.boxes import mask_to_box
 from mimo_chat.data.names import same_structure
+from mimo_chat.evaluation.engine_dice import context_of
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.locator import StructureLocator, heatmap_box, presence_logits, target_fractions
 from mimo_chat.segmentation import SegmentationPredictor
 from mimo_chat.train.locator import PhraseEmbedder
 from mimo_chat.train.locator_targets import IMAGE_KINDS, image_kind
 from mimo_chat.train.seg_cache import default_cache, load_cache, unpack_mask
-from mimo_chat.evaluation.engine_dice import context_of
 
 PYRADIOMICS_NAMES = {"lung": "lung tumour", "brain": "brain tumour", "breast": "breast lesion"}
 

@@ -97,11 +97,12 @@ def read_record(path: Path) -> dict:
         return torch.load(path, weights_only=True)
 
 
-def load_cache(folder: Path, store: EmbeddingCache | None = None, embeddings: bool = True) -> list[dict]:
-    """Every cached slice of one split folder (the dicts written by :func:`build`), each with its
-    ``embedding`` from ``store`` (default :func:`embedding_store`) unless it holds one inline;
-    ``embeddings=False``: masks and provenance only."""
-    records = [read_record(path) for path in sorted(Path(folder).glob("*.pt"))]
+def load_cache(folder: Path, store: EmbeddingCache | None = None, embeddings: bool = True,
+               limit: int | None = None) -> list[dict]:
+    """The cached slices of one split folder (the dicts written by :func:`build`; the first ``limit``
+    by name), each with its ``embedding`` from ``store`` (default :func:`embedding_store`) unless it
+    holds one inline; ``embeddings=False``: masks and provenance only."""
+    records = [read_record(path) for path in sorted(Path(folder).glob("*.pt"))[:limit]]
     if embeddings:
         store = store or embedding_store()
         for record in records:

