@@ -236,6 +236,7 @@ class LocatorOptions:
     device: str = "cpu"
     init: Path | None = None
     preset: str = "lite"
+    embeddings: Path | None = None  # the image-embedding store's root (default: cache_dir()/embeddings)
     max_minutes: float | None = None
 
 
@@ -249,7 +250,7 @@ class LocatorTask(TrainingTask):
         torch.manual_seed(options.seed)
         config = MimoConfig.preset(options.preset)
         sam = SamConfig.preset(config.sam)
-        self.cache = EmbeddingCache(None, config)
+        self.cache = EmbeddingCache(options.embeddings, config)
         self.transform = SamTransform(config.image_size)
         self.grid, self.cell = sam.image_embedding_size, config.image_size / sam.image_embedding_size
         self.train_targets = read_targets(options.data, "train")
@@ -326,12 +327,12 @@ class LocatorTask(TrainingTask):
         self.rng.setstate(state)
 
 
-def settings_of(options: LocatorOptions) -> TrainSettings:
+def settings_of(options: LocatorOptions, progress: bool = True) -> TrainSettings:
     """Validate, export and checkpoint together every ``eval_every`` steps."""
     return TrainSettings(output=options.out, total_steps=options.steps, max_minutes=options.max_minutes,
                          max_grad_norm=1.0, log_every=50, eval_every=options.eval_every,
                          export_every=options.eval_every, checkpoint_every=options.eval_every,
-                         cpu=options.device == "cpu")
+                         progress=progress, cpu=options.device == "cpu")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -354,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="start from the locator of a folder with locator.safetensors (this command's --out) "
                              "or model.safetensors (a trained MIMO model); a resumed run continues its own weights")
     parser.add_argument("--preset", default="lite", help="MIMO preset whose encoder and language model to use")
+    parser.add_argument("--embeddings", type=Path, default=None, help="embedding store root (default: cache_dir()/embeddings)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
     options = LocatorOptions(**vars(parser.parse_args(argv)))
     torch.set_num_threads(options.threads)

