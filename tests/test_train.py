@@ -166,3 +166,57 @@ def test_init_from_keeps_the_saved_model_config(tmp_path):
                          model_overrides={"max_new_tokens": 7})
     rebuilt = mimo_config_of(config)
     assert rebuilt.locator_vocabulary == ("spleen", "liver") and rebuilt.num_queries == 3 and rebuilt.max_new_tokens == 7
+
+
+def test_locator_training_learns_resumes_and_installs_into_a_checkpoint(dataset, tmp_path):
+    """python -m mimo_chat.train.locator on the tiny preset and the real slices: the loss of a fixed
+    batch falls, a second run resumes at the saved step, and install_locator takes the run."""
+    import random
+
+    from safetensors.torch import load_file
+
+    from mimo_chat.modeling.config import MimoConfig
+    from mimo_chat.modeling.mimo import MimoModel
+    from mimo_chat.train.embeddings_cache import fill_cache
+    from mimo_chat.train.install_locator import install_locator
+    from mimo_chat.train.locator import LocatorOptions, LocatorTask, sample_batch, settings_of, training_loss
+    from mimo_chat.train.locator import main as locator_main
+    from mimo_chat.train.trainer import Trainer
+
+    embeddings = tmp_path / "embeddings"
+    fill_cache(dataset, MimoConfig.tiny(), root=embeddings, progress=False)
+    out = tmp_path / "locator"
+    options = LocatorOptions(data=dataset, out=out, steps=3, batch=2, lr=1.0, width=16, eval_every=2, threads=1,
+                             preset="tiny", embeddings=embeddings)
+    task = LocatorTask(options, progress=False)
+    assert len(task.train.items) == 2 and len(task.dev.items) == 1 and task.train.skipped == 0
+    images, rows, names, targets, supervised, kinds = sample_batch(task.train, 2, random.Random(1), max_shift=0)
+
+    def loss() -> float:
+        with torch.no_grad():
+            phrases = task.embed(names)
+            return float(training_loss(task.model, images, rows, phrases, targets, supervised, kinds)["loss"])
+
+    before = loss()
+    result = Trainer(task, settings_of(options, progress=False)).run()
+    after = loss()
+    assert result["step"] == 3 and np.isfinite(after) and after < before
+    assert 0.0 <= result["presence_acc"] <= 1.0
+
+    arguments = ["--data", str(dataset), "--out", str(out), "--embeddings", str(embeddings), "--preset", "tiny",
+                 "--batch", "2", "--lr", "1.0", "--width", "16", "--eval-every", "2", "--threads", "1"]
+    locator_main([*arguments, "--steps", "5"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    starts = [entry for entry in log if entry["event"] == "start"]
+    assert [s["resumed"] for s in starts] == [False, True] and starts[1]["step"] == 3
+    assert [e["step"] for e in log if e["event"] == "eval"] == [2, 3, 4, 5]
+    assert json.loads((out / LAST / "state.json").read_text())["step"] == 5
+    summary = json.loads((out / "locator.json").read_text())
+    assert summary["step"] == 5 and summary["width"] == 16 and "pancreas" in summary["vocabulary"]
+
+    folder = MimoModel.from_config(MimoConfig.tiny()).save_pretrained(tmp_path / "mimo")
+    install_locator(out, folder)
+    installed = MimoModel.from_pretrained(folder)
+    assert installed.config.locator_vocabulary == tuple(summary["vocabulary"])
+    for name, value in load_file(out / "locator.safetensors").items():
+        assert torch.equal(installed.state_dict()[name], value), name

@@ -277,9 +277,10 @@ class Trainer:
             if out_of_time:
                 break
         bar.close()
-        if evaluated != self.state.step:
+        final_validation = evaluated != self.state.step
+        if final_validation:
             metrics = self.evaluate()
         self.save_checkpoint(metrics)
-        if exported != self.state.step:
+        if exported != self.state.step or final_validation:  # the export carries the last validation
             self.export(metrics)
         return {"step": self.state.step, **metrics}
