@@ -18,7 +18,7 @@ from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.train import seg_cache
 from mimo_chat.train.embeddings_cache import fill_cache, import_seg_cache
 from mimo_chat.train.prompt_sampling import sample_prompts
-from mimo_chat.train.segmenter_prompts import PromptOptions, SegmenterPromptTask, main, prompt_loss, settings_of
+from mimo_chat.train.segmenter_prompts import SegmenterPromptTask, main, parse_options, prompt_loss, settings_of
 from mimo_chat.train.trainer import LAST, Trainer
 
 
@@ -72,12 +72,13 @@ def test_slices_keep_masks_and_share_the_embedding_store_with_datasets(cache_roo
                        records[0]["embedding"])
 
 
-def test_prompt_fine_tune_changes_weights_exports_them_and_resumes(cache_root, tmp_path):
+def test_prompt_fine_tune_changes_weights_exports_them_and_resumes(cache_root, tmp_path, keep_torch_threads):
     from mimo_chat.segmentation import SegmentationPredictor
 
-    options = PromptOptions(cache=cache_root / "seg_cache", embeddings=cache_root / "embeddings",
-                            out=tmp_path / "segmenter", run=tmp_path / "run", steps=2, batch=3, lr=1e-3, save_every=2,
-                            eval_slices=1, crops="16")
+    arguments = ["--cache", str(cache_root / "seg_cache"), "--embeddings", str(cache_root / "embeddings"),
+                 "--out", str(tmp_path / "segmenter"), "--run", str(tmp_path / "run"), "--batch", "3", "--lr", "1e-3",
+                 "--save-every", "2", "--eval-slices", "1", "--crops", "16"]
+    options = parse_options([*arguments, "--steps", "2"])
     task = SegmenterPromptTask(options)
     initial = {name: value.detach().clone() for name, value in task.parameters.items()}
     fixed = sample_prompts(task.examples, 3, random.Random(1), 16, 64, 4)
@@ -99,9 +100,7 @@ def test_prompt_fine_tune_changes_weights_exports_them_and_resumes(cache_root, t
     assert torch.equal(loaded["mask_decoder.iou_prediction_head.layers.0.weight"].half(),
                        exported["mask_decoder.iou_prediction_head.layers.0.weight"])
 
-    main(["--cache", str(cache_root / "seg_cache"), "--embeddings", str(cache_root / "embeddings"),
-          "--out", str(tmp_path / "segmenter"), "--run", str(tmp_path / "run"), "--steps", "3", "--batch", "3",
-          "--lr", "1e-3", "--save-every", "2", "--eval-slices", "1", "--crops", "16"])
+    main([*arguments, "--steps", "3"])
     starts = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
               if json.loads(line)["event"] == "start"]
     assert [s["resumed"] for s in starts] == [False, True] and starts[1]["step"] == 2

@@ -168,7 +168,7 @@ def test_init_from_keeps_the_saved_model_config(tmp_path):
     assert rebuilt.locator_vocabulary == ("spleen", "liver") and rebuilt.num_queries == 3 and rebuilt.max_new_tokens == 7
 
 
-def test_locator_training_learns_resumes_and_installs_into_a_checkpoint(dataset, tmp_path):
+def test_locator_training_learns_resumes_and_installs_into_a_checkpoint(dataset, tmp_path, keep_torch_threads):
     """python -m mimo_chat.train.locator on the tiny preset and the real slices: the loss of a fixed
     batch falls, a second run resumes at the saved step, and install_locator takes the run."""
     import random
@@ -179,15 +179,16 @@ def test_locator_training_learns_resumes_and_installs_into_a_checkpoint(dataset,
     from mimo_chat.modeling.mimo import MimoModel
     from mimo_chat.train.embeddings_cache import fill_cache
     from mimo_chat.train.install_locator import install_locator
-    from mimo_chat.train.locator import LocatorOptions, LocatorTask, sample_batch, settings_of, training_loss
+    from mimo_chat.train.locator import LocatorTask, parse_options, sample_batch, settings_of, training_loss
     from mimo_chat.train.locator import main as locator_main
     from mimo_chat.train.trainer import Trainer
 
     embeddings = tmp_path / "embeddings"
     fill_cache(dataset, MimoConfig.tiny(), root=embeddings, progress=False)
     out = tmp_path / "locator"
-    options = LocatorOptions(data=dataset, out=out, steps=3, batch=2, lr=1.0, width=16, eval_every=2, threads=1,
-                             preset="tiny", embeddings=embeddings)
+    arguments = ["--data", str(dataset), "--out", str(out), "--embeddings", str(embeddings), "--preset", "tiny",
+                 "--batch", "2", "--lr", "1.0", "--width", "16", "--eval-every", "2", "--threads", "1"]
+    options = parse_options([*arguments, "--steps", "3"])
     task = LocatorTask(options, progress=False)
     assert len(task.train.items) == 2 and len(task.dev.items) == 1 and task.train.skipped == 0
     images, rows, names, targets, supervised, kinds = sample_batch(task.train, 2, random.Random(1), max_shift=0)
@@ -203,8 +204,6 @@ def test_locator_training_learns_resumes_and_installs_into_a_checkpoint(dataset,
     assert result["step"] == 3 and np.isfinite(after) and after < before
     assert 0.0 <= result["presence_acc"] <= 1.0
 
-    arguments = ["--data", str(dataset), "--out", str(out), "--embeddings", str(embeddings), "--preset", "tiny",
-                 "--batch", "2", "--lr", "1.0", "--width", "16", "--eval-every", "2", "--threads", "1"]
     locator_main([*arguments, "--steps", "5"])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     starts = [entry for entry in log if entry["event"] == "start"]

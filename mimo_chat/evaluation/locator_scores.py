@@ -31,9 +31,10 @@ from safetensors.torch import load_file
 from mimo_chat.boxes import mask_to_box
 from mimo_chat.data.names import same_structure
 from mimo_chat.evaluation.engine_dice import context_of
+from mimo_chat.evaluation.report import print_json
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.locator import StructureLocator, heatmap_box, presence_logits, target_fractions
-from mimo_chat.segmentation import SegmentationPredictor
+from mimo_chat.segmentation import CHECKPOINT_DIR, SegmentationPredictor
 from mimo_chat.train.locator import PhraseEmbedder
 from mimo_chat.train.locator_targets import IMAGE_KINDS, image_kind
 from mimo_chat.train.seg_cache import default_cache, load_cache, unpack_mask
@@ -140,23 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     cache = args.cache or default_cache()
     locator, vocabulary, kinds = load_locator(args.locator)
-    if args.baseline_engine:
-        engine = SegmentationPredictor.from_pretrained(checkpoint=None)
-    elif args.engine_checkpoint:
-        engine = SegmentationPredictor.from_pretrained(checkpoint=args.engine_checkpoint)
-    else:
-        engine = SegmentationPredictor.from_pretrained()
-    records = load_cache(cache / args.split)
-    if args.sources:
-        records = [record for record in records if record["source"] in args.sources.split(",")]
+    checkpoint = None if args.baseline_engine else args.engine_checkpoint or CHECKPOINT_DIR
+    engine = SegmentationPredictor.from_pretrained(checkpoint=checkpoint)
+    records = load_cache(cache / args.split, sources=args.sources)
     result = evaluate(locator, vocabulary, kinds, engine, PhraseEmbedder(MimoConfig.lite()), records,
                       kind_names(cache / "train"))
     result["_about"] = {"locator": str(args.locator), "split": args.split, "slices": len(records),
                         "image_kinds": list(kinds), "known_kinds": list(IMAGE_KINDS)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    print_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import argparse
 import json
 import random
 from collections import defaultdict
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +57,7 @@ from mimo_chat.modeling.sam import SamConfig
 from mimo_chat.modeling.transforms import SamTransform
 from mimo_chat.train.embeddings_cache import EmbeddingCache
 from mimo_chat.train.locator_targets import IMAGE_KINDS, SOURCE_WEIGHTS, ImageTargets, read_targets
-from mimo_chat.train.trainer import Trainer, TrainingTask, TrainSettings
+from mimo_chat.train.trainer import Trainer, TrainingTask, TrainSettings, add_run_arguments
 
 
 class LocatorData:
@@ -217,36 +216,14 @@ def freeze_adapter(locator: StructureLocator, datasets: tuple[LocatorData, ...])
             data.embeddings[key] = locator.image_features(data.embeddings[key].float()[None])[0].half()
 
 
-@dataclass(frozen=True)
-class LocatorOptions:
-    """The command line of ``python -m mimo_chat.train.locator`` (see :func:`main`)."""
-
-    data: Path
-    out: Path = Path("runs/locator")
-    steps: int = 3000
-    batch: int = 8
-    lr: float = 1e-3
-    width: int = 128
-    max_shift: int = 4
-    eval_every: int = 250
-    freeze_adapter: bool = False
-    kind_weight: float = 0.5
-    threads: int = 2
-    seed: int = 0
-    device: str = "cpu"
-    init: Path | None = None
-    preset: str = "lite"
-    embeddings: Path | None = None  # the image-embedding store's root (default: cache_dir()/embeddings)
-    max_minutes: float | None = None
-
-
 class LocatorTask(TrainingTask):
     """The locator alone on cached embeddings: sampled images and names, :func:`training_loss`, :func:`validate`."""
 
     name = "locator"
 
-    def __init__(self, options: LocatorOptions, progress: bool = True) -> None:
+    def __init__(self, options: argparse.Namespace, progress: bool = True) -> None:
         self.options = options
+        torch.set_num_threads(options.threads)  # first: the thread count is part of the numerics
         torch.manual_seed(options.seed)
         config = MimoConfig.preset(options.preset)
         sam = SamConfig.preset(config.sam)
@@ -317,17 +294,8 @@ class LocatorTask(TrainingTask):
                 "dev_images": len(self.dev.items), "dev_skipped": self.dev.skipped,
                 "sources": {source: len(items) for source, items in self.train.by_source.items()}}
 
-    def config_dict(self) -> dict:
-        return asdict(self.options)
 
-    def sampler_state(self) -> tuple:
-        return self.rng.getstate()
-
-    def load_sampler_state(self, state: tuple) -> None:
-        self.rng.setstate(state)
-
-
-def settings_of(options: LocatorOptions, progress: bool = True) -> TrainSettings:
+def settings_of(options: argparse.Namespace, progress: bool = True) -> TrainSettings:
     """Validate, export and checkpoint together every ``eval_every`` steps."""
     return TrainSettings(output=options.out, total_steps=options.steps, max_minutes=options.max_minutes,
                          max_grad_norm=1.0, log_every=50, eval_every=options.eval_every,
@@ -336,7 +304,13 @@ def settings_of(options: LocatorOptions, progress: bool = True) -> TrainSettings
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    options = parse_options(argv)
+    Trainer(LocatorTask(options), settings_of(options)).run()
+
+
+def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mimo_chat.train.locator", description=__doc__.splitlines()[0])
+    add_run_arguments(parser, threads=2)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/locator"), help="run folder (resumed when it has last/)")
     parser.add_argument("--steps", type=int, default=3000)
@@ -348,20 +322,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--freeze-adapter", action="store_true",
                         help="keep the --init locator's image adapter; train on its features, computed once (fast)")
     parser.add_argument("--kind-weight", type=float, default=0.5, help="weight of the image-kind cross-entropy")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="e.g. cuda (the embeddings stay in CPU memory)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from the locator of a folder with locator.safetensors (this command's --out) "
                              "or model.safetensors (a trained MIMO model); a resumed run continues its own weights")
     parser.add_argument("--preset", default="lite", help="MIMO preset whose encoder and language model to use")
     parser.add_argument("--embeddings", type=Path, default=None, help="embedding store root (default: cache_dir()/embeddings)")
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
-    options = LocatorOptions(**vars(parser.parse_args(argv)))
-    torch.set_num_threads(options.threads)
-    task = LocatorTask(options)
-    print(json.dumps(task.describe()), flush=True)
-    Trainer(task, settings_of(options)).run()
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ class MimoTask(TrainingTask):
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        if config.threads:  # first: the thread count is part of the numerics
+            torch.set_num_threads(config.threads)
         process = PartialState()
         self.device, self.process_index = process.device, process.process_index
         self.data = Path(config.data).expanduser() if config.data else default_out()
@@ -195,7 +197,5 @@ def settings_of(config: TrainConfig, progress: bool = True) -> TrainSettings:
 
 
 def build_trainer(config: TrainConfig, progress: bool = True) -> Trainer:
-    """The loop configured for MIMO (``config.threads`` is set first: it is part of the numerics)."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    """The loop configured for MIMO."""
     return Trainer(MimoTask(config), settings_of(config, progress))

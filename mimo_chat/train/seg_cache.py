@@ -98,11 +98,14 @@ def read_record(path: Path) -> dict:
 
 
 def load_cache(folder: Path, store: EmbeddingCache | None = None, embeddings: bool = True,
-               limit: int | None = None) -> list[dict]:
+               limit: int | None = None, sources: str | None = None) -> list[dict]:
     """The cached slices of one split folder (the dicts written by :func:`build`; the first ``limit``
-    by name), each with its ``embedding`` from ``store`` (default :func:`embedding_store`) unless it
-    holds one inline; ``embeddings=False``: masks and provenance only."""
+    by name; of the comma-separated ``sources`` only), each with its ``embedding`` from ``store``
+    (default :func:`embedding_store`) unless it holds one inline; ``embeddings=False``: masks and
+    provenance only."""
     records = [read_record(path) for path in sorted(Path(folder).glob("*.pt"))[:limit]]
+    if sources:
+        records = [record for record in records if record["source"] in sources.split(",")]
     if embeddings:
         store = store or embedding_store()
         for record in records:

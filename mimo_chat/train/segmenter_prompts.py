@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import random
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ from mimo_chat.modeling.transforms import SamTransform
 from mimo_chat.segmentation import CHECKPOINT_DIR
 from mimo_chat.train.prompt_sampling import Examples, PromptBatch, sample_prompts
 from mimo_chat.train.seg_cache import count, default_cache, embedding_store, load_cache
-from mimo_chat.train.trainer import Trainer, TrainingTask, TrainSettings
+from mimo_chat.train.trainer import Trainer, TrainingTask, TrainSettings, add_run_arguments
 
 
 def trainable_parameters(model: LiteMedSam) -> dict[str, torch.nn.Parameter]:
@@ -119,33 +118,14 @@ def save_weights(model: LiteMedSam, out: Path, step: int, notes: dict) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
 
 
-@dataclass(frozen=True)
-class PromptOptions:
-    """The command line of ``python -m mimo_chat.train.segmenter_prompts`` (see :func:`main`)."""
-
-    cache: Path | None = None
-    embeddings: Path | None = None  # the image-embedding store's root (default: cache_dir()/embeddings)
-    out: Path = CHECKPOINT_DIR
-    run: Path | None = None
-    steps: int = 1500
-    batch: int = 8
-    lr: float = 5e-5
-    save_every: int = 100
-    eval_every: int = 0
-    eval_slices: int = 24
-    threads: int = 1
-    seed: int = 0
-    crops: str = "32,64"
-    max_minutes: float | None = None
-
-
 class SegmenterPromptTask(TrainingTask):
     """LiteMedSAM's prompt side against its frozen copy (the teacher), on the seg cache's train slices."""
 
     name = "segmenter prompts"
 
-    def __init__(self, options: PromptOptions) -> None:
+    def __init__(self, options: argparse.Namespace) -> None:
         self.options = options
+        torch.set_num_threads(options.threads)  # first: the thread count is part of the numerics
         self.crops = [int(value) for value in options.crops.split(",")]
         self.teacher = load_lite_medsam_weights(build_sam(SamConfig.lite())).eval()
         self.teacher.image_encoder = torch.nn.Identity()  # embeddings are cached; drop the encoder
@@ -217,17 +197,8 @@ class SegmenterPromptTask(TrainingTask):
     def describe(self) -> dict:
         return {"structures": {source: len(items) for source, items in self.examples.items.items()}}
 
-    def config_dict(self) -> dict:
-        return asdict(self.options)
 
-    def sampler_state(self) -> tuple:
-        return self.rng.getstate()
-
-    def load_sampler_state(self, state: tuple) -> None:
-        self.rng.setstate(state)
-
-
-def settings_of(options: PromptOptions, progress: bool = True) -> TrainSettings:
+def settings_of(options: argparse.Namespace, progress: bool = True) -> TrainSettings:
     """Export and checkpoint together every ``save_every`` steps; bf16 autocast keeps it on the CPU."""
     run = options.run or resources.cache_dir() / "runs" / "segmenter-prompts"
     return TrainSettings(output=run, total_steps=options.steps, max_minutes=options.max_minutes, max_grad_norm=1.0,
@@ -236,7 +207,14 @@ def settings_of(options: PromptOptions, progress: bool = True) -> TrainSettings:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    options = parse_options(argv)
+    Trainer(SegmenterPromptTask(options), settings_of(options)).run()
+
+
+def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mimo_chat.train.segmenter_prompts",
+                                     description=__doc__.splitlines()[0])
+    add_run_arguments(parser, threads=1)
     parser.add_argument("--cache", type=Path, default=None, help="seg cache folder (default: cache_dir()/seg_cache)")
     parser.add_argument("--embeddings", type=Path, default=None, help="embedding store root (default: cache_dir()/embeddings)")
     parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR, help="where the trained prompt weights go")
@@ -248,16 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=0, help="steps between dev validations (0: at the end)")
     parser.add_argument("--eval-slices", type=int, default=24, help="dev slices per validation (0: none)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crops", default="32,64",
                         help="embedding-grid crop sizes (cells per side), one picked at random per step; 64 = full")
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
-    options = PromptOptions(**vars(parser.parse_args(argv)))
-    torch.set_num_threads(options.threads)
-    task = SegmenterPromptTask(options)
-    print(task.describe()["structures"], flush=True)
-    Trainer(task, settings_of(options)).run()
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ state of its own. Under ``accelerate launch`` each process draws its own batches
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import time
@@ -67,6 +68,8 @@ class TrainingTask:
 
     name = "training"
     model: nn.Module  # every parameter the run trains is in it
+    options: argparse.Namespace | None = None  # the task's command line, saved in state.json
+    rng: random.Random | None = None  # a generator of the task's own for its batches, restored on resume
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
         """Called once, after a resumed run's weights are loaded; each group's ``lr`` is its base rate."""
@@ -113,14 +116,21 @@ class TrainingTask:
 
     def config_dict(self) -> dict:
         """The task's settings, saved in ``state.json``."""
-        return {}
+        return vars(self.options) if self.options is not None else {}
 
     def sampler_state(self) -> Any:
-        """State of a random generator the task keeps itself (restored on resume)."""
-        return None
+        return self.rng.getstate() if self.rng is not None else None
 
     def load_sampler_state(self, state: Any) -> None:
-        pass
+        if self.rng is not None and state is not None:
+            self.rng.setstate(state)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, threads: int) -> None:
+    """The flags of every training command about the run rather than the task."""
+    parser.add_argument("--threads", type=int, default=threads, help="torch CPU threads (set before the task is built)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this many minutes")
 
 
 def random_states() -> dict:
@@ -247,7 +257,10 @@ class Trainer:
         """Train to ``total_steps`` (or ``max_steps`` in all, or ``max_minutes``); return the last validation."""
         settings = self.settings
         total = settings.total_steps if max_steps is None else min(max_steps, settings.total_steps)
-        self.log({"event": "start", "step": self.state.step, "resumed": self.resumed, **self.task.describe()})
+        start = {"event": "start", "step": self.state.step, "resumed": self.resumed, **self.task.describe()}
+        self.log(start)
+        if settings.progress and self.is_main_process:
+            tqdm.write(json.dumps(start, default=str))
         started = last_save = time.time()
         bar = tqdm(total=total, initial=self.state.step, desc=self.task.name,
                    disable=not settings.progress or not self.is_main_process)
