@@ -47,3 +47,13 @@ def ct_small_gray():
 
     pixels = pydicom.dcmread(resources.pydicom_test_file("CT_small.dcm")).pixel_array.astype(np.float32)
     return ((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255).astype(np.uint8)
+
+
+@pytest.fixture
+def keep_torch_threads():
+    """Training commands set torch's thread count for the whole process; give it back after the test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

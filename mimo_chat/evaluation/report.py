@@ -1,4 +1,4 @@
-"""Human-readable views of a report: ``report.md`` and the side-by-side ``--compare`` table."""
+"""Views of a report: ``report.md``, the side-by-side ``--compare`` table and a check's printed JSON."""
 
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ HEADLINE = {
     "explain": ("accuracy", "hallucination"),
     "off_topic": ("decline_rate",),
 }
+
+
+def print_json(result: dict, path: Path | None = None) -> None:
+    """Print ``result`` as indented JSON, and write the same text to ``path`` when one is given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
 
 
 def _fmt(value: object) -> str:

@@ -25,7 +25,6 @@ on it) against its border (where scanner table, field of view and padding differ
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from mimo_chat.data.sources import iter_pancreas_tc
 from mimo_chat.evaluation.metrics import binary_classification
+from mimo_chat.evaluation.report import print_json
 
 WINDOW = (-150.0, 250.0)  # the crops' window (../shared/data/README.md)
 NARROW = (-100.0, 200.0)
@@ -183,11 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    report = run(args.checkpoint, args.limit, args.rewindow, args.match, args.seed)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print_json(run(args.checkpoint, args.limit, args.rewindow, args.match, args.seed), args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mimo_chat.config_dict import config_from_dict
+from mimo_chat.config_dict import config_from_dict, preset_of
 
 SMOLLM2_GGUF = "smollm2-gguf"  # the default language-model source (see language_model.py)
 TINY_RANDOM = "tiny-random"  # a random LlamaForCausalLM of ``tiny_lm_*`` sizes with the SmolLM2 tokenizer
@@ -92,10 +92,7 @@ class MimoConfig:
 
     @classmethod
     def preset(cls, name: str) -> MimoConfig:
-        presets = {"tiny": cls.tiny, "lite": cls.lite}
-        if name not in presets:
-            raise ValueError(f"Unknown MIMO preset {name!r}; expected one of {sorted(presets)}")
-        return presets[name]()
+        return preset_of({"tiny": cls.tiny, "lite": cls.lite}, name, "MIMO")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -118,7 +118,10 @@ def image_to_token(
     out_weight = attention.out_proj.weight.reshape(-1, heads, depth)  # (C, h, d)
     values = torch.einsum("nhtd,chd->nhtc", v, out_weight).reshape(count, heads * tokens, -1)  # (N, h*T, C)
     values = values + attention.out_proj.bias / heads  # each head's weights sum to one: h shares make the bias
-    if overwrite and residual.shape[0] == count and not torch.is_grad_enabled():
+    # in place only when the dtypes agree: under autocast (the prompt fine-tune's frozen teacher) they do
+    # not, and torch.baddbmm below is the op autocast casts
+    same_dtype = residual.dtype == weights.dtype == values.dtype
+    if overwrite and same_dtype and residual.shape[0] == count and not torch.is_grad_enabled():
         return residual.baddbmm_(weights.transpose(1, 2), values)  # accumulate in place: no copy
     return torch.baddbmm(residual.expand(count, -1, -1), weights.transpose(1, 2), values)
 

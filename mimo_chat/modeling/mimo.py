@@ -135,7 +135,7 @@ class MimoModel(nn.Module):
         with its base weights (``build_language_model``), new modules are seeded by ``config.seed``."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            sam = build_sam(SamConfig.lite() if config.sam == "lite" else SamConfig.tiny())
+            sam = build_sam(SamConfig.preset(config.sam))
             language_model, tokenizer = build_language_model(config, tokenizer)
             aligner = MultimodalAligner(
                 num_queries=config.num_queries,

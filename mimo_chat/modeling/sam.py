@@ -25,7 +25,7 @@ from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 from mimo_chat import resources
-from mimo_chat.config_dict import config_from_dict
+from mimo_chat.config_dict import config_from_dict, preset_of
 from mimo_chat.modeling.decoder import decode_single_masks
 
 
@@ -70,6 +70,11 @@ class SamConfig:
             iou_head_depth=2,
             iou_head_hidden_dim=32,
         )
+
+    @classmethod
+    def preset(cls, name: str) -> SamConfig:
+        """``MimoConfig.sam``'s names: "lite" or "tiny"."""
+        return preset_of({"lite": cls.lite, "tiny": cls.tiny}, name, "SAM")
 
     @property
     def low_res_size(self) -> int:

@@ -35,9 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {key: value for key, value in (("output", args.output), ("data", args.data), ("export", args.export),
                                                 ("max_minutes", args.max_minutes)) if value is not None}
     config = dataclasses.replace(config, **overrides)
-    from mimo_chat.train.loop import Trainer  # heavy imports after argument parsing
+    from mimo_chat.train.mimo_task import build_trainer  # heavy imports after argument parsing
 
-    result = Trainer(config, progress=not args.no_progress).run(max_steps=args.max_steps)
+    result = build_trainer(config, progress=not args.no_progress).run(max_steps=args.max_steps)
     print(json.dumps(result, indent=2))
     return 0
 

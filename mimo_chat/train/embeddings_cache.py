@@ -1,15 +1,21 @@
-"""Frozen image-encoder embeddings cached on disk, keyed by image hash.
+"""Frozen image-encoder embeddings on disk, keyed by image hash: the one store of image embeddings.
 
     nice -n 10 python -m mimo_chat.train.embeddings_cache --data DIR [--preset lite] [--splits train,dev]
-        [--limit N] [--dev-first 24]
+        [--limit N] [--dev-first 24] [--import-seg-cache DIR [--import-only]]
 
-The image encoder never trains, so each image of the conversation dataset is encoded once:
+The image encoder never trains, so each image is encoded once:
 ``cache_dir()/embeddings/<fingerprint>/<hash[:2]>/<hash>.safetensors`` holds its
-(C, E, E) float16 embedding (2 MB for LiteMedSAM's (256, 64, 64)). ``<hash>`` is the record's
-``image_hash`` (:func:`mimo_chat.data.conversations.image_hash`); ``<fingerprint>`` names the
-encoder (preset and seed), so embeddings of different encoders never mix. Writes are atomic
-(temporary file + rename) and resumable: cached images are skipped. Images are visited
-round-robin over sources (a few dev images first), so a partial cache still covers every source.
+(C, E, E) float16 embedding (2 MB for LiteMedSAM's (256, 64, 64)). ``<hash>`` is
+:func:`mimo_chat.data.conversations.image_hash` of the display image (a dataset record's
+``image_hash``); ``<fingerprint>`` names the encoder (preset and seed), so embeddings of different
+encoders never mix. MIMO and locator training read the dataset's images from here, and the
+labelled slices of :mod:`mimo_chat.train.seg_cache` (prompt training, evaluation) keep only their
+masks and this hash, so an image both use is encoded once. Writes are atomic (temporary file +
+rename) and resumable: cached images are skipped. Images are visited round-robin over sources (a
+few dev images first), so a partial cache still covers every source.
+
+``--import-seg-cache`` copies the embeddings that seg-cache records written before the store was
+shared hold inline (matched to the dataset's records by source, patient and slice).
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ class EmbeddingCache:
 
     def __init__(self, root: str | Path | None, config: MimoConfig) -> None:
         base = Path(root) if root else resources.cache_dir() / "embeddings"
+        self.config = config
         self.folder = base / encoder_fingerprint(config)
+        self._encoder: torch.nn.Module | None = None  # built on the first image to encode
 
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
@@ -52,9 +60,11 @@ class EmbeddingCache:
     def __contains__(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def load(self, key: str) -> torch.Tensor:
-        """(C, E, E) float32 embedding of the image with hash ``key``."""
-        return load_file(str(self.path(key)))["embedding"].float()
+    def load(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(C, E, E) embedding of the image with hash ``key`` (stored as float16)."""
+        if key not in self:
+            raise FileNotFoundError(f"no embedding {key} in {self.folder}")
+        return load_file(str(self.path(key)))["embedding"].to(dtype)
 
     def save(self, key: str, embedding: torch.Tensor) -> None:
         target = self.path(key)
@@ -64,12 +74,24 @@ class EmbeddingCache:
         save_file({"embedding": embedding.detach().to(torch.float16).contiguous()}, temporary)
         os.replace(temporary, target)
 
+    def add(self, key: str, image: np.ndarray) -> bool:
+        """Encode ``image`` ((H, W) or (H, W, 3) display pixels) under ``key`` unless it is cached;
+        True when it was encoded."""
+        if key in self:
+            return False
+        if self._encoder is None:
+            self._encoder = build_encoder(self.config)
+        transform = SamTransform(self.config.image_size)
+        with torch.inference_mode():
+            self.save(key, self._encoder.encode_image(transform.apply_image(image)[None])[0])  # (C, E, E)
+        return True
+
 
 def build_encoder(config: MimoConfig) -> torch.nn.Module:
     """The frozen image encoder of ``config`` (same seeding as ``MimoModel.from_config``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        sam = build_sam(SamConfig.lite() if config.sam == "lite" else SamConfig.tiny())
+        sam = build_sam(SamConfig.preset(config.sam))
     if config.sam == "lite":
         load_lite_medsam_weights(sam)
     return sam.eval()
@@ -124,7 +146,6 @@ def _round_robin(per_source: dict[str, list[tuple[str, str]]]) -> list[tuple[str
     return result
 
 
-@torch.inference_mode()
 def fill_cache(data: str | Path, config: MimoConfig, splits: Sequence[str] = ("train", "dev"),
                root: str | Path | None = None, limit: int | None = None, dev_first: int = 24,
                progress: bool = True, originals_last: bool = False) -> int:
@@ -134,20 +155,14 @@ def fill_cache(data: str | Path, config: MimoConfig, splits: Sequence[str] = ("t
     todo = [(key, image) for key, image in images_in_order(data, splits, dev_first, originals_last)
             if key not in cache]
     todo = todo[:limit] if limit is not None else todo
-    if not todo:
-        return 0
-    encoder = build_encoder(config)
-    transform = SamTransform(config.image_size)
     for key, image in tqdm(todo, desc="encoding images", disable=not progress):
-        pixels = np.asarray(Image.open(data / image))
-        embedding = encoder.encode_image(transform.apply_image(pixels)[None])[0]  # (C, E, E)
-        cache.save(key, embedding)
+        cache.add(key, np.asarray(Image.open(data / image)))
     return len(todo)
 
 
 def import_seg_cache(seg_cache: str | Path, data: str | Path, config: MimoConfig, root: str | Path | None = None) -> int:
-    """Copy embeddings already computed by ``python -m mimo_chat.train.seg_cache`` (same LiteMedSAM
-    encoder, same display images) for the un-augmented slices of the dataset; return the count."""
+    """Copy the inline embeddings of seg-cache records written before the store was shared (same
+    LiteMedSAM encoder, same display images) for the un-augmented slices of the dataset; return the count."""
     if config.sam != "lite":
         return 0
     cache = EmbeddingCache(root, config)
@@ -161,7 +176,7 @@ def import_seg_cache(seg_cache: str | Path, data: str | Path, config: MimoConfig
     for path in sorted(Path(seg_cache).glob("*/*.pt")):
         entry = read_record(path)
         key = keys.get((entry["source"], entry["patient"], entry["slice_id"]))
-        if key is not None and key not in cache:
+        if "embedding" in entry and key is not None and key not in cache:
             cache.save(key, entry["embedding"])
             copied += 1
     return copied

@@ -2,6 +2,7 @@
 
     nice -n 10 python -m mimo_chat.train.locator --data ~/.cache/mimo_chat/datasets/mimo-conversations-v2 \
         [--steps 3000] [--batch 8] [--out runs/locator] [--threads 2] [--init checkpoints/mimo-lite]
+        [--freeze-adapter] [--max-minutes M] [--preset lite]
 
 What each training image teaches (read from the conversation records of the train split):
 
@@ -19,9 +20,11 @@ Image embeddings come from :class:`mimo_chat.train.embeddings_cache.EmbeddingCac
 whose embedding is not cached yet are skipped (counted in the first log line). Each step shifts
 embedding and targets together by a few cells (translation augmentation; coordinates stay put).
 Validation on the dev records (patients never trained on): presence accuracy and the IoU of the
-heatmap's box with the target box, per name. Resumable (``state.pt`` in ``--out``); writes
-``locator.safetensors`` + ``locator.json`` (vocabulary, validation) for
-``python -m mimo_chat.train`` (``init_locator`` in the training config).
+heatmap's box with the target box, per name. :class:`LocatorTask` is this training for
+:class:`mimo_chat.train.trainer.Trainer`: ``--out`` is its run folder (``last/``, ``log.jsonl``;
+resumable), and every validation exports ``locator.safetensors`` + ``locator.json`` (vocabulary,
+validation) there, for ``python -m mimo_chat.train`` (``init_locator`` in the training config)
+and ``python -m mimo_chat.train.install_locator``.
 """
 
 from __future__ import annotations
@@ -50,9 +53,11 @@ from mimo_chat.modeling.locator import (
     presence_logits,
     target_fractions,
 )
+from mimo_chat.modeling.sam import SamConfig
 from mimo_chat.modeling.transforms import SamTransform
 from mimo_chat.train.embeddings_cache import EmbeddingCache
 from mimo_chat.train.locator_targets import IMAGE_KINDS, SOURCE_WEIGHTS, ImageTargets, read_targets
+from mimo_chat.train.trainer import Trainer, TrainingTask, TrainSettings, add_run_arguments
 
 
 class LocatorData:
@@ -155,7 +160,6 @@ def training_loss(locator: StructureLocator, embeddings: torch.Tensor, rows: tor
 def validate(locator: StructureLocator, data: LocatorData, embed: PhraseEmbedder, cell: float) -> dict:
     """Presence accuracy and heatmap-box IoU (model frame) per name on held-out images; ``false_presence``:
     the share of all labelled-absent names found anyway."""
-    locator.eval()
     per_name: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"presence": [], "box_iou": []})
     per_kind: dict[str, list[float]] = defaultdict(list)
     false_presence: list[float] = []  # every labelled-absent name of every image: found anyway?
@@ -184,7 +188,6 @@ def validate(locator: StructureLocator, data: LocatorData, embed: PhraseEmbedder
                 target = heatmap_box(fraction, cell, threshold=0.25)
                 predicted = heatmap_box(heatmaps[index].numpy(), cell) if present[index] else None
                 per_name[name]["box_iou"].append(box_iou(predicted, target) if predicted and target else 0.0)
-    locator.train()
     summary = {name: {key: float(np.mean(values)) if values else None for key, values in stats.items()} | {
         "n": len(stats["presence"])} for name, stats in sorted(per_name.items())}
     every_box = [v for stats in per_name.values() for v in stats["box_iou"]]
@@ -221,10 +224,103 @@ def freeze_adapter(locator: StructureLocator, datasets: tuple[LocatorData, ...])
             data.embeddings[key] = locator.image_features(data.embeddings[key].float()[None])[0].half()
 
 
+class LocatorTask(TrainingTask):
+    """The locator alone on cached embeddings: sampled images and names, :func:`training_loss`, :func:`validate`."""
+
+    name = "locator"
+
+    def __init__(self, options: argparse.Namespace, progress: bool = True) -> None:
+        self.options = options
+        torch.set_num_threads(options.threads)  # first: the thread count is part of the numerics
+        torch.manual_seed(options.seed)
+        config = MimoConfig.preset(options.preset)
+        sam = SamConfig.preset(config.sam)
+        self.cache = EmbeddingCache(options.embeddings, config)
+        self.transform = SamTransform(config.image_size)
+        self.grid, self.cell = sam.image_embedding_size, config.image_size / sam.image_embedding_size
+        self.train_targets = read_targets(options.data, "train")
+        self.train = LocatorData(options.data, self.train_targets, self.cache, self.grid, self.transform, progress)
+        self.dev = LocatorData(options.data, read_targets(options.data, "dev"), self.cache, self.grid, self.transform,
+                               progress)
+        self.embed = PhraseEmbedder(config)
+        self.model = StructureLocator(image_channels=sam.embed_dim, text_hidden=self.embed.hidden, width=options.width,
+                                      num_image_kinds=len(IMAGE_KINDS)).to(options.device)
+        if options.init is not None:  # a resumed run's own weights replace these
+            missing, unexpected = self.model.load_state_dict(initial_locator(options.init), strict=False)
+            if unexpected or any(not key.startswith("kind_head.") for key in missing):
+                raise ValueError(f"{options.init}: locator weights do not fit (missing {missing}, unexpected {unexpected})")
+        self.rng = random.Random(options.seed)
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        if self.options.freeze_adapter:
+            freeze_adapter(self.model, (self.train, self.dev))
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(parameters, lr=self.options.lr, weight_decay=0.01)
+
+    def learning_rate(self, base: float, step: int) -> float:
+        """Linear warm-up over 100 steps and cosine decay to zero."""
+        return base * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / self.options.steps))
+
+    def next_batch(self, step: int, micro: int) -> tuple:
+        device = self.options.device
+        embeddings, rows, names, targets, supervised, kinds = sample_batch(
+            self.train, self.options.batch, self.rng, self.options.max_shift)
+        return (embeddings.to(device), rows.to(device), self.embed(names).to(device), targets.to(device),
+                supervised.to(device), kinds.to(device))
+
+    def loss(self, model: torch.nn.Module, batch: tuple) -> dict[str, torch.Tensor]:
+        return training_loss(self.model, *batch, kind_weight=self.options.kind_weight)
+
+    def validate(self, model: torch.nn.Module) -> dict:
+        return validate(self.model, self.dev, self.embed, self.cell)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {f"locator.{key}": value.detach().cpu().contiguous() for key, value in self.model.state_dict().items()}
+
+    def load_trainable_state(self, path: Path) -> None:
+        state = load_file(str(path), device=str(self.options.device))
+        self.model.load_state_dict({key.removeprefix("locator."): value for key, value in state.items()})
+
+    def export(self, step: int, metrics: dict) -> None:
+        """``locator.safetensors`` (as :meth:`trainable_state`) and ``locator.json`` in ``--out``."""
+        out = self.options.out
+        save_file(self.trainable_state(), str(out / "locator.safetensors"))
+        (out / "locator.json").write_text(json.dumps(
+            {"step": step, "width": self.options.width, "vocabulary": self.train.names(),
+             "image_kinds": list(IMAGE_KINDS), "dev": metrics}, indent=1) + "\n")
+
+    def refresh_data(self) -> None:
+        """Reload the training images when the embeddings cache has grown since they were read."""
+        cached = sum(1 for key in self.train_targets if key in self.cache)
+        if not self.options.freeze_adapter and self.train.skipped and cached > len(self.train.items):
+            self.train = LocatorData(self.options.data, self.train_targets, self.cache, self.grid, self.transform,
+                                     progress=False)
+            tqdm.write(f"reloaded: {len(self.train.items)} training images ({self.train.skipped} not cached yet)")
+
+    def describe(self) -> dict:
+        return {"train_images": len(self.train.items), "train_skipped": self.train.skipped,
+                "dev_images": len(self.dev.items), "dev_skipped": self.dev.skipped,
+                "sources": {source: len(items) for source, items in self.train.by_source.items()}}
+
+
+def settings_of(options: argparse.Namespace, progress: bool = True) -> TrainSettings:
+    """Validate, export and checkpoint together every ``eval_every`` steps."""
+    return TrainSettings(output=options.out, total_steps=options.steps, max_minutes=options.max_minutes,
+                         max_grad_norm=1.0, log_every=50, eval_every=options.eval_every,
+                         export_every=options.eval_every, checkpoint_every=options.eval_every,
+                         progress=progress, cpu=options.device == "cpu")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    options = parse_options(argv)
+    Trainer(LocatorTask(options), settings_of(options)).run()
+
+
+def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mimo_chat.train.locator", description=__doc__.splitlines()[0])
+    add_run_arguments(parser, threads=2)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=Path("runs/locator"))
+    parser.add_argument("--out", type=Path, default=Path("runs/locator"), help="run folder (resumed when it has last/)")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -234,89 +330,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--freeze-adapter", action="store_true",
                         help="keep the --init locator's image adapter; train on its features, computed once (fast)")
     parser.add_argument("--kind-weight", type=float, default=0.5, help="weight of the image-kind cross-entropy")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="e.g. cuda (the embeddings stay in CPU memory)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from the locator of a folder with locator.safetensors (this command's --out) "
-                             "or model.safetensors (a trained MIMO model); ignored when --out holds state.pt")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    config = MimoConfig.lite()
-    cache = EmbeddingCache(None, config)
-    transform = SamTransform(config.image_size)
-    train_targets = read_targets(args.data, "train")
-    train = LocatorData(args.data, train_targets, cache, 64, transform)
-    dev = LocatorData(args.data, read_targets(args.data, "dev"), cache, 64, transform)
-    print(json.dumps({"train_images": len(train.items), "train_skipped": train.skipped,
-                      "dev_images": len(dev.items), "dev_skipped": dev.skipped,
-                      "sources": {s: len(v) for s, v in train.by_source.items()}}), flush=True)
-    embed = PhraseEmbedder(config)
-    locator = StructureLocator(image_channels=256, text_hidden=embed.hidden, width=args.width,
-                               num_image_kinds=len(IMAGE_KINDS)).to(args.device)
-    optimizer = torch.optim.AdamW(locator.parameters(), lr=args.lr, weight_decay=0.01)
-    args.out.mkdir(parents=True, exist_ok=True)
-    state_path = args.out / "state.pt"
-    step, rng, best = 0, random.Random(args.seed), None
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=True, map_location=args.device)
-        locator.load_state_dict(state["locator"])
-        if not args.freeze_adapter:  # a frozen run's optimizer is built (and restored) below
-            optimizer.load_state_dict(state["optimizer"])
-        step, best = state["step"], state.get("best")
-        rng.setstate(state["rng"])
-        print(f"resumed at step {step}", flush=True)
-    elif args.init is not None:
-        missing, unexpected = locator.load_state_dict(initial_locator(args.init), strict=False)
-        if unexpected or any(not key.startswith("kind_head.") for key in missing):
-            raise ValueError(f"{args.init}: locator weights do not fit (missing {missing}, unexpected {unexpected})")
-        print(f"locator initialised from {args.init}", flush=True)
-    if args.freeze_adapter:
-        freeze_adapter(locator, (train, dev))
-        optimizer = torch.optim.AdamW([p for p in locator.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
-        if state_path.exists():
-            optimizer.load_state_dict(state["optimizer"])
-    cell = config.image_size / 64
-    log = (args.out / "log.jsonl").open("a")
-    bar = tqdm(total=args.steps, initial=step, desc="locator")
-    while step < args.steps:
-        lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + np.cos(np.pi * step / args.steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        embeddings, rows, names, targets, supervised, kinds = (
-            value.to(args.device) if isinstance(value, torch.Tensor) else value
-            for value in sample_batch(train, args.batch, rng, args.max_shift))
-        losses = training_loss(locator, embeddings, rows, embed(names).to(args.device), targets, supervised, kinds,
-                               args.kind_weight)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(locator.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix({k: f"{float(v):.3f}" for k, v in losses.items()})
-        if step % 50 == 0:
-            log.write(json.dumps({"step": step, **{k: float(v) for k, v in losses.items()}}) + "\n")
-            log.flush()
-        if step % args.eval_every == 0 or step == args.steps:
-            metrics = validate(locator, dev, embed, cell)
-            log.write(json.dumps({"step": step, "dev": metrics}) + "\n")
-            log.flush()
-            tqdm.write(f"step {step} dev box IoU {metrics['box_iou']:.3f} presence {metrics['presence_acc']:.3f} "
-                       f"kind {metrics['kind_acc']} false presence {metrics['false_presence']}")
-            if not args.freeze_adapter and train.skipped and sum(1 for key in train_targets if key in cache) > len(train.items):
-                train = LocatorData(args.data, train_targets, cache, 64, transform, progress=False)  # the cache grew
-                tqdm.write(f"reloaded: {len(train.items)} training images ({train.skipped} not cached yet)")
-            weights = {f"locator.{k}": v.detach().cpu().contiguous() for k, v in locator.state_dict().items()}
-            save_file(weights, str(args.out / "locator.safetensors"))
-            (args.out / "locator.json").write_text(json.dumps(
-                {"step": step, "width": args.width, "vocabulary": train.names(), "image_kinds": list(IMAGE_KINDS),
-                 "dev": metrics}, indent=1) + "\n")
-            torch.save({"locator": locator.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "rng": rng.getstate(), "best": best}, state_path.with_suffix(".tmp"))
-            state_path.with_suffix(".tmp").rename(state_path)
-    bar.close()
+                             "or model.safetensors (a trained MIMO model); a resumed run continues its own weights")
+    parser.add_argument("--preset", default="lite", help="MIMO preset whose encoder and language model to use")
+    parser.add_argument("--embeddings", type=Path, default=None, help="embedding store root (default: cache_dir()/embeddings)")
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

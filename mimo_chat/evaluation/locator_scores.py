@@ -1,6 +1,6 @@
 """Dev scores of the locator + engine by name, by box and by kind, on cached embeddings (unseen patients).
 
-    python -m mimo_chat.train.anatomy_eval --locator RUN_OR_CHECKPOINT [--cache DIR] [--split dev]
+    python -m mimo_chat.evaluation.locator_scores --locator RUN_OR_CHECKPOINT [--cache DIR] [--split dev]
         [--sources a,b] [--engine-checkpoint DIR | --baseline-engine] [--json OUT]
 
 What the chat predictor does with a name or a box, without the language model around it, on
@@ -30,13 +30,14 @@ from safetensors.torch import load_file
 
 from mimo_chat.boxes import mask_to_box
 from mimo_chat.data.names import same_structure
+from mimo_chat.evaluation.engine_dice import context_of
+from mimo_chat.evaluation.report import print_json
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.locator import StructureLocator, heatmap_box, presence_logits, target_fractions
-from mimo_chat.segmentation import SegmentationPredictor
+from mimo_chat.segmentation import CHECKPOINT_DIR, SegmentationPredictor
 from mimo_chat.train.locator import PhraseEmbedder
 from mimo_chat.train.locator_targets import IMAGE_KINDS, image_kind
 from mimo_chat.train.seg_cache import default_cache, load_cache, unpack_mask
-from mimo_chat.train.seg_eval import context_of
 
 PYRADIOMICS_NAMES = {"lung": "lung tumour", "brain": "brain tumour", "breast": "breast lesion"}
 
@@ -61,7 +62,7 @@ def load_locator(folder: Path) -> tuple[StructureLocator, tuple[str, ...], tuple
 def kind_names(split_folder: Path) -> dict[str, set[str]]:
     """The structure names labelled on training images of each kind (what a kind allows)."""
     allowed: dict[str, set[str]] = defaultdict(set)
-    for record in load_cache(split_folder):
+    for record in load_cache(split_folder, embeddings=False):
         kind = image_kind(record["source"], record["modality"], set(record["masks"]))
         if kind is not None:
             allowed[kind] |= {locator_name(record, name) for name in record["masks"]}
@@ -140,23 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     cache = args.cache or default_cache()
     locator, vocabulary, kinds = load_locator(args.locator)
-    if args.baseline_engine:
-        engine = SegmentationPredictor.from_pretrained(checkpoint=None)
-    elif args.engine_checkpoint:
-        engine = SegmentationPredictor.from_pretrained(checkpoint=args.engine_checkpoint)
-    else:
-        engine = SegmentationPredictor.from_pretrained()
-    records = load_cache(cache / args.split)
-    if args.sources:
-        records = [record for record in records if record["source"] in args.sources.split(",")]
+    checkpoint = None if args.baseline_engine else args.engine_checkpoint or CHECKPOINT_DIR
+    engine = SegmentationPredictor.from_pretrained(checkpoint=checkpoint)
+    records = load_cache(cache / args.split, sources=args.sources)
     result = evaluate(locator, vocabulary, kinds, engine, PhraseEmbedder(MimoConfig.lite()), records,
                       kind_names(cache / "train"))
     result["_about"] = {"locator": str(args.locator), "split": args.split, "slices": len(records),
                         "image_kinds": list(kinds), "known_kinds": list(IMAGE_KINDS)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    print_json(result, args.json)
 
 
 if __name__ == "__main__":

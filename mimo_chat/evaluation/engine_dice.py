@@ -1,6 +1,6 @@
 """Dev Dice of the segmentation engine on cached real slices (held-out patients only).
 
-    python -m mimo_chat.train.seg_eval [--cache DIR] [--split dev] [--checkpoint DIR | --baseline]
+    python -m mimo_chat.evaluation.engine_dice [--cache DIR] [--split dev] [--checkpoint DIR | --baseline]
 
 For every structure on every cached slice of ``--split`` (see :mod:`mimo_chat.train.seg_cache`;
 the split comes from :func:`mimo_chat.data.sources.split_of`): ``box`` = the tight box,
@@ -21,7 +21,7 @@ import torch
 from scipy import ndimage
 
 from mimo_chat.boxes import mask_to_box
-from mimo_chat.segmentation import ImageContext, SegmentationPredictor
+from mimo_chat.segmentation import CHECKPOINT_DIR, ImageContext, SegmentationPredictor
 from mimo_chat.train.seg_cache import default_cache, load_cache, unpack_mask
 
 LARGE_FRACTION = 0.005
@@ -84,18 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-refine", action="store_true", help="clicks: skip the second decode with the first mask's box")
     args = parser.parse_args(argv)
-    if args.baseline:
-        predictor = SegmentationPredictor.from_pretrained(checkpoint=None)
-    elif args.checkpoint:
-        predictor = SegmentationPredictor.from_pretrained(checkpoint=args.checkpoint)
-    else:
-        predictor = SegmentationPredictor.from_pretrained()
+    predictor = SegmentationPredictor.from_pretrained(checkpoint=None if args.baseline else args.checkpoint or CHECKPOINT_DIR)
     if args.threads:
         torch.set_num_threads(args.threads)
     predictor.refine_clicks = not args.no_refine
-    records = load_cache((args.cache or default_cache()) / args.split)
-    if args.sources:
-        records = [record for record in records if record["source"] in args.sources.split(",")]
+    records = load_cache((args.cache or default_cache()) / args.split, sources=args.sources)
     print(json.dumps(evaluate(predictor, records), indent=1))
 
 

@@ -1,4 +1,4 @@
-"""Teacher-forced validation metrics computed inside the training loop (cheap, no generation).
+"""Teacher-forced validation metrics of MIMO training, computed inside the loop (cheap, no generation).
 
 The full benchmark evaluation is ``python -m mimo_chat.evaluate``; these numbers only track
 training: answer-token accuracy, mask IoU of every ``<SEG>`` against its target, and for

