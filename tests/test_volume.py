@@ -164,3 +164,29 @@ def test_dicom_series_from_shuffled_real_slices(tmp_path, slab, engine):
     # same world grid as the reference labels, so the voxels compare directly
     np.testing.assert_allclose(written.affine, part_labels.affine, atol=1e-3)
     assert mask_iou_dice(np.asanyarray(written.dataobj) == 1, reference)[1] >= 0.88
+
+
+def test_walk_reanchors_on_reliable_located_masks(slab, engine, encodings):
+    """An undersized seed keeps the walk too small; the located masks on the way (here the labels,
+    rated 1.0) re-anchor it, and a located mask that jumps elsewhere is refused like a walked one."""
+    from scipy.ndimage import binary_erosion
+
+    from mimo_chat.volume.propagate import propagate
+
+    image, labels, ids = slab
+    finder = LabelFinder(labels, ids, extent=True)
+    seed_index = 6
+    seed = binary_erosion(finder.mask(seed_index, "liver"), iterations=12)
+    presence = np.ones(len(encodings))
+    truth = {z: finder.mask(z, "liver") for z in range(len(encodings))}
+
+    def mean_dice(found):
+        return float(np.mean([mask_iou_dice(found[z][0], truth[z])[1] for z in truth if z != seed_index and z in found]))
+
+    alone = propagate(engine, encodings.context, seed_index, seed, presence)
+    anchored = propagate(engine, encodings.context, seed_index, seed, presence,
+                         located=lambda z: (truth[z], 1.0))
+    assert mean_dice(anchored) > mean_dice(alone) and mean_dice(anchored) >= 0.95, (mean_dice(alone), mean_dice(anchored))
+    elsewhere = np.roll(truth[seed_index], 200, axis=1)  # the right shape, on the wrong side of the body
+    stray = propagate(engine, encodings.context, seed_index, seed, presence, located=lambda z: (elsewhere, 1.0))
+    assert all(mask_iou_dice(stray[z][0], elsewhere)[1] < 0.5 for z in stray if z != seed_index)

@@ -13,7 +13,8 @@ For each structure (a pair such as "kidneys" is its left and right parts, follow
 2. seed: on the slice where the locator is most confident, its box prompt gives the grounded mask
    (``locate(..., masks=True)``);
 3. walk: the mask's box prompts the engine on the next slice up and down (``propagate``), reusing
-   the cached embeddings;
+   the cached embeddings; where the locator also finds the structure with an outline the chat would
+   draw (``MASK_SHOWN``), the better-rated of its mask and the walked one is kept;
 4. clean: the largest 3D component (and any other at least a tenth of its size), holes filled.
 
 ``walk=False`` gives the 2D answer instead: each slice the locator calls present gets its own
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from mimo_chat.data.names import canonical_name
+from mimo_chat.evidence.policy import MASK_SHOWN
 from mimo_chat.imaging import Study
 from mimo_chat.segmentation import SegmentationPredictor
 from mimo_chat.volume.encodings import SliceEncodings
@@ -166,7 +168,16 @@ def follow_part(part: str, presence: np.ndarray, encodings: SliceEncodings, engi
     item = finder(seed, encodings.context(seed), [part], True)[0]
     if item.mask is None or not item.mask.any():
         return {}
-    found = propagate(engine, encodings.context, seed, item.mask, presence, settings, cancel)
+    def located(index: int) -> tuple[np.ndarray, float] | None:
+        """The locator's own mask where it finds the part and its outline is reliable (the chat's gate)."""
+        if presence[index] < PRESENT:
+            return None
+        own = finder(index, encodings.context(index), [part], True)[0]
+        if own.mask is None or not own.mask.any() or (own.score or 0.0) < MASK_SHOWN:
+            return None
+        return own.mask, float(own.score)
+
+    found = propagate(engine, encodings.context, seed, item.mask, presence, settings, cancel, located=located)
     found[seed] = (item.mask, float(item.score or 0.0))
     return found
 

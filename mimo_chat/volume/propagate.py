@@ -6,6 +6,11 @@ the engine segments that box on the next slice's own image embedding. The walk s
 structure ends: the mask vanishes, it no longer overlaps the previous slice's mask (the box drifted
 onto another organ), or the locator is sure the structure is not on that slice.
 
+A box taken from one slice's mask cannot grow faster than its margin, so an organ that widens
+quickly (the liver towards its dome) would be followed too small. Where the locator also finds the
+structure on a slice (``located``), its own mask is taken instead when the decoder rates it higher
+and it passes the same checks, so the walk re-anchors on what the image shows.
+
 All masks here are display slices (H, W) of the axial plane; a (Z, H, W) stack holds a 3D mask.
 """
 
@@ -67,11 +72,13 @@ def propagate(
     settings: PropagationSettings = PropagationSettings(),
     cancel: threading.Event | None = None,
     on_slice: Callable[[], None] | None = None,
+    located: Callable[[int], tuple[np.ndarray, float] | None] | None = None,
 ) -> dict[int, tuple[np.ndarray, float]]:
     """Masks of one structure on the slices around ``seed_index``: {slice: ((H, W) bool, decoder IoU)}.
 
     ``context_of(index)`` returns the encoded context of an axial slice; ``presence`` (Z,) is the
-    locator's presence per slice in [0, 1]; ``seed_mask`` (H, W) is the structure on ``seed_index``.
+    locator's presence per slice in [0, 1]; ``seed_mask`` (H, W) is the structure on ``seed_index``;
+    ``located(index)``: the locator's own (mask, decoder IoU) on that slice, or None where it does not find it.
     """
     found: dict[int, tuple[np.ndarray, float]] = {seed_index: (np.asarray(seed_mask, dtype=bool), 1.0)}
     count = len(presence)
@@ -85,14 +92,23 @@ def propagate(
             result = engine.segment(image_context(context_of(index)), boxes=[box])
             if on_slice is not None:
                 on_slice()
-            mask, area = result.masks[0], int(np.count_nonzero(result.masks[0]))
-            if area < settings.min_area_px or area > settings.max_growth * max(np.count_nonzero(previous), 1):
+            candidates = [(result.masks[0], float(result.scores[0]))]
+            own = located(index) if located is not None else None
+            if own is not None:
+                candidates.append(own)
+            accepted = [c for c in candidates if _follows(c[0], previous, settings)]
+            if not accepted:
                 break
-            if _inside_box_share(mask, widened_box(previous, PropagationSettings(margin=0.0, margin_px=0.0))) < (
-                settings.min_overlap
-            ):
-                break
-            found[index] = (mask, float(result.scores[0]))
-            previous = mask
+            found[index] = max(accepted, key=lambda candidate: candidate[1])
+            previous = found[index][0]
             index += step
     return found
+
+
+def _follows(mask: np.ndarray, previous: np.ndarray, settings: PropagationSettings) -> bool:
+    """Whether ``mask`` continues ``previous`` on the next slice: big enough, not leaked, overlapping its box."""
+    area = int(np.count_nonzero(mask))
+    if area < settings.min_area_px or area > settings.max_growth * max(np.count_nonzero(previous), 1):
+        return False
+    tight = widened_box(previous, PropagationSettings(margin=0.0, margin_px=0.0))
+    return _inside_box_share(mask, tight) >= settings.min_overlap
