@@ -187,3 +187,20 @@ def test_an_uncertain_name_is_said_so_and_a_lesion_is_an_observation() -> None:
     lesion = plan_reply(Intent("presence", ["tumour"]), _evidence("CT abdomen", {"tumour": 0.8}), KB)
     assert lesion.raw_text.startswith("Yes, the model marks a possible <p>tumour</p><SEG> on this slice.")
     assert lesion.raw_text.endswith("This is a model observation, not a diagnosis.")
+
+
+def test_lung_lobes_are_named_on_ct_but_never_on_a_radiograph() -> None:
+    """A frontal radiograph superimposes the lobes (read by zones): the locator's lobe findings are
+    dropped there, while the lungs stay; on a CT slice both are kept."""
+    vocabulary = ("left lung", "right lung", "left upper lung lobe", "left lower lung lobe", "heart")
+    presence = np.array([0.95, 0.9, 0.99, 0.97, 0.9])
+    radiograph = build_evidence(KB, vocabulary, presence, ImageKind.parse("XR chest"))
+    assert {name for name, _ in radiograph.present()} == {"left lung", "right lung", "heart"}
+    assert {"left upper lung lobe", "left lower lung lobe"} <= set(radiograph.excluded)
+    ct = build_evidence(KB, vocabulary, presence, ImageKind.parse("CT chest"))
+    assert {"left upper lung lobe", "left lower lung lobe"} <= {name for name, _ in ct.present()}
+    # "the lungs" stand for the left and the right lung, not their lobes as well
+    from mimo_chat.evidence.intent import NameFinder
+
+    assert NameFinder(KB, vocabulary).find("Segment the lungs.") == ["left lung", "right lung"]
+    assert NameFinder(KB, vocabulary).find("and the left upper lobe?") == ["left upper lung lobe"]

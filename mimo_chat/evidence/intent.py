@@ -190,7 +190,9 @@ class NameFinder:
             for text in (entry.name, entry.key, *entry.synonyms):
                 phrases.setdefault(normalize(text), [entry.name])
         for group, members in self.groups.items():
-            phrases.setdefault(group, sorted(members))
+            # "the lungs" are the left and the right lung, not their lobes too
+            pair = [name for name in members if normalize(name) in (f"left {group}", f"right {group}")]
+            phrases.setdefault(group, sorted(pair or members))
         # longest phrases first so that "left kidney" wins over "kidney"
         self.phrases = sorted(phrases.items(), key=lambda item: -len(item[0].split()))
 
