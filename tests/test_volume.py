@@ -173,7 +173,7 @@ def test_walk_reanchors_on_reliable_located_masks(slab, engine, encodings):
 
     from mimo_chat.volume.propagate import propagate
 
-    image, labels, ids = slab
+    _, labels, ids = slab
     finder = LabelFinder(labels, ids, extent=True)
     seed_index = 6
     seed = binary_erosion(finder.mask(seed_index, "liver"), iterations=12)

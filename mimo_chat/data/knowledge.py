@@ -54,6 +54,7 @@ def above_diaphragm(name: str) -> bool:
     cannot share an axial slice with one of :data:`BELOW_DIAPHRAGM_EVIDENCE`."""
     return any(names_structure(name, higher) for higher in (*ABOVE_DIAPHRAGM, *UPPER_CHEST))
 
+
 # Typical cranio-caudal span of a structure in an adult, by vertebral level; compared as numbers.
 VERTEBRAL_LEVELS = (
     [f"C{n}" for n in range(1, 8)] + [f"T{n}" for n in range(1, 13)] + [f"L{n}" for n in range(1, 6)]

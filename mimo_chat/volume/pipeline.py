@@ -168,6 +168,7 @@ def follow_part(part: str, presence: np.ndarray, encodings: SliceEncodings, engi
     item = finder(seed, encodings.context(seed), [part], True)[0]
     if item.mask is None or not item.mask.any():
         return {}
+
     def located(index: int) -> tuple[np.ndarray, float] | None:
         """The locator's own mask where it finds the part and its outline is reliable (the chat's gate)."""
         if presence[index] < PRESENT:
