@@ -170,16 +170,16 @@ def validate(locator: StructureLocator, data: LocatorData, embed: PhraseEmbedder
         if locator.kind_head is not None and item.kind in IMAGE_KINDS:
             guess = IMAGE_KINDS[int(locator.image_kind_logits(features).argmax(1))]
             per_kind[item.kind].append(float(guess == item.kind))
-        if item.absent:
-            absent = sorted(item.absent)
-            logits = presence_logits(locator(features, torch.zeros(len(absent), dtype=torch.long, device=device),
-                                             embed(absent).to(device)))
-            false_presence += (logits > 0).float().tolist()
-        names = sorted(item.masks) + sorted(item.absent)[:3] + sorted(item.present)
+        absent = sorted(item.absent)
+        # every absent name feeds false_presence; the first three the per-name presence accuracy
+        names = sorted(item.masks) + sorted(item.present) + absent
         if not names:
             continue
         heatmaps = locator(features, torch.zeros(len(names), dtype=torch.long, device=device), embed(names).to(device)).cpu()
         present = presence_logits(heatmaps) > 0
+        false_presence += present[len(names) - len(absent):].float().tolist()
+        scored = len(names) - len(absent) + min(3, len(absent))
+        names = names[:scored]
         for index, name in enumerate(names):
             truth = name in item.masks or name in item.present
             per_name[name]["presence"].append(float(bool(present[index]) == truth))
