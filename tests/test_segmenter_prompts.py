@@ -106,3 +106,22 @@ def test_prompt_fine_tune_changes_weights_exports_them_and_resumes(cache_root, t
     assert [s["resumed"] for s in starts] == [False, True] and starts[1]["step"] == 2
     assert json.loads((tmp_path / "run" / LAST / "state.json").read_text())["step"] == 3
     assert json.loads((tmp_path / "segmenter" / "config.json").read_text())["step"] == 3
+
+
+def test_prompt_examples_are_drawn_from_every_labelled_source(shared_data) -> None:
+    """The nine labelled sets are sampled beside the v1 sources (real masks of one slice per set)."""
+    from mimo_chat.data.sources import LABELLED_SETS, SOURCE_WEIGHTS, iter_source
+    from mimo_chat.modeling.transforms import SamTransform
+    from mimo_chat.train.prompt_sampling import Examples
+
+    records = []
+    for name in LABELLED_SETS:
+        sample = next(iter_source(name, split="train"))
+        records.append({"source": name, "shape": sample.image.shape[:2], "masks": seg_cache.pack_masks(sample.masks),
+                        "embedding": torch.zeros(1)})
+    examples = Examples(records, SamTransform(256))
+    assert set(examples.sources) == set(LABELLED_SETS) <= set(SOURCE_WEIGHTS)
+    rng = random.Random(0)
+    drawn = {id(examples.sample(rng)[1]) for _ in range(400)}
+    by_target = {id(examples.targets[key]): examples.records[key[0]]["source"] for key in examples.targets}
+    assert {by_target[key] for key in drawn} == set(LABELLED_SETS)

