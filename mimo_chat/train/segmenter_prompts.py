@@ -185,7 +185,8 @@ class SegmenterPromptTask(TrainingTask):
         self.model.load_state_dict(state, strict=False)
 
     def export(self, step: int, metrics: dict) -> None:
-        notes = {"lr": self.options.lr, "batch": self.options.batch} | ({"dev": metrics} if metrics else {})
+        notes = {"lr": self.options.lr, "batch": self.options.batch, "train_structures": self.describe()["structures"]}
+        notes |= {"dev": metrics} if metrics else {}
         save_weights(self.model, self.options.out, step, notes)
 
     def refresh_data(self) -> None:
