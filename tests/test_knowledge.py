@@ -75,3 +75,13 @@ def test_lookup_ignores_spelling_case_and_side_order():
     assert KB.get("esophagus").key == KB.get("Oesophagus").key == "esophagus"
     assert KB.get("portal vein").key == "portal_vein_and_splenic_vein"
     assert KB.find("femur") is None
+
+
+def test_a_tumour_of_unknown_organ_gets_general_facts_not_another_organs() -> None:
+    """The locator's generic "tumour" (kidney, pancreas, lung crops alike) must not be told the
+    pancreatic tumour's location or the lung tumour's appearance."""
+    entry = KB.get("tumour")
+    assert entry.key == "tumour" and KB.get("tumor") is entry and entry.kind == "lesion"
+    organs = ("pancrea", "lung", "kidney", "renal", "brain", "breast", "liver")
+    assert not [fact.text for fact in entry.facts() if any(word in fact.text.lower() for word in organs)]
+    assert KB.get("kidney tumour").key == "kidney_tumour" and KB.get("pancreatic tumour").key == "pancreatic_tumour"
