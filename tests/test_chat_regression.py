@@ -91,15 +91,6 @@ def test_checks_judge_replies_on_a_real_chest_radiograph(conversations, images) 
     assert not check_turn(_reply("I can help.", [("heart", heart)]), decline, truth, []).checks["decline"]
 
 
-# Thresholds the embedded model does not reach yet, with why (measured values: the closing
-# note and `python -m mimo_chat.evaluate --chat-regression`). Kept as a strict xfail: the day they
-# are met the test fails until the entry is removed, and every other threshold is asserted.
-OPEN_TARGETS = {
-    "forbidden on CT": "lungs named on a KiTS kidney-level slice where the locator misses the kidney, "
-                       "so nothing shows the slice is below the diaphragm",
-}
-
-
 @pytest.fixture(scope="module")
 def regression_report(conversations, images) -> dict:
     from mimo_chat.predictor import MimoPredictor, default_quantization
@@ -112,18 +103,6 @@ def regression_report(conversations, images) -> dict:
     return report
 
 
-def _missed(report: dict) -> dict[str, str]:
-    return {line.split(":")[0]: line for line in chat_regression.failures(report)}
-
-
 @pytest.mark.slow
 def test_predictor_meets_the_thresholds_on_the_regression_set(regression_report) -> None:
-    missed = _missed(regression_report)
-    assert [line for key, line in missed.items() if key not in OPEN_TARGETS] == []
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="; ".join(f"{key}: {why}" for key, why in OPEN_TARGETS.items()))
-def test_the_open_targets_are_met(regression_report) -> None:
-    missed = _missed(regression_report)
-    assert not set(OPEN_TARGETS) & set(missed), [missed[key] for key in OPEN_TARGETS if key in missed]
+    assert chat_regression.failures(regression_report) == []
