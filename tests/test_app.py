@@ -249,7 +249,12 @@ def test_browser_upload_box_question_highlight_and_overlay(served, ct_file, tmp_
             assert f"mimo-color-{color[1:]}" in phrase.get_attribute("class")
             assert phrase.inner_text().strip() == "liver"
             red, green, blue = hex_to_rgb(color)
-            assert phrase.evaluate("e => getComputedStyle(e).backgroundColor") == f"rgba({red}, {green}, {blue}, 0.35)"
+            # the reply re-renders while it streams: read the style of the phrase as it stands at the end
+            highlight = f"rgba({red}, {green}, {blue}, 0.35)"
+            page.wait_for_function(
+                "expected => { const e = document.querySelector('#mimo-chat .mimo-phrase');"
+                " return e !== null && getComputedStyle(e).backgroundColor === expected; }", arg=highlight, timeout=30_000)
+            assert phrase.evaluate("e => getComputedStyle(e).backgroundColor") == highlight
             assert page.locator(f"#mimo-legend tr[data-color='{color}']").count() == 1
             page.get_by_role("radio", name="Point +").check()
             page.wait_for_timeout(1000)
