@@ -254,7 +254,8 @@ def test_browser_upload_box_question_highlight_and_overlay(served, ct_file, tmp_
             page.wait_for_function(
                 "expected => { const e = document.querySelector('#mimo-chat .mimo-phrase');"
                 " return e !== null && getComputedStyle(e).backgroundColor === expected; }", arg=highlight, timeout=30_000)
-            assert phrase.evaluate("e => getComputedStyle(e).backgroundColor") == highlight
+            shown_style = "() => getComputedStyle(document.querySelector('#mimo-chat .mimo-phrase')).backgroundColor"
+            assert page.evaluate(shown_style) == highlight
             assert page.locator(f"#mimo-legend tr[data-color='{color}']").count() == 1
             page.get_by_role("radio", name="Point +").check()
             page.wait_for_timeout(1000)
