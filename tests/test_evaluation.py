@@ -83,6 +83,8 @@ def test_binary_classification_and_summaries() -> None:
         ("Absent.", "no"), ("Answer: yes", "yes"),
         ("I am not sure what you mean", None), ("The image shows", "yes"),
         ("", None), ("Hmm, hard to say.", None), ("liver liver liver", None),
+        ("The model cannot tell reliably whether there is a tumour on this slice.", None),
+        ("I can't say whether there is a lesion.", None), ("Not sure whether the kidney is present.", None),
     ],
 )
 def test_parse_yes_no_variants(answer: str, expected: str | None) -> None:

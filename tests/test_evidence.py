@@ -10,6 +10,7 @@ from mimo_chat.evidence.compose import plan_reply
 from mimo_chat.evidence.framing import FRAMING_PATTERNS, TEMPLATES, is_framing, split_sentences
 from mimo_chat.evidence.intent import EXAMPLES, Intent, IntentReader
 from mimo_chat.evidence.policy import ImageKind, build_evidence
+from mimo_chat.evaluation.parsing import parse_yes_no
 from mimo_chat.grounding import parse_grounded_text
 
 KB = load_knowledge_base()
@@ -187,6 +188,38 @@ def test_an_uncertain_name_is_said_so_and_a_lesion_is_an_observation() -> None:
     lesion = plan_reply(Intent("presence", ["tumour"]), _evidence("CT abdomen", {"tumour": 0.8}), KB)
     assert lesion.raw_text.startswith("Yes, the model marks a possible <p>tumour</p><SEG> on this slice.")
     assert lesion.raw_text.endswith("This is a model observation, not a diagnosis.")
+
+
+def test_a_lesion_is_stated_only_with_an_outline_and_its_absence_does_not_rule_one_out() -> None:
+    """The tumour verdict alone is not reliable (model card): a lesion the locator finds is named only
+    with a drawn outline the user can check; otherwise the reply says the model cannot tell, and a
+    "no" says it does not rule one out. Organs found without an outline are still named."""
+    evidence = _evidence("CT abdomen", {"left kidney": 0.9, "tumour": 0.8, "liver": 0.9})
+    evidence.outline = {"left kidney": 0.9, "tumour": 0.5, "liver": 0.6}
+    asked = plan_reply(Intent("presence", ["tumour"]), evidence, KB)
+    assert asked.raw_text == "The model cannot tell reliably whether there is a <p>tumour</p> on this slice."
+    assert not asked.segs and parse_yes_no(parse_grounded_text(asked.raw_text)[0]) is None
+    described = plan_reply(Intent("describe"), evidence, KB)
+    assert [seg.name for seg in described.segs] == ["left kidney"] and "tumour" not in described.raw_text
+    assert "It also finds the <p>liver</p>, without a reliable outline." in described.raw_text
+    shown = plan_reply(Intent("segment", ["tumour", "left kidney"]), evidence, KB)
+    assert [seg.name for seg in shown.segs] == ["left kidney"] and "cannot tell reliably" in shown.raw_text
+    alone = _evidence("CT abdomen", {"tumour": 0.8})
+    alone.outline = {"tumour": 0.5}
+    assert plan_reply(Intent("describe"), alone, KB).raw_text.endswith(
+        "The model finds none of the structures it knows on this slice.")
+
+    evidence.outline["tumour"] = 0.8  # outlined: marked as a possible lesion, with its mask
+    marked = plan_reply(Intent("describe"), evidence, KB)
+    assert [seg.name for seg in marked.segs] == ["left kidney", "tumour"]
+    assert marked.raw_text.endswith("This is a model observation, not a diagnosis.")
+
+    absent = plan_reply(Intent("presence", ["tumour"]), _evidence("CT abdomen", {"left kidney": 0.9}), KB)
+    assert absent.raw_text == ("No, the model does not mark a <p>tumour</p> on this slice. "
+                               "Its lesion detection is not reliable enough to rule one out.")
+    assert parse_yes_no(parse_grounded_text(absent.raw_text)[0]) == "no"
+    for plan in (asked, described, shown, marked, absent):
+        assert unsupported(plan.raw_text) == [], plan.raw_text
 
 
 def test_lung_lobes_are_named_on_ct_but_never_on_a_radiograph() -> None:

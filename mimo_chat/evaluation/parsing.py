@@ -31,6 +31,10 @@ _ABSENT_PATTERNS = [
     r"\babsent\b",
     r"\bnot (in|on) (this|the) (image|slice|scan)\b",
 ]
+# "cannot tell whether there is a tumour" answers neither way, though it contains "there is a"
+# (matched on normalised text: "can't" reads "can t").
+_UNSURE_PATTERNS = [r"\b(cannot|can not|can t|cant) (tell|say|determine|decide)\b", r"\b(not sure|unsure) whether\b"]
+
 _AFFIRM_PATTERNS = [
     r"\bthere (is|are) (a|an|the|some)\b",
     r"\b(is|are) (visible|present|seen|shown)\b",
@@ -66,8 +70,8 @@ def says_absent(text: str) -> bool:
 def parse_yes_no(text: str) -> str | None:
     """``"yes"``, ``"no"`` or ``None`` (unparseable) from a free-text answer.
 
-    The first yes/no word decides ("Yes, there is no doubt" -> yes); without one, a
-    statement of absence means no and a statement of presence means yes.
+    The first yes/no word decides ("Yes, there is no doubt" -> yes); without one, saying it
+    cannot tell is no answer, a statement of absence means no and a statement of presence means yes.
     """
     words = normalize(text).split()
     for word in words:
@@ -79,9 +83,11 @@ def parse_yes_no(text: str) -> str | None:
         return "yes"
     if words and words[0] in _NO:
         return "no"
+    clean = " ".join(words)
+    if any(re.search(pattern, clean) for pattern in _UNSURE_PATTERNS):
+        return None
     if says_absent(text):
         return "no"
-    clean = " ".join(words)
     if any(re.search(pattern, clean) for pattern in _AFFIRM_PATTERNS):
         return "yes"
     return None

@@ -122,6 +122,9 @@ def _ground_asked(build: _Builder, names: list[str], present_key: str | None, ab
         elif name is None:
             missing.append(fill("cannot_find", name=asked))
         elif evidence.is_present(name) and not evidence.outlined(name):
+            if _is_lesion(entry):  # a lesion is stated only where its outline lets the user check it
+                missing.append(fill("lesion_unsure", name=f"<p>{name}</p>"))
+                continue
             key = "present_no_outline" if present_key == "present" else "no_outline"
             missing.append(fill(key, name=f"<p>{name}</p>"))
         elif evidence.is_present(name):
@@ -131,15 +134,20 @@ def _ground_asked(build: _Builder, names: list[str], present_key: str | None, ab
                 build.say(_lesion_key(entry, present_key), name=phrase)
         else:
             missing.append(fill(_lesion_key(entry, absent_key), name=f"<p>{name}</p>"))
+            if _is_lesion(entry):
+                missing.append(fill("lesion_caveat"))
     if phrases and present_key is None:
         build.say("segment", names=join_names(phrases))
     build.sentences += missing
     return phrases
 
 
+def _is_lesion(entry: KnowledgeEntry | None) -> bool:
+    return entry is not None and entry.kind == "lesion"
+
+
 def _lesion_key(entry: KnowledgeEntry | None, key: str) -> str:
-    lesion = entry is not None and entry.kind == "lesion"
-    return {"present": "lesion_present", "not_present": "lesion_absent"}.get(key, key) if lesion else key
+    return {"present": "lesion_present", "not_present": "lesion_absent"}.get(key, key) if _is_lesion(entry) else key
 
 
 def _segment(build: _Builder, intent: Intent, subjects: list[str], question: str) -> None:
@@ -172,13 +180,20 @@ def _describe(build: _Builder, intent: Intent, subjects: list[str], question: st
 
 
 def _say_found(build: _Builder, found: list[str]) -> None:
-    """The found structures: those with a reliable outline grounded, the others named without a mask."""
+    """The found structures: those with a reliable outline grounded, the others named without a mask
+    (a lesion never: without an outline to check, it is left unsaid)."""
     drawn = [name for name in found if build.evidence.outlined(name)]
-    plain = [f"<p>{name}</p>" for name in found if not build.evidence.outlined(name)]
+    plain = [f"<p>{name}</p>" for name in found
+             if not build.evidence.outlined(name) and not _is_lesion(build.knowledge.find(name))]
+    if not drawn and not plain:
+        build.say("describe_none")
+        return
     if drawn:
         build.say("describe", names=join_names([build.grounded(name) for name in drawn]))
         if plain:
             build.say("describe_no_outline", names=join_names(plain))
+        if any(_is_lesion(build.knowledge.find(name)) for name in drawn):
+            build.say("observation")
     else:
         build.say("describe_none_outlined", names=join_names(plain))
 

@@ -39,6 +39,8 @@ TEMPLATES: dict[str, str] = {
     "not_present": "No, the model does not find the {name} on this slice.",
     "lesion_present": "Yes, the model marks a possible {name} on this slice.",
     "lesion_absent": "No, the model does not mark a {name} on this slice.",
+    "lesion_unsure": "The model cannot tell reliably whether there is a {name} on this slice.",
+    "lesion_caveat": "Its lesion detection is not reliable enough to rule one out.",
     "observation": "This is a model observation, not a diagnosis.",
     # where is X
     "locate": "The {name} is marked on the image.",

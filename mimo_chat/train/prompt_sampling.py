@@ -108,6 +108,48 @@ def crop_window(target: np.ndarray, rng: random.Random, grid: int, crop: int) ->
     return min(max(row, 0), grid - crop), min(max(col, 0), grid - crop)
 
 
+def loosened_box(mask: np.ndarray, rng: random.Random, pixels: int = 20) -> list[float]:
+    """A box around ``mask`` with each side pushed out by up to ``pixels``: a box drawn carelessly,
+    or the widened box the engine adds to clicks (:meth:`SegmentationPredictor._refine`)."""
+    x0, y0, x1, y1 = jittered_box(mask, rng)
+    size = mask.shape[0]
+    x0, y0 = max(0.0, x0 - rng.randint(0, pixels)), max(0.0, y0 - rng.randint(0, pixels))
+    x1, y1 = min(float(size), x1 + rng.randint(0, pixels)), min(float(size), y1 + rng.randint(0, pixels))
+    return [x0, y0, x1, y1]
+
+
+def box_clicks(target: np.ndarray, others: np.ndarray, box: list[float], rng: random.Random) -> list[tuple[tuple[float, float], int]]:
+    """Clicks added to a box: a positive inside the target and/or a negative inside the box on what
+    is not the target (a neighbouring structure first), the correction a user makes to a leaking box."""
+    inside = np.zeros_like(target)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    inside[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = True
+    background = inside & ~ndimage.binary_dilation(target, iterations=2)
+    near = background & others
+    region = near if near.sum() >= 4 and rng.random() < 0.6 else background
+    clicks = []
+    if region.sum() >= 1 and rng.random() < 0.75:
+        rows, cols = np.nonzero(region)
+        pick = rng.randrange(len(rows))
+        clicks.append(((cols[pick] + 0.5, rows[pick] + 0.5), 0))
+    if not clicks or rng.random() < 0.5:
+        clicks.append((sample_click(target, rng), 1))
+    return clicks
+
+
+@dataclass
+class PromptGroup:
+    """Rows of a batch prompted alike (one decoder call): by a box, by clicks, or by a box with clicks."""
+
+    rows: list[int]
+    boxes: torch.Tensor | None  # (len(rows), 4) model frame
+    clicks: tuple[torch.Tensor, torch.Tensor] | None  # (len(rows), K, 2) model frame, labels (len, K), -1 pads
+
+    @property
+    def box_only(self) -> bool:
+        return self.clicks is None
+
+
 @dataclass
 class PromptBatch:
     """``len(windows)`` structures, each on a ``crop`` x ``crop`` window of its embedding grid."""
@@ -116,15 +158,26 @@ class PromptBatch:
     windows: list[tuple[int, int]]  # (row, col) of each window, in embedding cells
     crop: int
     targets: torch.Tensor  # (B, 1, 4 crop, 4 crop) float {0, 1}, the windows of the targets
-    box_rows: list[int]  # rows prompted by a box ...
-    boxes: torch.Tensor | None  # (len(box_rows), 4) model frame
-    click_rows: list[int]  # ... and rows prompted by clicks
-    clicks: tuple[torch.Tensor, torch.Tensor] | None  # (len(click_rows), K, 2) model frame, labels (len, K), -1 pads
+    groups: list[PromptGroup]  # non-empty groups; their rows together are every row once
 
 
-def sample_prompts(examples: Examples, batch: int, rng: random.Random, crop: int, grid: int, scale: int) -> PromptBatch:
+def click_tensors(chosen_rows: list[list[tuple[tuple[float, float], int]]], offsets: list[tuple[int, int]]):
+    """(coords (N, K, 2), labels (N, K)) of each row's clicks moved by its window offset, -1 padding."""
+    width = max(len(chosen) for chosen in chosen_rows)
+    coords = torch.zeros(len(chosen_rows), width, 2)
+    labels = torch.full((len(chosen_rows), width), -1, dtype=torch.long)
+    for k, chosen in enumerate(chosen_rows):
+        for j, ((x, y), label) in enumerate(chosen):
+            coords[k, j] = torch.tensor([x + offsets[k][0], y + offsets[k][1]])
+            labels[k, j] = label
+    return coords, labels
+
+
+def sample_prompts(examples: Examples, batch: int, rng: random.Random, crop: int, grid: int, scale: int,
+                   box_share: float = 0.3, box_click_share: float = 0.25) -> PromptBatch:
     """``batch`` structures and their prompts; ``grid`` embedding cells per side, ``scale`` low-res pixels per cell.
 
+    A row is prompted by a box (``box_share``), a box with clicks (``box_click_share``) or clicks alone.
     Cropping the embedding (and, in :func:`prompt_loss`, its positional encoding) keeps prompt
     coordinates absolute and makes the decoder ~(grid / crop)^2 times cheaper; targets are cropped alike.
     """
@@ -141,27 +194,35 @@ def sample_prompts(examples: Examples, batch: int, rng: random.Random, crop: int
         targets_np.append(target[window])
         others_np.append(others[window])
         offsets.append((col * scale, row * scale))
-    box_rows = [i for i in range(batch) if rng.random() < 0.35 and targets_np[i].sum() >= 4]
-    click_rows = [i for i in range(batch) if i not in box_rows and targets_np[i].sum() >= 1]
-    boxes = torch.tensor([
-        [v + offsets[i][k % 2] for k, v in enumerate(jittered_box(targets_np[i], rng))] for i in box_rows
-    ]) if box_rows else None
-    clicks = None
-    if click_rows:
-        rows = []
-        for i in click_rows:
-            chosen = [(sample_click(targets_np[i], rng), 1)]
+    kinds: dict[str, list[int]] = {"box": [], "box+clicks": [], "clicks": []}
+    for i in range(batch):
+        draw = rng.random()
+        if targets_np[i].sum() >= 4 and draw < box_share + box_click_share:
+            kinds["box" if draw < box_share else "box+clicks"].append(i)
+        elif targets_np[i].sum() >= 1:
+            kinds["clicks"].append(i)
+
+    def shifted(box: list[float], i: int) -> list[float]:
+        return [v + offsets[i][k % 2] for k, v in enumerate(box)]
+
+    groups = []
+    if kinds["box"]:
+        rows = kinds["box"]
+        groups.append(PromptGroup(rows, torch.tensor([shifted(jittered_box(targets_np[i], rng), i) for i in rows]), None))
+    if kinds["box+clicks"]:
+        rows, boxes, chosen = kinds["box+clicks"], [], []
+        for i in rows:
+            box = loosened_box(targets_np[i], rng)
+            boxes.append(shifted(box, i))
+            chosen.append(box_clicks(targets_np[i], others_np[i], box, rng))
+        groups.append(PromptGroup(rows, torch.tensor(boxes), click_tensors(chosen, [offsets[i] for i in rows])))
+    if kinds["clicks"]:
+        rows, chosen = kinds["clicks"], []
+        for i in rows:
+            clicks = [(sample_click(targets_np[i], rng), 1)]
             if rng.random() < 0.4:
-                chosen += extra_clicks(targets_np[i], others_np[i], rng)
-            rows.append(chosen)
-        width = max(len(chosen) for chosen in rows)
-        coords = torch.zeros(len(rows), width, 2)
-        labels = torch.full((len(rows), width), -1, dtype=torch.long)
-        for k, chosen in enumerate(rows):
-            offset = offsets[click_rows[k]]
-            for j, ((x, y), label) in enumerate(chosen):
-                coords[k, j] = torch.tensor([x + offset[0], y + offset[1]])
-                labels[k, j] = label
-        clicks = (coords, labels)
+                clicks += extra_clicks(targets_np[i], others_np[i], rng)
+            chosen.append(clicks)
+        groups.append(PromptGroup(rows, None, click_tensors(chosen, [offsets[i] for i in rows])))
     targets = torch.from_numpy(np.stack(targets_np)).float()[:, None]  # (B, 1, 4 crop, 4 crop)
-    return PromptBatch(torch.stack(embeddings), windows, crop, targets, box_rows, boxes, click_rows, clicks)
+    return PromptBatch(torch.stack(embeddings), windows, crop, targets, groups)

@@ -9,6 +9,9 @@ one slice, prompted by
 
 - a box (tight box, sides jittered): loss on the ground truth plus distillation toward the
   unmodified LiteMedSAM decoder, so box quality is kept;
+- a box with clicks (the box loosened by up to 20 model pixels a side): a negative click inside
+  the box off the target (on a neighbouring structure first) and/or a positive click inside it,
+  the correction a user makes to a leaking box and the prompt of the engine's click refinement;
 - clicks: one positive click inside the structure (its deepest point or a random interior
   pixel); in 40 % of the examples also a second positive click and/or a negative click on a
   neighbouring structure or the ring around the target (what a leaking mask would cover).
@@ -75,7 +78,7 @@ def batch_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def prompt_loss(model: LiteMedSam, teacher: LiteMedSam, batch: PromptBatch) -> dict:
-    """Segmentation loss of the box and click rows, IoU-head MSE, and box distillation toward ``teacher``."""
+    """Segmentation loss of every prompt group, IoU-head MSE, and distillation of the box-only rows toward ``teacher``."""
     crop = batch.crop
     full_pe = model.prompt_encoder.get_dense_pe()[0]  # (C, E, E)
     pe_t = torch.stack([full_pe[:, row:row + crop, col:col + crop] for row, col in batch.windows])  # (B, C, crop, crop)
@@ -86,22 +89,18 @@ def prompt_loss(model: LiteMedSam, teacher: LiteMedSam, batch: PromptBatch) -> d
         dense = dense[..., : crop, : crop] if dense.shape[-1] != crop else dense
         return network.decode(batch.embeddings[rows], sparse, dense, image_pe=pe_t[rows])
 
-    if batch.box_rows:
+    for group in batch.groups:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, iou = run(model, batch.box_rows, boxes=batch.boxes)
-            with torch.no_grad():
-                teacher_logits, _ = run(teacher, batch.box_rows, boxes=batch.boxes)
-        logits = logits.float()
-        kd_terms.append(F.binary_cross_entropy_with_logits(logits, torch.sigmoid(teacher_logits.float())))
-        logits_all.append(logits)
-        iou_all.append(iou.float())
-    if batch.click_rows:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, iou = run(model, batch.click_rows, points=batch.clicks)
+            logits, iou = run(model, group.rows, boxes=group.boxes, points=group.clicks)
+            if group.box_only:  # LiteMedSAM was trained on boxes: keep its box masks
+                with torch.no_grad():
+                    teacher_logits, _ = run(teacher, group.rows, boxes=group.boxes)
+        if group.box_only:
+            kd_terms.append(F.binary_cross_entropy_with_logits(logits.float(), torch.sigmoid(teacher_logits.float())))
         logits_all.append(logits.float())
         iou_all.append(iou.float())
     logits, iou = torch.cat(logits_all), torch.cat(iou_all)
-    targets = batch.targets[batch.box_rows + batch.click_rows]
+    targets = batch.targets[[row for group in batch.groups for row in group.rows]]
     seg = segmentation_loss(logits, targets)
     iou_loss = F.mse_loss(iou[:, 0], batch_iou(logits.detach(), targets))
     kd = torch.stack(kd_terms).mean() if kd_terms else torch.zeros(())
