@@ -146,8 +146,6 @@ def test_real_boxes_and_single_clicks_find_the_organs(lite_predictor, ct_slice):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the prompt weights retrained on every set (7 Dec 2026) are trained on box-only "
-                   "and click-only prompts; a negative click added to a box is not honoured until box + click rows are trained")
 def test_real_negative_click_removes_what_it_touches(lite_predictor, ct_slice):
     image, masks = ct_slice
     context = lite_predictor.encode(image)
@@ -169,6 +167,25 @@ def test_real_negative_click_removes_what_it_touches(lite_predictor, ct_slice):
         context, boxes=[loose], points=[[[col + 0.5, row + 0.5]]], point_labels=[[0]]
     ).masks[0]
     assert not corrected[row, col]
+
+
+def test_correction_score_clicks_the_deepest_point_of_the_largest_leak(ct_slice):
+    """engine_dice's correction prompts on the real liver label: the loose box holds the tight one
+    inside the image, and the negative click lands on the largest part of a mask off the liver."""
+    from scipy import ndimage
+
+    from mimo_chat.boxes import mask_to_box
+    from mimo_chat.evaluation.engine_dice import MIN_LEAK, leak_click, loose_box
+
+    image, masks = ct_slice
+    liver = masks["liver"]
+    tight, loose = mask_to_box(liver), loose_box(liver)
+    assert loose[0] < tight[0] and loose[1] < tight[1] and loose[2] >= tight[2] and loose[3] >= tight[3]
+    assert loose[2] <= image.shape[1] and loose[3] <= image.shape[0] and min(loose) >= 0
+    assert leak_click(liver, liver) is None
+    leaking = liver | masks["stomach"] | ndimage.binary_dilation(liver, iterations=1)
+    x, y = leak_click(leaking, liver)
+    assert masks["stomach"][int(y), int(x)] and masks["stomach"].sum() >= MIN_LEAK
 
 
 @pytest.mark.slow

@@ -7,6 +7,12 @@ the split comes from :func:`mimo_chat.data.sources.split_of`): ``box`` = the tig
 ``click`` = one positive click at the interior point farthest from the border (as
 ``make_bench``'s ``point_seg``). Dice is computed at the original resolution. Structures
 covering at least 0.5 % of the image form the ``click`` target set (``click_large``).
+
+A user's correction is scored too: ``loose`` = the tight box pushed out by ``LOOSE_FRACTION`` of
+the image side on every side; where its mask leaks (at least ``MIN_LEAK`` pixels off the
+structure), ``corrected`` = the same box with one negative click at the deepest point of the
+largest leak, and ``removed`` = the share of those clicks whose pixel the corrected mask leaves
+out (``loose`` and ``corrected`` are scored on those structures only).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from mimo_chat.segmentation import CHECKPOINT_DIR, ImageContext, SegmentationPre
 from mimo_chat.train.seg_cache import default_cache, load_cache, unpack_mask
 
 LARGE_FRACTION = 0.005
+LOOSE_FRACTION = 0.08
+MIN_LEAK = 50
 
 
 def interior_point(mask: np.ndarray) -> list[float]:
@@ -32,6 +40,25 @@ def interior_point(mask: np.ndarray) -> list[float]:
     distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
     return [col + 0.5, row + 0.5]
+
+
+def loose_box(mask: np.ndarray) -> list[float]:
+    """The tight box of ``mask`` pushed out by ``LOOSE_FRACTION`` of the image side, clipped to the image."""
+    height, width = mask.shape
+    margin = LOOSE_FRACTION * max(height, width)
+    x0, y0, x1, y1 = mask_to_box(mask)
+    return [max(x0 - margin, 0.0), max(y0 - margin, 0.0), min(x1 + margin, float(width)), min(y1 + margin, float(height))]
+
+
+def leak_click(prediction: np.ndarray, target: np.ndarray) -> list[float] | None:
+    """[x, y] deepest point of the largest part of ``prediction`` off ``target``; None below ``MIN_LEAK`` pixels."""
+    components, count = ndimage.label(prediction & ~target)
+    if not count:
+        return None
+    sizes = np.bincount(components.ravel())[1:]
+    if sizes.max() < MIN_LEAK:
+        return None
+    return interior_point(components == int(np.argmax(sizes)) + 1)
 
 
 def dice(prediction: np.ndarray, target: np.ndarray) -> float:
@@ -46,7 +73,7 @@ def context_of(record: dict, predictor: SegmentationPredictor) -> ImageContext:
 
 
 def evaluate(predictor: SegmentationPredictor, records: list[dict], min_pixels: int = 100) -> dict:
-    """Mean Dice per prompt kind, per source, modality and (source, structure)."""
+    """Mean Dice per prompt kind, per source, modality and (source, structure); the correction by modality."""
     scores: dict[str, list[float]] = defaultdict(list)
     for record in records:
         context = context_of(record, predictor)
@@ -60,6 +87,20 @@ def evaluate(predictor: SegmentationPredictor, records: list[dict], min_pixels: 
         clicks = [[interior_point(masks[name])] for name in names]
         box_result = predictor.segment(context, boxes=boxes)
         click_result = predictor.segment(context, points=clicks, point_labels=[[1]] * len(names))
+        loose = [loose_box(masks[name]) for name in names]
+        loose_result = predictor.segment(context, boxes=loose)
+        leaks = [leak_click(loose_result.masks[i], masks[name]) for i, name in enumerate(names)]
+        leaking = [i for i, click in enumerate(leaks) if click is not None]
+        if leaking:
+            corrected = predictor.segment(context, boxes=[loose[i] for i in leaking],
+                                          points=[[leaks[i]] for i in leaking], point_labels=[[0]] * len(leaking))
+            for k, i in enumerate(leaking):
+                x, y = leaks[i]
+                for kind, value in (("loose", dice(loose_result.masks[i], masks[names[i]])),
+                                    ("corrected", dice(corrected.masks[k], masks[names[i]])),
+                                    ("removed", float(not corrected.masks[k][int(y), int(x)]))):
+                    for key in (kind, f"{kind}/{record['modality']}"):
+                        scores[key].append(value)
         for index, name in enumerate(names):
             target = masks[name]
             large = target.mean() >= LARGE_FRACTION
@@ -71,7 +112,8 @@ def evaluate(predictor: SegmentationPredictor, records: list[dict], min_pixels: 
                     keys += [f"{kind}_large", f"{kind}_large/{record['source']}"]
                 for key in keys:
                     scores[key].append(value)
-    return {key: {"n": len(values), "dice": round(float(np.mean(values)), 4)} for key, values in sorted(scores.items())}
+    return {key: {"n": len(values), "share" if key.startswith("removed") else "dice": round(float(np.mean(values)), 4)}
+            for key, values in sorted(scores.items())}
 
 
 def main(argv: list[str] | None = None) -> None:
