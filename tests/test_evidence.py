@@ -216,7 +216,7 @@ def test_a_lesion_is_stated_only_with_an_outline_and_its_absence_does_not_rule_o
 
     absent = plan_reply(Intent("presence", ["tumour"]), _evidence("CT abdomen", {"left kidney": 0.9}), KB)
     assert absent.raw_text == ("No, the model does not mark a <p>tumour</p> on this slice. "
-                               "Its lesion detection is not reliable enough to rule one out.")
+                               "The model's lesion detection is not reliable enough to rule one out.")
     assert parse_yes_no(parse_grounded_text(absent.raw_text)[0]) == "no"
     for plan in (asked, described, shown, marked, absent):
         assert unsupported(plan.raw_text) == [], plan.raw_text

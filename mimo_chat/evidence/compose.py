@@ -122,10 +122,8 @@ def _ground_asked(build: _Builder, names: list[str], present_key: str | None, ab
         elif name is None:
             missing.append(fill("cannot_find", name=asked))
         elif evidence.is_present(name) and not evidence.outlined(name):
-            if _is_lesion(entry):  # a lesion is stated only where its outline lets the user check it
-                missing.append(fill("lesion_unsure", name=f"<p>{name}</p>"))
-                continue
-            key = "present_no_outline" if present_key == "present" else "no_outline"
+            # a lesion is stated only where its outline lets the user check it
+            key = "lesion_unsure" if _is_lesion(entry) else "present_no_outline" if present_key == "present" else "no_outline"
             missing.append(fill(key, name=f"<p>{name}</p>"))
         elif evidence.is_present(name):
             phrase = build.grounded(name)

@@ -40,7 +40,7 @@ TEMPLATES: dict[str, str] = {
     "lesion_present": "Yes, the model marks a possible {name} on this slice.",
     "lesion_absent": "No, the model does not mark a {name} on this slice.",
     "lesion_unsure": "The model cannot tell reliably whether there is a {name} on this slice.",
-    "lesion_caveat": "Its lesion detection is not reliable enough to rule one out.",
+    "lesion_caveat": "The model's lesion detection is not reliable enough to rule one out.",
     "observation": "This is a model observation, not a diagnosis.",
     # where is X
     "locate": "The {name} is marked on the image.",

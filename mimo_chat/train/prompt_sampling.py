@@ -57,12 +57,15 @@ def sample_click(region: np.ndarray, rng: random.Random, centre_probability: flo
     distance = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
     if rng.random() < centre_probability:
         row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    else:
-        deep = distance >= max(1.0, 0.3 * distance.max())
-        rows, cols = np.nonzero(deep)
-        pick = rng.randrange(len(rows))
-        row, col = rows[pick], cols[pick]
-    return col + 0.5, row + 0.5
+        return col + 0.5, row + 0.5
+    return random_pixel(distance >= max(1.0, 0.3 * distance.max()), rng)
+
+
+def random_pixel(region: np.ndarray, rng: random.Random) -> tuple[float, float]:
+    """(x, y) centre of a pixel of ``region`` (model-frame bool, not empty) drawn uniformly."""
+    rows, cols = np.nonzero(region)
+    pick = rng.randrange(len(rows))
+    return cols[pick] + 0.5, rows[pick] + 0.5
 
 
 def jittered_box(mask: np.ndarray, rng: random.Random, fraction: float = 0.1, pixels: int = 5) -> list[float]:
@@ -86,9 +89,7 @@ def extra_clicks(target: np.ndarray, others: np.ndarray, rng: random.Random) -> 
     near = ring & others
     region = near if near.sum() >= 4 and rng.random() < 0.7 else ring
     if region.sum() >= 1 and (not clicks or rng.random() < 0.6):
-        rows, cols = np.nonzero(region)
-        pick = rng.randrange(len(rows))
-        clicks.append(((cols[pick] + 0.5, rows[pick] + 0.5), 0))
+        clicks.append((random_pixel(region, rng), 0))
     return clicks
 
 
@@ -129,9 +130,7 @@ def box_clicks(target: np.ndarray, others: np.ndarray, box: list[float], rng: ra
     region = near if near.sum() >= 4 and rng.random() < 0.6 else background
     clicks = []
     if region.sum() >= 1 and rng.random() < 0.75:
-        rows, cols = np.nonzero(region)
-        pick = rng.randrange(len(rows))
-        clicks.append(((cols[pick] + 0.5, rows[pick] + 0.5), 0))
+        clicks.append((random_pixel(region, rng), 0))
     if not clicks or rng.random() < 0.5:
         clicks.append((sample_click(target, rng), 1))
     return clicks
