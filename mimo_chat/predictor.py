@@ -280,7 +280,7 @@ class MimoPredictor:
         state = _StreamState()
         if not prompts.empty:
             state.prompted = self.segmenter.segment(ctx.image, boxes=boxes, points=points, point_labels=point_labels)
-        state.evidence = self._evidence(ctx, state.prompted, image_kind)
+        state.evidence = self.evidence(ctx, state.prompted, image_kind)
         if state.prompted is not None and not boxes and points:
             self._outline_clicked(ctx, state, points, point_labels)
         if reply_prefix:
@@ -375,7 +375,7 @@ class MimoPredictor:
             ctx.locator_features = self.model.locator.image_features(ctx.image.embedding.to(self.device))
         return ctx.locator_features
 
-    def _evidence(self, ctx: MimoContext, prompted: SegmentationResult | None, image_kind: str | None) -> Evidence:
+    def evidence(self, ctx: MimoContext, prompted: SegmentationResult | None, image_kind: str | None) -> Evidence:
         """What the image shows for this question. The vocabulary presence and the masks of the found
         structures (with the decoder's predicted IoU: is the outline worth drawing?) are computed once per image."""
         features = self._locator_features(ctx)

@@ -185,6 +185,13 @@ def test_an_uncertain_name_is_said_so_and_a_lesion_is_an_observation() -> None:
     box[0, VOCABULARY.index("liver")] = 0.3
     plan = plan_reply(Intent("identify"), _evidence("CT abdomen", {"liver": 0.9}, box), KB)
     assert plan.raw_text == "This looks like the <p>liver</p><SEG>, but I am not sure."
+    # On MR such guesses were mostly wrong on dev patients: the mask is shown without a name.
+    mr = plan_reply(Intent("identify"), _evidence("MR abdomen", {"liver": 0.9}, box), KB)
+    assert mr.raw_text == "I cannot name the <p>structure</p><SEG> with confidence."
+    assert [seg.prompt_index for seg in mr.segs] == [0]
+    box[0, VOCABULARY.index("liver")] = 0.8
+    sure = plan_reply(Intent("identify"), _evidence("MR abdomen", {"liver": 0.9}, box), KB)
+    assert sure.raw_text.startswith("This is the <p>liver</p><SEG>")
     lesion = plan_reply(Intent("presence", ["tumour"]), _evidence("CT abdomen", {"tumour": 0.8}), KB)
     assert lesion.raw_text.startswith("Yes, the model marks a possible <p>tumour</p><SEG> on this slice.")
     assert lesion.raw_text.endswith("This is a model observation, not a diagnosis.")

@@ -7,6 +7,7 @@ import pytest
 
 from mimo_chat.data.knowledge import load_knowledge_base
 from mimo_chat.evidence.framing import is_framing, split_sentences
+from mimo_chat.evidence.policy import SURE_NAME
 from mimo_chat.grounding import parse_grounded_text
 from mimo_chat.predictor import Done, MaskReady, MimoPredictor
 
@@ -67,6 +68,15 @@ def test_one_session_over_ct_mr_and_chest_radiograph_says_only_what_the_evidence
     declined = predictor.ask(contexts["mr"], "What is the capital of France?")
     assert not declined.phrases and "I can only answer questions about this image" in declined.text
     replies.append(predictor.ask(contexts["mr"], "Describe this image."))
+    # a box on the MR pancreas: its mask is shown; the name is given only when sure (MR guesses were
+    # mostly wrong on dev patients), never as "looks like ..., but I am not sure"
+    rows, cols = np.nonzero(mr.masks["pancreas"])
+    box = [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
+    boxed = predictor.ask(contexts["mr"], "What is this?", boxes=[box])
+    assert boxed.phrases and boxed.phrases[0].has_mask and "not sure" not in boxed.text, boxed.raw_text
+    named = boxed.phrases[0]
+    assert named.phrase == "structure" or named.name_score >= SURE_NAME, boxed.raw_text
+    replies.append(boxed)
     replies.append(predictor.ask(contexts["ct"], "What is the normal size of a kidney?"))
     for answer in replies:
         assert unsupported(answer.raw_text) == [], answer.raw_text

@@ -102,7 +102,7 @@ def test_a_phrase_opened_for_a_box_holds_the_name_the_evidence_gives_its_mask(pr
     context = predictor.encode(ct_image)
     box = [10.0, 12.0, 100.0, 110.0]
     prompted = predictor.segment(context, boxes=[box])
-    evidence = predictor._evidence(context, prompted, None)
+    evidence = predictor.evidence(context, prompted, None)
     name = evidence.prompted[0].name
     assert name in predictor.config.locator_vocabulary  # a vocabulary name was chosen for the box
     reply = predictor.ask(context, "What is this?", boxes=[box], reply_prefix="It is the <p>", max_new_tokens=6)

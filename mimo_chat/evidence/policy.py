@@ -26,6 +26,10 @@ from mimo_chat.data.knowledge import KnowledgeBase, KnowledgeEntry, above_diaphr
 PRESENT = 0.5  # presence probability above which the locator finds a structure (logit 0)
 SURE_NAME = 0.5  # a prompted object's name score from which the name is stated without doubt
 MIN_NAME = 0.05  # below this no name fits the prompted object
+# Modalities on which a prompted object's name below SURE_NAME is not offered even as a guess: on
+# the MR dev patients such guesses were mostly wrong, on CT mostly right (the model card's
+# "Naming a box or a click"). A name at or above SURE_NAME is still given.
+GUESSES_WITHHELD = frozenset({"MR"})
 MAX_DESCRIBED = 6  # structures named in a caption of the image
 # A located structure's mask is drawn only when the mask decoder predicts at least this IoU for it;
 # below, the structure is named without an outline (a wrong outline misleads as a wrong name does).
@@ -90,8 +94,9 @@ class ImageKind:
 class PromptedObject:
     """One box / click set: the engine's mask is named by the best-fitting allowed vocabulary name."""
 
-    name: str | None  # None: no name fits
+    name: str | None  # None: no name fits well enough to be said
     name_score: float  # 0..1 (soft Dice of the name's heatmap and the mask)
+    best: str | None = None  # the best-fitting allowed name whatever its score (``name_check`` scores it)
 
     @property
     def sure(self) -> bool:
@@ -132,13 +137,15 @@ def build_evidence(
     found = {name: float(p) for name, p, ok in zip(vocabulary, presence, allowed, strict=True) if ok}
     excluded = tuple(name for name, ok in zip(vocabulary, allowed, strict=True) if not ok)
     prompted = []
+    least = SURE_NAME if kind.modality in GUESSES_WITHHELD else MIN_NAME
     for scores in region_scores if region_scores is not None else []:
         scores = np.where(allowed, scores, -1.0)
         best = int(np.argmax(scores)) if len(scores) else -1
-        if best < 0 or scores[best] < MIN_NAME:
-            prompted.append(PromptedObject(None, float(max(scores[best], 0.0)) if best >= 0 else 0.0))
+        if best < 0 or scores[best] < 0:  # no name allowed on this kind of image
+            prompted.append(PromptedObject(None, 0.0))
         else:
-            prompted.append(PromptedObject(vocabulary[best], float(scores[best])))
+            fit = float(max(scores[best], 0.0))
+            prompted.append(PromptedObject(vocabulary[best] if fit >= least else None, fit, vocabulary[best]))
     return Evidence(kind, found, prompted, excluded)
 
 

@@ -184,7 +184,10 @@ class SegmenterPromptTask(TrainingTask):
         self.model.load_state_dict(state, strict=False)
 
     def export(self, step: int, metrics: dict) -> None:
-        notes = {"lr": self.options.lr, "batch": self.options.batch, "train_structures": self.describe()["structures"]}
+        notes = {"lr": self.options.lr, "batch": self.options.batch, "train_structures": self.describe()["structures"],
+                 "data": f"train split of the seg cache {self.folder.name}/ ({len(self.examples.records)} slices), "
+                         "sampled by mimo_chat.data.sources.SOURCE_WEIGHTS; frozen TinyViT embeddings; "
+                         "rows prompted by a box, a loose box with clicks, or clicks"}
         notes |= {"dev": metrics} if metrics else {}
         save_weights(self.model, self.options.out, step, notes)
 
