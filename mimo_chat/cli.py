@@ -16,6 +16,9 @@ COMMANDS = {
     "train-locator": ("mimo_chat.train.locator", "pre-train the locator on cached image embeddings"),
     "train": ("mimo_chat.train.__main__", "train the MIMO model from a config"),
     "scanner-check": ("mimo_chat.evaluation.scanner_check", "tumour answers: shortcut baseline, matched pairs"),
+    "engine-dice": ("mimo_chat.evaluation.engine_dice", "the segmentation engine's box, click and correction Dice"),
+    "outline-check": ("mimo_chat.evaluation.outline_check", "is the predicted IoU a fair judge of an outline?"),
+    "name-check": ("mimo_chat.evaluation.name_check", "how often a box's name is right, per modality and tier"),
     "screenshot": ("mimo_chat.app.screenshot", "the README screenshot from the real app"),
 }
 
