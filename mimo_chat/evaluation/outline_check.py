@@ -22,9 +22,20 @@ import numpy as np
 import torch
 
 from mimo_chat.evaluation.metrics import mask_iou_dice
+from mimo_chat.evidence.policy import MASK_SHOWN
 
 HIT_IOU = 0.5
 THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+PRECISION = 0.9  # the share of drawn outlines that must hit their label
+
+
+def lowest_threshold(predicted: np.ndarray, hits: np.ndarray, precision: float = PRECISION) -> float | None:
+    """The lowest predicted IoU, in steps of 0.01, from which ``precision`` of the drawn outlines hit."""
+    for threshold in np.round(np.arange(0.0, 1.0, 0.01), 2):
+        drawn = predicted >= threshold
+        if drawn.any() and hits[drawn].mean() >= precision:
+            return float(threshold)
+    return None
 
 
 def located_outlines(predictor, records: Sequence[dict]) -> list[tuple[str, str, float, float]]:
@@ -59,6 +70,9 @@ def report(rows: Sequence[tuple[str, str, float, float]]) -> str:
         drawn = predicted >= threshold
         lines.append(f"{threshold:>17.2f}   {drawn.mean():5.2f}   {hits[drawn].mean() if drawn.any() else 0:16.3f}"
                      f"   {int((hits & ~drawn).sum()):9d}   {int((~hits & ~drawn).sum()):15d}")
+    lowest = lowest_threshold(predicted, hits)
+    lines.append(f"lowest predicted IoU from which {PRECISION:.0%} of drawn outlines hit: "
+                 f"{'none' if lowest is None else f'{lowest:.2f}'} (MASK_SHOWN is {MASK_SHOWN})")
     by_name: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for _, name, guess, truth in rows:
         by_name[name].append((guess, truth))
