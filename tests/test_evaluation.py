@@ -190,3 +190,13 @@ def test_multi_seg_scores_the_first_phrase_naming_each_query(tmp_path) -> None:
     assert report["tasks"]["multi_seg"]["hallucination"] == pytest.approx(1 / 3)
     assert report["per_query"]["spleen"]["multi_seg"] == {"n": 3, "miou": pytest.approx(1 / 3), "recall": pytest.approx(1 / 3)}
     assert report["unparseable"] == 1
+
+
+def test_outline_gate_is_the_lowest_predicted_iou_from_which_nine_in_ten_drawn_outlines_hit() -> None:
+    from mimo_chat.evaluation.outline_check import lowest_threshold
+
+    predicted = np.array([0.60, 0.65, 0.70, 0.72, 0.80, 0.90])
+    hits = np.array([False, True, False, True, True, True])
+    assert lowest_threshold(predicted, hits) == 0.71  # the miss at 0.70 is the last one kept out
+    assert lowest_threshold(predicted, hits, precision=0.6) == 0.0  # 4 of 6 hit: draw them all
+    assert lowest_threshold(predicted, np.zeros(6, dtype=bool)) is None
