@@ -41,7 +41,7 @@ from mimo_chat.generation import decode_steps
 from mimo_chat.grounding import GroundedReply, build_reply, parse_grounded_text, render_plain_text
 from mimo_chat.modeling.config import MimoConfig
 from mimo_chat.modeling.language_model import load_tokenizer
-from mimo_chat.modeling.locator import PRESENCE_THRESHOLD, phrase_spans, region_cells
+from mimo_chat.modeling.locator import PRESENCE_THRESHOLD, heatmap_fit, phrase_spans, region_cells, target_fractions
 from mimo_chat.modeling.mimo import CONFIG_NAME, WEIGHTS_NAME, MimoModel, resolve_pretrained_dir
 from mimo_chat.modeling.sam import fuse_for_inference
 from mimo_chat.processing import MimoProcessor
@@ -89,6 +89,7 @@ class Located:
     mask: np.ndarray | None  # (H, W) bool at the original resolution; None when absent or not asked
     box: list[float] | None  # tight [x0, y0, x1, y1] of the mask, x1/y1 exclusive
     score: float | None  # decoder-predicted IoU of the mask
+    fit: float | None = None  # how well the name's heatmap agrees with the mask (soft Dice, 0..1)
 
 
 @dataclass
@@ -225,14 +226,17 @@ class MimoPredictor:
         probabilities = presence.float().sigmoid().tolist()
         if not masks:
             return [Located(name, p, None, None, None) for name, p in zip(names, probabilities, strict=True)]
-        _, low_res, iou = model.ground_phrases(features, rows, phrases, presence, ctx.image.embedding.to(self.device))
+        heatmaps, low_res, iou = model.ground_phrases(features, rows, phrases, presence, ctx.image.embedding.to(self.device))
+        fractions = target_fractions((low_res[:, 0] > 0).float(), heatmaps.shape[-1])  # (N, E, E)
+        fits = heatmap_fit(heatmaps.float().sigmoid(), fractions).diagonal()  # each name against its own mask
         full = self.processor.transform.postprocess_logits(low_res.float(), ctx.original_size)  # (N, 1, H, W)
         found = []
         for n, name in enumerate(names):
             shown = float(presence[n]) > PRESENCE_THRESHOLD
             mask = (full[n, 0] > 0).cpu().numpy() if shown else None
             box = mask_to_box(mask) if mask is not None and mask.any() else None
-            found.append(Located(name, probabilities[n], mask, box, float(iou[n]) if shown else None))
+            found.append(Located(name, probabilities[n], mask, box, float(iou[n]) if shown else None,
+                                 float(fits[n]) if shown else None))
         return found
 
     def segment(self, ctx: MimoContext, boxes=None, points=None, point_labels=None) -> SegmentationResult:
@@ -389,6 +393,7 @@ class MimoPredictor:
         missing = [name for name in found if name not in ctx.located]
         ctx.located.update({item.name: item for item in self.locate(ctx, missing)})
         evidence.outline = {name: ctx.located[name].score for name in found if ctx.located[name].score is not None}
+        evidence.fit = {name: ctx.located[name].fit for name in found if ctx.located[name].fit is not None}
         return evidence
 
     @staticmethod

@@ -31,12 +31,14 @@ MIN_NAME = 0.05  # below this no name fits the prompted object
 # "Naming a box or a click"). A name at or above SURE_NAME is still given.
 GUESSES_WITHHELD = frozenset({"MR"})
 MAX_DESCRIBED = 6  # structures named in a caption of the image
-# A located structure's mask is drawn only when the mask decoder predicts at least this IoU for it;
-# below, the structure is named without an outline (a wrong outline misleads as a wrong name does).
-# The lowest value at which nine in ten drawn outlines hit their label on the dev slices
-# (python -m mimo_chat.evaluation.outline_check prints it; re-check after retraining the locator
-# or the prompt weights, which carry the IoU head).
-MASK_SHOWN = 0.71
+# A located structure's mask is drawn only when the name's heatmap agrees with it (soft Dice at least
+# OUTLINE_FIT: the box drawn from the heatmap did not lead the decoder onto a neighbour) and the mask
+# decoder predicts at least MASK_SHOWN IoU for it; otherwise the structure is named without an
+# outline (a wrong outline misleads as a wrong name does). Chosen on the dev slices with
+# python -m mimo_chat.evaluation.outline_check, which prints the lowest MASK_SHOWN at which nine in
+# ten drawn outlines hit their label; re-check after retraining the locator or the prompt weights.
+OUTLINE_FIT = 0.6
+MASK_SHOWN = 0.6
 
 _MODALITY_WORDS = {
     "ct": "CT", "mr": "MR", "mri": "MR", "xr": "XR", "cr": "XR", "dx": "XR", "x-ray": "XR", "xray": "XR",
@@ -111,6 +113,7 @@ class Evidence:
     prompted: list[PromptedObject] = field(default_factory=list)
     excluded: tuple[str, ...] = ()  # vocabulary names this kind of image cannot show
     outline: dict[str, float] = field(default_factory=dict)  # found name -> the decoder's predicted IoU of its mask
+    fit: dict[str, float] = field(default_factory=dict)  # found name -> its heatmap's agreement with that mask
 
     def present(self) -> list[tuple[str, float]]:
         """Structures the locator finds, most confident first."""
@@ -122,7 +125,12 @@ class Evidence:
 
     def outlined(self, name: str) -> bool:
         """Whether a found structure's mask is good enough to draw (no quality known: drawn)."""
-        return self.outline.get(name, 1.0) >= MASK_SHOWN
+        return outline_shown(self.outline.get(name), self.fit.get(name))
+
+
+def outline_shown(score: float | None, fit: float | None) -> bool:
+    """The outline gate: predicted IoU ``score`` and heatmap agreement ``fit`` (None: not known, no bar)."""
+    return (score is None or score >= MASK_SHOWN) and (fit is None or fit >= OUTLINE_FIT)
 
 
 def build_evidence(

@@ -207,6 +207,16 @@ def region_cells(grid: int, image_size: int, boxes: torch.Tensor | None = None,
     return cells
 
 
+def heatmap_fit(probabilities: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    """Soft Dice (the locator's training objective) of N regions and V heatmaps: ``probabilities``
+    (V, E, E) heatmap probabilities, ``fractions`` (N, E, E) share of each cell a region covers.
+    Returns (N, V) in [0, 1]: how well each name's heatmap agrees with each region."""
+    heat = probabilities.flatten(1)
+    regions = fractions.flatten(1).to(heat.dtype)
+    overlap = regions @ heat.T  # (N, V)
+    return 2 * overlap / (regions.sum(1, keepdim=True) + heat.sum(1)[None] + 1e-6)
+
+
 def target_fractions(masks: torch.Tensor, grid: int) -> torch.Tensor:
     """(N, S, S) binary masks in the model frame -> (N, grid, grid) share of each cell covered."""
     return F.adaptive_avg_pool2d(masks.float().unsqueeze(1), grid).squeeze(1)

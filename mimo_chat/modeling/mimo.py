@@ -50,6 +50,7 @@ from mimo_chat.modeling.locator import (
     PRESENCE_THRESHOLD,
     StructureLocator,
     heatmap_box,
+    heatmap_fit,
     locator_loss,
     phrase_embeddings,
     phrase_spans,
@@ -291,10 +292,7 @@ class MimoModel(nn.Module):
             return fractions.new_zeros(count, names)
         embeddings = self.phrase_embeddings(self.vocabulary_ids)  # (V, H)
         rows = torch.zeros(names, dtype=torch.long, device=features.device)
-        probabilities = self.locator(features, rows, embeddings).sigmoid().flatten(1)  # (V, E*E)
-        regions = fractions.flatten(1).to(probabilities.dtype)  # (N, E*E)
-        overlap = regions @ probabilities.T  # (N, V)
-        return 2 * overlap / (regions.sum(1, keepdim=True) + probabilities.sum(1)[None] + 1e-6)
+        return heatmap_fit(self.locator(features, rows, embeddings).sigmoid(), fractions)
 
     def name_regions(self, features: torch.Tensor, fractions: torch.Tensor) -> tuple[list[int], torch.Tensor]:
         """The best vocabulary name of each region (see :meth:`region_name_scores`): its index in

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from mimo_chat.data.names import canonical_name
-from mimo_chat.evidence.policy import MASK_SHOWN
+from mimo_chat.evidence.policy import outline_shown
 from mimo_chat.imaging import Study
 from mimo_chat.segmentation import SegmentationPredictor
 from mimo_chat.volume.encodings import SliceEncodings
@@ -174,7 +174,7 @@ def follow_part(part: str, presence: np.ndarray, encodings: SliceEncodings, engi
         if presence[index] < PRESENT:
             return None
         own = finder(index, encodings.context(index), [part], True)[0]
-        if own.mask is None or not own.mask.any() or (own.score or 0.0) < MASK_SHOWN:
+        if own.mask is None or not own.mask.any() or not outline_shown(own.score or 0.0, own.fit):
             return None
         return own.mask, float(own.score)
 
