@@ -134,7 +134,14 @@ def test_a_found_structure_without_a_reliable_outline_is_named_without_a_mask() 
     described = plan_reply(Intent("describe"), evidence, KB)
     assert [seg.name for seg in described.segs] == ["liver", "spleen"]
     assert "It also finds the <p>pancreas</p>, without a reliable outline." in described.raw_text
-    for plan in (shown, described):
+    # a confident mask that the name's own heatmap does not agree with (the box led the decoder
+    # onto a neighbour) is not drawn either
+    evidence.fit = {"liver": 0.9, "spleen": 0.3}
+    disputed = plan_reply(Intent("describe"), evidence, KB)
+    assert [seg.name for seg in disputed.segs] == ["liver"]
+    assert "It also finds the <p>spleen</p> and the <p>pancreas</p>, without a reliable outline." in disputed.raw_text \
+        or "It also finds the <p>pancreas</p> and the <p>spleen</p>, without a reliable outline." in disputed.raw_text
+    for plan in (shown, described, disputed):
         assert unsupported(plan.raw_text) == [], plan.raw_text
 
 
@@ -202,7 +209,7 @@ def test_a_lesion_is_stated_only_with_an_outline_and_its_absence_does_not_rule_o
     with a drawn outline the user can check; otherwise the reply says the model cannot tell, and a
     "no" says it does not rule one out. Organs found without an outline are still named."""
     evidence = _evidence("CT abdomen", {"left kidney": 0.9, "tumour": 0.8, "liver": 0.9})
-    evidence.outline = {"left kidney": 0.9, "tumour": 0.5, "liver": 0.6}
+    evidence.outline = {"left kidney": 0.9, "tumour": 0.5, "liver": 0.55}
     asked = plan_reply(Intent("presence", ["tumour"]), evidence, KB)
     assert asked.raw_text == "The model cannot tell reliably whether there is a <p>tumour</p> on this slice."
     assert not asked.segs and parse_yes_no(parse_grounded_text(asked.raw_text)[0]) is None
@@ -244,3 +251,8 @@ def test_lung_lobes_are_named_on_ct_but_never_on_a_radiograph() -> None:
 
     assert NameFinder(KB, vocabulary).find("Segment the lungs.") == ["left lung", "right lung"]
     assert NameFinder(KB, vocabulary).find("and the left upper lobe?") == ["left upper lung lobe"]
+    # one noun for both sides names both, in the asked order
+    finder = NameFinder(KB, VOCABULARY)
+    assert finder.find("Show the left and the right clavicle.") == ["left clavicle", "right clavicle"]
+    assert finder.find("where are the right and left kidneys, and the liver?") == ["right kidney", "left kidney", "liver"]
+    assert finder.find("the left or right adrenal gland") == ["left adrenal gland", "right adrenal gland"]

@@ -197,8 +197,9 @@ class NameFinder:
         self.phrases = sorted(phrases.items(), key=lambda item: -len(item[0].split()))
 
     def find(self, text: str) -> list[str]:
-        """Names in ``text`` in order of appearance (each once)."""
-        words = normalize(text).split()
+        """Names in ``text`` in order of appearance (each once); "the left and the right clavicle"
+        names both sides."""
+        words = _both_sides(normalize(text)).split()
         taken = [False] * len(words)
         found: list[tuple[int, list[str]]] = []
         for phrase, names in self.phrases:
@@ -221,6 +222,12 @@ class NameFinder:
             masked = re.sub(rf" {re.escape(phrase)}(e?s)? ", " structure ", masked)
         question = "?" if text.strip().endswith("?") else "."
         return masked.strip() + question
+
+
+def _both_sides(text: str) -> str:
+    """"left and (the) right kidney(s)" -> "left kidney(s) and (the) right kidney(s)" (either side first)."""
+    return re.sub(r"\b(left|right) (and|or) (the )?(left|right) (\w+(?: \w+)?)",
+                  lambda m: f"{m[1]} {m[5]} {m[2]} {m[3] or ''}{m[4]} {m[5]}", text)
 
 
 def _same_words(window: list[str], phrase: list[str]) -> bool:
