@@ -14,7 +14,7 @@ For each structure (a pair such as "kidneys" is its left and right parts, follow
    (``locate(..., masks=True)``);
 3. walk: the mask's box prompts the engine on the next slice up and down (``propagate``), reusing
    the cached embeddings; where the locator also finds the structure with an outline the chat would
-   draw (``MASK_SHOWN``), the better-rated of its mask and the walked one is kept;
+   draw (``policy.outline_shown``), the better-rated of its mask and the walked one is kept;
 4. clean: the largest 3D component (and any other at least a tenth of its size), holes filled.
 
 ``walk=False`` gives the 2D answer instead: each slice the locator calls present gets its own
