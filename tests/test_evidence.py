@@ -251,8 +251,13 @@ def test_lung_lobes_are_named_on_ct_but_never_on_a_radiograph() -> None:
 
     assert NameFinder(KB, vocabulary).find("Segment the lungs.") == ["left lung", "right lung"]
     assert NameFinder(KB, vocabulary).find("and the left upper lobe?") == ["left upper lung lobe"]
-    # one noun for both sides names both, in the asked order
+
+
+def test_one_noun_for_both_sides_asks_for_both_in_the_asked_order() -> None:
+    from mimo_chat.evidence.intent import NameFinder
+
     finder = NameFinder(KB, VOCABULARY)
     assert finder.find("Show the left and the right clavicle.") == ["left clavicle", "right clavicle"]
     assert finder.find("where are the right and left kidneys, and the liver?") == ["right kidney", "left kidney", "liver"]
     assert finder.find("the left or right adrenal gland") == ["left adrenal gland", "right adrenal gland"]
+    assert finder.find("the left kidney and the spleen") == ["left kidney", "spleen"]

@@ -64,6 +64,10 @@ def test_one_session_over_ct_mr_and_chest_radiograph_says_only_what_the_evidence
         named = [p.phrase for p in answer.phrases if p.has_mask]
         assert not [n for n in named if any(word in n for word in ABDOMINAL)], answer.raw_text
         replies.append(answer)
+    # one noun for both sides: both clavicles are answered for
+    both = predictor.ask(contexts["cxr"], "Show the left and the right clavicle.")
+    assert {"left clavicle", "right clavicle"} <= {p.phrase for p in both.phrases}, both.raw_text
+    replies.append(both)
     # off-topic: a short decline, no phrase, no mask
     declined = predictor.ask(contexts["mr"], "What is the capital of France?")
     assert not declined.phrases and "I can only answer questions about this image" in declined.text
