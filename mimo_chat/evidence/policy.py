@@ -36,7 +36,8 @@ MAX_DESCRIBED = 6  # structures named in a caption of the image
 # decoder predicts at least MASK_SHOWN IoU for it; otherwise the structure is named without an
 # outline (a wrong outline misleads as a wrong name does). Chosen on the dev slices with
 # python -m mimo_chat.evaluation.outline_check, which prints the lowest MASK_SHOWN at which nine in
-# ten drawn outlines hit their label; re-check after retraining the locator or the prompt weights.
+# ten drawn outlines hit their label with and without the agreement bar (with it, MASK_SHOWN is a
+# margin above that lowest value); re-check after retraining the locator or the prompt weights.
 OUTLINE_FIT = 0.6
 MASK_SHOWN = 0.6
 
