@@ -181,6 +181,9 @@ def test_planned_replies_say_only_framing_and_cited_facts() -> None:
     assert any(source.startswith("Standring S") for source in function.sources)
     absent = plan_reply(Intent("segment", ["liver", "spleen"]), _evidence("CT abdomen", {"liver": 0.9}), KB)
     assert absent.raw_text == "Here is the <p>liver</p><SEG>. The <p>spleen</p> is not on this slice."
+    both = _evidence("CT abdomen", {"liver": 0.9, "spleen": 0.8})
+    assert plan_reply(Intent("segment", ["liver", "spleen"]), both, KB).raw_text == (
+        "Here are the <p>liver</p><SEG> and the <p>spleen</p><SEG>.")
     unknown = plan_reply(Intent("size", ["stomach"]), _evidence("CT abdomen", {"stomach": 0.9}), KB)
     assert unknown.raw_text.endswith("I don't have that in my reference.")
     declined = plan_reply(Intent("off_topic"), evidence, KB)

@@ -135,7 +135,7 @@ def _ground_asked(build: _Builder, names: list[str], present_key: str | None, ab
             if _is_lesion(entry):
                 missing.append(fill("lesion_caveat"))
     if phrases and present_key is None:
-        build.say("segment", names=join_names(phrases))
+        build.say("segment" if len(phrases) == 1 else "segment_several", names=join_names(phrases))
     build.sentences += missing
     return phrases
 

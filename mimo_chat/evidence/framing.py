@@ -24,6 +24,7 @@ _SOURCES = r".+?"
 TEMPLATES: dict[str, str] = {
     # segment / show
     "segment": "Here is the {names}.",
+    "segment_several": "Here are the {names}.",
     "absent": "The {name} is not on this slice.",
     "no_outline": "The model finds the {name} on this slice but cannot outline it reliably.",
     "present_no_outline": "Yes, the model finds the {name} on this slice but cannot outline it reliably.",
