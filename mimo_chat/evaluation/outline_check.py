@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mimo_chat.evaluation.metrics import mask_iou_dice
-from mimo_chat.evidence.policy import MASK_SHOWN, OUTLINE_FIT
+from mimo_chat.evidence.policy import MASK_SHOWN, OUTLINE_FIT, outline_shown
 
 HIT_IOU = 0.5
 THRESHOLDS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
@@ -81,12 +81,12 @@ def report(rows: Sequence[tuple[str, str, float, float, float]]) -> str:
         lowest = lowest_threshold(np.where(agrees, predicted, -1.0), hits)
         lines.append(f"lowest predicted IoU from which {PRECISION:.0%} of drawn outlines hit: "
                      f"{'none' if lowest is None else f'{lowest:.2f}'}")
-    drawn = (predicted >= MASK_SHOWN) & (fit >= OUTLINE_FIT)
+    drawn = np.array([outline_shown(row[2], row[4]) for row in rows], dtype=bool)
     lines.append(f"the gate (MASK_SHOWN {MASK_SHOWN}, OUTLINE_FIT {OUTLINE_FIT}): {drawn.mean():.2f} drawn, "
                  f"{hits[drawn].mean() if drawn.any() else 0:.3f} of them hit, {int((hits & ~drawn).sum())} hits lost")
     by_name: dict[str, list[tuple[float, float, float, bool]]] = defaultdict(list)
-    for _, name, guess, truth, agreement in rows:
-        by_name[name].append((guess, agreement, truth, guess >= MASK_SHOWN and agreement >= OUTLINE_FIT))
+    for (_, name, guess, truth, agreement), shown in zip(rows, drawn, strict=True):
+        by_name[name].append((guess, agreement, truth, shown))
     lines.append("structure               n   predicted   agreement   actual   drawn   hits drawn")
     for name, values in sorted(by_name.items()):
         table = np.array(values, dtype=float)

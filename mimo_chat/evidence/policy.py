@@ -154,7 +154,7 @@ def build_evidence(
         if best < 0 or scores[best] < 0:  # no name allowed on this kind of image
             prompted.append(PromptedObject(None, 0.0))
         else:
-            fit = float(max(scores[best], 0.0))
+            fit = float(scores[best])
             prompted.append(PromptedObject(vocabulary[best] if fit >= least else None, fit, vocabulary[best]))
     return Evidence(kind, found, prompted, excluded)
 
