@@ -264,3 +264,47 @@ def test_one_noun_for_both_sides_asks_for_both_in_the_asked_order() -> None:
     assert finder.find("where are the right and left kidneys, and the liver?") == ["right kidney", "left kidney", "liver"]
     assert finder.find("the left or right adrenal gland") == ["left adrenal gland", "right adrenal gland"]
     assert finder.find("the left kidney and the spleen") == ["left kidney", "spleen"]
+
+
+@pytest.mark.parametrize(("question", "names"), [
+    ("Does the heart look enlarged to you?", ["heart"]),
+    ("Is there something wrong with the liver?", ["liver"]),
+    ("Could this be pneumonia?", []),
+    ("Does this patient have any disease?", []),
+])
+def test_a_clinical_judgement_is_not_answered_with_a_finding(reader, question, names) -> None:
+    """"Is the heart enlarged?" once got "Yes, the model finds the heart on this slice.": a presence
+    answer that reads as a diagnosis. The model does not judge; it says so, shows the structure and,
+    for a question about size, quotes the reference's normal size."""
+    assert all(question != example for examples in EXAMPLES.values() for example in examples)
+    read = reader.read(question)
+    assert (read.intent, read.names) == ("judgement", names)
+    evidence = _evidence("XR chest" if names == ["heart"] else "CT abdomen", {"heart": 0.9, "liver": 0.9})
+    plan = plan_reply(read, evidence, KB, question)
+    text = parse_grounded_text(plan.raw_text)[0]
+    assert parse_yes_no(text) is None and "does not make diagnoses" in text and not unsupported(plan.raw_text)
+    assert [seg.name for seg in plan.segs] == names
+    assert ("half as wide as the chest" in text) == (names == ["heart"])  # the heart's size fact, cited
+    assert ("Source:" in text) == (names == ["heart"])
+
+
+def test_is_it_normal_refers_to_the_boxed_structure_and_a_lesion_question_stays_with_the_lesion_policy(reader) -> None:
+    box = np.zeros((1, len(VOCABULARY)))
+    box[0, VOCABULARY.index("right kidney")] = 0.9
+    history = [("What is this?", "This is the <p>right kidney</p><SEG>.")]
+    read = reader.read("Is that normal?", history)
+    assert (read.intent, read.names, read.follow_up) == ("judgement", ["right kidney"], True)
+    evidence = _evidence("CT abdomen", {"right kidney": 0.9}, box)
+    boxed = plan_reply(reader.read("Is this normal?", prompted=True), evidence, KB)
+    assert boxed.raw_text.startswith("This is the <p>right kidney</p><SEG>. I cannot tell whether the right kidney is")
+    assert reader.read("Is there a tumour in the kidney?").intent == "presence"
+
+
+def test_a_follow_up_with_a_question_of_its_own_is_not_read_as_a_repeat(reader) -> None:
+    history = [("How big is the liver normally?", "In adults the liver usually spans less than about 16 cm.")]
+    assert reader.read("and which organs touch it?", history).intent == "relations"
+    assert reader.read("and what does it do?", history).intent == "function"
+    spleen = reader.read("and the spleen?", history)
+    assert (spleen.intent, spleen.names, spleen.follow_up) == ("size", ["spleen"], True)
+    assert reader.read("Thanks a lot, that helps!").intent == "thanks"
+    assert plan_reply(Intent("thanks"), _evidence("CT abdomen", {}), KB).raw_text == "You're welcome."

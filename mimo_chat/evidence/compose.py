@@ -75,8 +75,8 @@ class _Builder:
 def plan_reply(intent: Intent, evidence: Evidence, knowledge: KnowledgeBase, question: str = "") -> Plan:
     """The reply's raw text (with ``<p>name</p><SEG>`` markup), its ``<SEG>`` s and its sources."""
     build = _Builder(knowledge, evidence)
-    if intent.kind == "off_topic":
-        build.say("off_topic")
+    if intent.kind in ("off_topic", "thanks"):
+        build.say(intent.kind)
         return build.plan()
     subjects = _prompted(build, intent) + list(intent.names)
     if intent.kind in ("segment", "presence", "locate") and not intent.names:
@@ -85,7 +85,8 @@ def plan_reply(intent: Intent, evidence: Evidence, knowledge: KnowledgeBase, que
         return build.plan()
     handlers = {
         "segment": _segment, "presence": _presence, "locate": _locate, "describe": _describe,
-        "explain": _explain, "level": _level, "volume": _volume, "identify": lambda b, i, s, q: None,
+        "explain": _explain, "level": _level, "volume": _volume, "judgement": _judgement,
+        "identify": lambda b, i, s, q: None,
     }
     if intent.kind == "identify" and not evidence.prompted:
         _describe(build, intent, subjects, question)
@@ -257,6 +258,34 @@ def _level(build: _Builder, intent: Intent, subjects: list[str], question: str) 
         build.say("level_below", name=label)
     else:
         build.say("level_unknown")
+
+
+_SIZE_WORDS = ("enlarged", "big", "bigger", "biggest", "large", "larger", "small", "smaller", "size", "wide", "long",
+               "swollen", "shrunken")
+
+
+def _judgement(build: _Builder, intent: Intent, subjects: list[str], question: str) -> None:
+    """"Is it normal?": the structures are shown as for "where is", then the model says it does not
+    judge; a question about size gets the knowledge base's normal sizes for reference."""
+    prompted = subjects[: len(build.evidence.prompted)]
+    asked = [name for name in intent.names if name not in prompted]
+    if asked:
+        _ground_asked(build, asked, None, "absent")
+    vocabulary = [*build.evidence.presence, *build.evidence.excluded]
+    found = [name for name in groundable(asked, vocabulary).values() if name and build.evidence.is_present(name)]
+    judged = list(dict.fromkeys(prompted + found))
+    if len(judged) == 1:
+        build.say("judgement", name=judged[0])
+    elif judged:
+        build.say("judgement_several", names=join_names(judged))
+    elif not asked:
+        build.say("judgement_image")
+    words = question.lower().replace("?", " ").replace(",", " ").split()
+    if any(word in _SIZE_WORDS for word in words):
+        for name in judged:
+            entry = build.knowledge.find(name)
+            if entry is not None:
+                build.fact(entry, [fact.text for fact in entry.facts("size")])
 
 
 def _volume(build: _Builder, intent: Intent, subjects: list[str], question: str) -> None:

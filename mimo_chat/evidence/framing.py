@@ -58,6 +58,20 @@ TEMPLATES: dict[str, str] = {
     "level_unknown": "I cannot tell the level of this slice from the structures the model finds.",
     # whole-study size and volume
     "volume": "Sizes and volumes need the whole study; the model measures the {names} over every slice of an opened volume.",
+    # is it normal? (a judgement the model does not make)
+    "judgement": (
+        "I cannot tell whether the {name} is normal or abnormal; the model names and outlines anatomy and does not "
+        "make diagnoses."
+    ),
+    "judgement_several": (
+        "I cannot tell whether the {names} are normal or abnormal; the model names and outlines anatomy and does not "
+        "make diagnoses."
+    ),
+    "judgement_image": (
+        "I cannot tell what is normal or abnormal on this image; the model names and outlines anatomy and does not "
+        "make diagnoses."
+    ),
+    "thanks": "You're welcome.",
     # no answer / no target / off-topic
     "unknown_fact": "I don't have that in my reference.",
     "need_prompt": "Draw a box or click on a structure first, or name the structure you mean.",

@@ -40,6 +40,8 @@ INTENTS: dict[str, tuple[str, str | None]] = {
     "relations": ("explain", "relations"),
     "level": ("level", None),
     "volume": ("volume", None),
+    "judgement": ("judgement", "size"),
+    "thanks": ("thanks", None),
     "off_topic": ("off_topic", None),
 }
 
@@ -113,6 +115,16 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "Measure the structure.", "How many millilitres is the structure?", "What is the size of the structure in this study?",
         "How big is the structure in this scan?", "Compute the volume of the structure.",
     ),
+    "judgement": (
+        "Is the structure normal?", "Is it normal?", "Is the structure enlarged?", "Is there anything abnormal?",
+        "Does this look healthy?", "Is the structure diseased?", "What is the diagnosis?", "Is there pneumonia?",
+        "Is this a fracture?", "Is anything wrong with the structure?", "Is the structure too big?",
+        "Which one is bigger?", "Is the structure larger than the structure?", "Does this patient have cardiomegaly?",
+        "Is this malignant?", "Should I be worried about this?", "What disease does this patient have?",
+        "Is this finding benign?", "Does the structure look abnormal?", "Is the structure inflamed?",
+        "Is this scan normal?", "Is the structure too small?",
+    ),
+    "thanks": ("Thanks!", "Thank you.", "Great, thank you.", "Thanks a lot.", "Perfect, thanks.", "Cheers."),
     "off_topic": (
         "What is the capital of France?", "Tell me a joke.", "Write a poem.", "What is the weather today?",
         "Who won the football match?", "Hello!", "How are you?", "What is 2 plus 2?", "Translate this into German.",
@@ -127,6 +139,9 @@ VOTE_TEMPERATURE = 0.03
 _FOLLOW_UP_START = re.compile(r"^(and|what about|how about|same for|also|now)\b")
 _PRONOUN = re.compile(r"\b(it|its|this|that|these|those|they|them|one)\b")
 _SIDE_ONE = re.compile(r"\b(left|right|other)\s+(one|side)\b")
+# words that leave a follow-up without an ask of its own once its lead-in and names are gone
+_FILLER = frozenset({"structure", "the", "a", "an", "one", "ones", "side", "left", "right", "other", "please", "too",
+                     "also", "as", "well", "then", "now"})
 _TAG_NAME = re.compile(r"<p>(.*?)</p>")
 
 
@@ -238,6 +253,7 @@ class IntentReader:
     """Question (+ history, + whether the user drew a prompt) -> :class:`Intent`."""
 
     def __init__(self, knowledge: KnowledgeBase, vocabulary: Sequence[str] = (), encoder: SentenceEncoder | None = None):
+        self.knowledge = knowledge
         self.names = NameFinder(knowledge, vocabulary)
         self.encoder = encoder or sentence_encoder()
         self.labels = [intent for intent, examples in EXAMPLES.items() for _ in examples]
@@ -268,8 +284,9 @@ class IntentReader:
                 names, follow_up = _switch_side(previous.names, _SIDE_ONE.search(text).group(1)), True
             elif _PRONOUN.search(text) and not prompted:
                 names, follow_up = list(previous.names), True
-        short = _FOLLOW_UP_START.match(text) is not None or len(text.split()) <= 3
-        vague = intent == "off_topic" or _FOLLOW_UP_START.match(text) is not None
+        lead = _FOLLOW_UP_START.match(text) is not None
+        short = lead or len(text.split()) <= 3
+        vague = intent == "off_topic" or (lead and self._bare(question))
         if previous is not None and short and vague and (names or follow_up):
             intent, follow_up = previous.intent, True  # "and the spleen?" asks what the last turn asked
         if INTENTS[intent][0] == "explain" and not names and not prompted and not follow_up:
@@ -279,7 +296,19 @@ class IntentReader:
             intent = "off_topic"
         if intent == "off_topic" and (prompted or (names and similarity < MIN_SIMILARITY)):
             intent = "identify" if prompted and not names else "about"
+        if intent == "judgement" and names and all(self._is_lesion(name) for name in names):
+            intent = "presence"  # "is there a tumour?" is answered by the lesion policy
         return Intent(intent, names, follow_up, similarity)
+
+    def _bare(self, question: str) -> bool:
+        """Whether a follow-up asks nothing of its own ("and the spleen?", "what about the left one?"),
+        so that it repeats the last turn's question; "and what does it do?" asks its own."""
+        rest = _FOLLOW_UP_START.sub("", self.names.mask_names(question).rstrip("?.!").strip())
+        return all(word in _FILLER for word in rest.split())
+
+    def _is_lesion(self, name: str) -> bool:
+        entry = self.knowledge.find(name)
+        return entry is not None and entry.kind == "lesion"
 
     def _previous(self, history: Sequence[tuple[str, str]] | None) -> Intent | None:
         """The last turn's intent, with the structures its answer grounded (or its question named)."""
