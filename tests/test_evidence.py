@@ -308,3 +308,42 @@ def test_a_follow_up_with_a_question_of_its_own_is_not_read_as_a_repeat(reader) 
     assert (spleen.intent, spleen.names, spleen.follow_up) == ("size", ["spleen"], True)
     assert reader.read("Thanks a lot, that helps!").intent == "thanks"
     assert plan_reply(Intent("thanks"), _evidence("CT abdomen", {}), KB).raw_text == "You're welcome."
+
+
+@pytest.mark.parametrize(("question", "intent", "names"), [
+    ("What is the spleen's blood supply?", "relations", ["spleen"]),
+    ("Which vessel feeds the liver?", "relations", ["liver"]),
+    ("How many HU does the liver measure on CT?", "appearance", ["liver"]),
+    ("What level of the spine are we at?", "level", ["vertebra"]),
+])
+def test_a_question_that_is_not_yes_or_no_gets_no_yes(reader, question, intent, names) -> None:
+    """"What is the spleen's blood supply?" once got "Yes, the model finds the spleen on this slice."."""
+    assert all(question != example for examples in EXAMPLES.values() for example in examples)
+    read = reader.read(question)
+    assert (read.intent, read.names) == (intent, names)
+    evidence = _evidence("CT abdomen", {"liver": 0.9, "spleen": 0.9})
+    assert parse_yes_no(parse_grounded_text(plan_reply(read, evidence, KB, question).raw_text)[0]) is None
+
+
+def test_the_asked_modality_decides_the_appearance_fact_and_a_bare_follow_up_keeps_the_subject(reader) -> None:
+    history = [("Show the spleen.", "Here is the <p>spleen</p><SEG>.")]
+    read = reader.read("how does it look on MRI?", history)
+    plan = plan_reply(read, _evidence("CT abdomen", {"spleen": 0.9}), KB, "how does it look on MRI?")
+    assert KB.find("spleen").mr in plan.raw_text and KB.find("spleen").ct not in plan.raw_text
+    where = reader.read("where exactly?", [("Is there a liver?", "Yes, the model finds the <p>liver</p><SEG> on this slice.")])
+    assert (where.intent, where.names, where.follow_up) == ("locate", ["liver"], True)
+
+
+@pytest.mark.parametrize(("question", "intent"), [
+    ("Please mark every organ you can find.", "describe"),
+    ("Highlight all structures on this slice", "describe"),
+    ("How old is this patient?", "off_topic"),
+    ("On what date was the exam done?", "off_topic"),
+])
+def test_segment_everything_is_the_grounded_caption_and_questions_about_the_patient_are_declined(
+        reader, question, intent) -> None:
+    plan = plan_reply(reader.read(question), _evidence("CT abdomen", {"liver": 0.9, "spleen": 0.9}), KB, question)
+    if intent == "describe":
+        assert "On this slice the model finds the <p>liver</p><SEG> and the <p>spleen</p><SEG>." in plan.raw_text
+    else:
+        assert plan.raw_text == TEMPLATES["off_topic"] and not plan.segs

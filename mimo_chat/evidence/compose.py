@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mimo_chat.data.knowledge import KnowledgeBase, KnowledgeEntry
+from mimo_chat.data.names import normalize
 from mimo_chat.evidence.framing import fill, join_names
 from mimo_chat.evidence.intent import Intent
 from mimo_chat.evidence.policy import MAX_DESCRIBED, Evidence, groundable
@@ -225,7 +226,7 @@ def _topic_facts(entry: KnowledgeEntry, topic: str | None, modality: str | None,
 
 
 def _asked_modality(question: str) -> str | None:
-    words = question.lower().replace("-", " ").split()
+    words = normalize(question).split()
     for word, modality in (("ct", "CT"), ("mri", "MR"), ("mr", "MR"), ("x ray", "XR"), ("xray", "XR"),
                            ("radiograph", "XR")):
         if word in words or (" " in word and word in " ".join(words)):
@@ -280,7 +281,7 @@ def _judgement(build: _Builder, intent: Intent, subjects: list[str], question: s
         build.say("judgement_several", names=join_names(judged))
     elif not asked:
         build.say("judgement_image")
-    words = question.lower().replace("?", " ").replace(",", " ").split()
+    words = normalize(question).split()
     if any(word in _SIZE_WORDS for word in words):
         for name in judged:
             entry = build.knowledge.find(name)

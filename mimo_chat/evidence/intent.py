@@ -76,7 +76,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "appearance": (
         "How does the structure look on CT?", "What does the structure look like on MRI?",
         "How does the structure appear on an X-ray?", "How is the structure seen on imaging?",
-        "What does it look like on a scan?", "How dense is the structure on CT?",
+        "What does it look like on a scan?", "How dense is the structure on CT?", "What is the HU of the structure?",
+        "How many Hounsfield units does the structure have?",
     ),
     "pathology": (
         "What diseases affect the structure?", "What can go wrong with the structure?",
@@ -99,16 +100,19 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "Give me a caption for this image.", "What does this image show?", "Summarise this scan.",
         "What organs are in this picture?", "Describe the scan.", "What can you see in this slice?",
         "What organs do you see here?", "Which structures can you find?", "Tell me what is in this image.",
+        "Outline everything you see.", "Segment all the structures.", "Show me all the organs.",
     ),
     "relations": (
         "What lies in front of the structure?", "What is next to the structure?", "What is near the structure?",
         "What surrounds the structure?", "What lies behind it?", "Which organs touch the structure?",
         "What is the structure connected to?", "What are the neighbours of the structure?",
-        "Where does the structure lie relative to the structure?",
+        "Where does the structure lie relative to the structure?", "What is the blood supply of the structure?",
+        "Which artery supplies the structure?", "Where does the structure drain?",
     ),
     "level": (
         "Is this slice above or below the structure?", "At what level is this slice?", "Which vertebral level is this?",
         "Is this slice at the level of the structure?", "Are we above the structure?", "How high is this slice?",
+        "What level of the structure is this?",
     ),
     "volume": (
         "What is the volume of the structure?", "How large is the structure in this patient?",
@@ -129,7 +133,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "What is the capital of France?", "Tell me a joke.", "Write a poem.", "What is the weather today?",
         "Who won the football match?", "Hello!", "How are you?", "What is 2 plus 2?", "Translate this into German.",
         "What should I cook tonight?", "Who is the president?", "Recommend a movie.", "What time is it?",
-        "Which medicine should I take for my headache?", "Write some Python code.",
+        "Which medicine should I take for my headache?", "Write some Python code.", "How old is the patient?",
+        "What is the patient's name?", "When was this scan taken?",
     ),
 }
 
@@ -143,6 +148,8 @@ _SIDE_ONE = re.compile(r"\b(left|right|other)\s+(one|side)\b")
 _FILLER = frozenset({"structure", "the", "a", "an", "one", "ones", "side", "left", "right", "other", "please", "too",
                      "also", "as", "well", "then", "now"})
 _TAG_NAME = re.compile(r"<p>(.*?)</p>")
+_EVERYTHING = re.compile(r"\b(all|every|everything|each)\b")
+_WH_WORD = re.compile(r"^(what|which|how|why|where|when|who)\b")
 
 
 @dataclass
@@ -286,6 +293,9 @@ class IntentReader:
                 names, follow_up = list(previous.names), True
         lead = _FOLLOW_UP_START.match(text) is not None
         short = lead or len(text.split()) <= 3
+        if not names and not follow_up and previous is not None and not prompted and len(text.split()) <= 3 \
+                and intent not in ("off_topic", "describe", "thanks", "level"):
+            names, follow_up = list(previous.names), bool(previous.names)  # "where exactly?"
         vague = intent == "off_topic" or (lead and self._bare(question))
         if previous is not None and short and vague and (names or follow_up):
             intent, follow_up = previous.intent, True  # "and the spleen?" asks what the last turn asked
@@ -296,6 +306,14 @@ class IntentReader:
             intent = "off_topic"
         if intent == "off_topic" and (prompted or (names and similarity < MIN_SIMILARITY)):
             intent = "identify" if prompted and not names else "about"
+        if intent == "identify" and names and not prompted and not follow_up:
+            # "which vessel feeds the liver?" names its subject: it asks about it, not what a box holds
+            intent, similarity = self.classify(question, among=[i for i in INTENTS if i != "identify"])
+        if intent == "segment" and not names and not prompted and _EVERYTHING.search(text):
+            intent = "describe"  # "highlight all structures": the grounded caption outlines what is found
+        if intent == "presence" and _WH_WORD.match(text):
+            # only a yes/no question gets a yes/no answer: "what is the spleen's blood supply?" is not one
+            intent, similarity = self.classify(question, among=[i for i in INTENTS if i not in ("presence", "judgement")])
         if intent == "judgement" and names and all(self._is_lesion(name) for name in names):
             intent = "presence"  # "is there a tumour?" is answered by the lesion policy
         return Intent(intent, names, follow_up, similarity)
