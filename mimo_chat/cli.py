@@ -19,6 +19,7 @@ COMMANDS = {
     "engine-dice": ("mimo_chat.evaluation.engine_dice", "the segmentation engine's box, click and correction Dice"),
     "outline-check": ("mimo_chat.evaluation.outline_check", "is the predicted IoU a fair judge of an outline?"),
     "name-check": ("mimo_chat.evaluation.name_check", "how often a box's name is right, per modality and tier"),
+    "showcase": ("mimo_chat.evaluation.showcase", "the README's before / after questions asked again on dev images"),
     "screenshot": ("mimo_chat.app.screenshot", "the README screenshot from the real app"),
 }
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from mimo_chat.data.knowledge import load_knowledge_base
+from mimo_chat.evaluation.parsing import parse_yes_no
 from mimo_chat.evidence.compose import plan_reply
 from mimo_chat.evidence.framing import FRAMING_PATTERNS, TEMPLATES, is_framing, split_sentences
 from mimo_chat.evidence.intent import EXAMPLES, Intent, IntentReader
 from mimo_chat.evidence.policy import ImageKind, build_evidence
-from mimo_chat.evaluation.parsing import parse_yes_no
 from mimo_chat.grounding import parse_grounded_text
 
 KB = load_knowledge_base()
