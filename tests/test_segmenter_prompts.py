@@ -88,13 +88,16 @@ def test_prompt_fine_tune_changes_weights_exports_them_and_resumes(cache_root, t
     with torch.no_grad():
         after = float(prompt_loss(task.model, task.teacher, fixed)["loss"])
     assert result["step"] == 2 and np.isfinite(before) and np.isfinite(after)
+    with torch.no_grad():  # --kd-weight scales only the distillation toward the unmodified decoder
+        terms = prompt_loss(task.model, task.teacher, fixed, kd_weight=3.0)
+    assert float(terms["loss"]) == pytest.approx(terms["seg"] + terms["iou"] + 3.0 * terms["kd"], rel=1e-3, abs=1e-5)
     assert 0.0 <= result["dev_box_dice"] <= 1.0 and 0.0 <= result["dev_click_dice"] <= 1.0
 
     exported = load_file(tmp_path / "segmenter" / "model.safetensors")
     assert set(exported) == set(initial)
     assert any(not torch.equal(exported[name].float(), initial[name].half().float()) for name in initial)
     config = json.loads((tmp_path / "segmenter" / "config.json").read_text())
-    assert config["step"] == 2 and config["dev"]["dev_box_dice"] == result["dev_box_dice"]
+    assert config["step"] == 2 and config["dev"]["dev_box_dice"] == result["dev_box_dice"] and config["kd_weight"] == 1.0
     engine = SegmentationPredictor.from_pretrained(checkpoint=tmp_path / "segmenter", fuse=False)
     loaded = dict(engine.model.named_parameters())
     assert torch.equal(loaded["mask_decoder.iou_prediction_head.layers.0.weight"].half(),

@@ -77,8 +77,9 @@ def batch_iou(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return intersection / union  # (B,)
 
 
-def prompt_loss(model: LiteMedSam, teacher: LiteMedSam, batch: PromptBatch) -> dict:
-    """Segmentation loss of every prompt group, IoU-head MSE, and distillation of the box-only rows toward ``teacher``."""
+def prompt_loss(model: LiteMedSam, teacher: LiteMedSam, batch: PromptBatch, kd_weight: float = 1.0) -> dict:
+    """Segmentation loss of every prompt group, IoU-head MSE, and distillation (weighted ``kd_weight``)
+    of the box-only rows toward ``teacher``."""
     crop = batch.crop
     full_pe = model.prompt_encoder.get_dense_pe()[0]  # (C, E, E)
     pe_t = torch.stack([full_pe[:, row:row + crop, col:col + crop] for row, col in batch.windows])  # (B, C, crop, crop)
@@ -104,7 +105,7 @@ def prompt_loss(model: LiteMedSam, teacher: LiteMedSam, batch: PromptBatch) -> d
     seg = segmentation_loss(logits, targets)
     iou_loss = F.mse_loss(iou[:, 0], batch_iou(logits.detach(), targets))
     kd = torch.stack(kd_terms).mean() if kd_terms else torch.zeros(())
-    return {"loss": seg + iou_loss + kd, "seg": seg.item(), "iou": iou_loss.item(), "kd": kd.item()}
+    return {"loss": seg + iou_loss + kd_weight * kd, "seg": seg.item(), "iou": iou_loss.item(), "kd": kd.item()}
 
 
 def save_weights(model: LiteMedSam, out: Path, step: int, notes: dict) -> None:
@@ -160,7 +161,7 @@ class SegmenterPromptTask(TrainingTask):
         return sample_prompts(self.examples, self.options.batch, self.rng, crop, grid, config.low_res_size // grid)
 
     def loss(self, model: torch.nn.Module, batch: PromptBatch) -> dict:
-        return prompt_loss(self.model, self.teacher, batch)
+        return prompt_loss(self.model, self.teacher, batch, self.options.kd_weight)
 
     def validate(self, model: torch.nn.Module) -> dict:
         """Box and click Dice of the engine with these weights on the first ``eval_slices`` dev slices."""
@@ -184,7 +185,8 @@ class SegmenterPromptTask(TrainingTask):
         self.model.load_state_dict(state, strict=False)
 
     def export(self, step: int, metrics: dict) -> None:
-        notes = {"lr": self.options.lr, "batch": self.options.batch, "train_structures": self.describe()["structures"],
+        notes = {"lr": self.options.lr, "batch": self.options.batch, "kd_weight": self.options.kd_weight,
+                 "train_structures": self.describe()["structures"],
                  "data": f"train split of the seg cache {self.folder.name}/ ({len(self.examples.records)} slices), "
                          "sampled by mimo_chat.data.sources.SOURCE_WEIGHTS; frozen TinyViT embeddings; "
                          "rows prompted by a box, a loose box with clicks, or clicks"}
@@ -229,6 +231,8 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=0, help="steps between dev validations (0: at the end)")
     parser.add_argument("--eval-slices", type=int, default=24, help="dev slices per validation (0: none)")
+    parser.add_argument("--kd-weight", type=float, default=1.0,
+                        help="weight of the box-only rows' distillation toward the unmodified LiteMedSAM decoder")
     parser.add_argument("--crops", default="32,64",
                         help="embedding-grid crop sizes (cells per side), one picked at random per step; 64 = full")
     return parser.parse_args(argv)
