@@ -298,6 +298,8 @@ def test_is_it_normal_refers_to_the_boxed_structure_and_a_lesion_question_stays_
     boxed = plan_reply(reader.read("Is this normal?", prompted=True), evidence, KB)
     assert boxed.raw_text.startswith("This is the <p>right kidney</p><SEG>. I cannot tell whether the right kidney is")
     assert reader.read("Is there a tumour in the kidney?").intent == "presence"
+    both = reader.read("Is the left one bigger than the right one?", history)
+    assert (both.intent, both.names) == ("judgement", ["left kidney", "right kidney"])
 
 
 def test_a_follow_up_with_a_question_of_its_own_is_not_read_as_a_repeat(reader) -> None:

@@ -287,8 +287,10 @@ class IntentReader:
         previous = self._previous(history)
         follow_up = False
         if not names and previous is not None:
-            if _SIDE_ONE.search(text):
-                names, follow_up = _switch_side(previous.names, _SIDE_ONE.search(text).group(1)), True
+            if _SIDE_ONE.search(text):  # "is the left one bigger than the right one?" asks about both
+                sides = [match.group(1) for match in _SIDE_ONE.finditer(text)]
+                names = list(dict.fromkeys(name for side in sides for name in _switch_side(previous.names, side)))
+                follow_up = True
             elif _PRONOUN.search(text) and not prompted:
                 names, follow_up = list(previous.names), True
         lead = _FOLLOW_UP_START.match(text) is not None
