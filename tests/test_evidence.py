@@ -332,6 +332,9 @@ def test_the_asked_modality_decides_the_appearance_fact_and_a_bare_follow_up_kee
     read = reader.read("how does it look on MRI?", history)
     plan = plan_reply(read, _evidence("CT abdomen", {"spleen": 0.9}), KB, "how does it look on MRI?")
     assert KB.find("spleen").mr in plan.raw_text and KB.find("spleen").ct not in plan.raw_text
+    ultrasound = plan_reply(reader.read("And on ultrasound?", history), _evidence("CT abdomen", {"spleen": 0.9}), KB,
+                            "And on ultrasound?")
+    assert "I don't have that in my reference." in ultrasound.raw_text and KB.find("spleen").ct not in ultrasound.raw_text
     where = reader.read("where exactly?", [("Is there a liver?", "Yes, the model finds the <p>liver</p><SEG> on this slice.")])
     assert (where.intent, where.names, where.follow_up) == ("locate", ["liver"], True)
 

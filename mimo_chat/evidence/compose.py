@@ -218,9 +218,10 @@ def _topic_facts(entry: KnowledgeEntry, topic: str | None, modality: str | None,
     if topic == "about":
         return [entry.location, *entry.function[:1]]
     if topic == "appearance":
-        asked = _asked_modality(question) or modality
         by_modality = {"CT": [entry.ct, entry.hu_sentence() or ""], "MR": [entry.mr], "XR": [entry.xr or ""]}
-        texts = by_modality.get(asked or "", [entry.ct, entry.mr])
+        asked = _asked_modality(question)
+        # a modality the reference does not describe (ultrasound) has no sentence, not the image's
+        texts = by_modality.get(asked, []) if asked else by_modality.get(modality or "", [entry.ct, entry.mr])
         return [text for text in texts if text]
     return [fact.text for fact in entry.facts(topic or "function")]
 
@@ -228,7 +229,7 @@ def _topic_facts(entry: KnowledgeEntry, topic: str | None, modality: str | None,
 def _asked_modality(question: str) -> str | None:
     words = normalize(question).split()
     for word, modality in (("ct", "CT"), ("mri", "MR"), ("mr", "MR"), ("x ray", "XR"), ("xray", "XR"),
-                           ("radiograph", "XR")):
+                           ("radiograph", "XR"), ("ultrasound", "US"), ("sonography", "US"), ("pet", "PET")):
         if word in words or (" " in word and word in " ".join(words)):
             return modality
     return None
