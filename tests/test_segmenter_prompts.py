@@ -88,8 +88,10 @@ def test_prompt_fine_tune_changes_weights_exports_them_and_resumes(cache_root, t
     with torch.no_grad():
         after = float(prompt_loss(task.model, task.teacher, fixed)["loss"])
     assert result["step"] == 2 and np.isfinite(before) and np.isfinite(after)
+    assert any(group.box_only for group in fixed.groups)  # the rows that are distilled
     with torch.no_grad():  # --kd-weight scales only the distillation toward the unmodified decoder
         terms = prompt_loss(task.model, task.teacher, fixed, kd_weight=3.0)
+    assert terms["kd"] > 0
     assert float(terms["loss"]) == pytest.approx(terms["seg"] + terms["iou"] + 3.0 * terms["kd"], rel=1e-3, abs=1e-5)
     assert 0.0 <= result["dev_box_dice"] <= 1.0 and 0.0 <= result["dev_click_dice"] <= 1.0
 

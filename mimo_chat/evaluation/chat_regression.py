@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,20 +66,28 @@ def load_conversations(path: str | Path = REGRESSION_PATH, kinds: Sequence[str] 
 
 def load_images(conversations: Sequence[dict]) -> dict[tuple[str, str], object]:
     """(source, slice) -> LabelledSlice of every image the conversations use; each must be a dev patient."""
-    from mimo_chat.data.sources import iter_source, split_of
+    from mimo_chat.data.sources import split_of
 
-    wanted: dict[str, set[str]] = {}
     for conversation in conversations:
         image = conversation["image"]
         if split_of(image["source"], image["patient"]) != "dev":
             raise ValueError(f"{conversation['id']}: {image['source']}/{image['patient']} is not a dev patient")
-        wanted.setdefault(image["source"], set()).add(image["slice"])
+    return dev_slices((c["image"]["source"], c["image"]["slice"]) for c in conversations)
+
+
+def dev_slices(wanted: Iterable[tuple[str, str]]) -> dict[tuple[str, str], object]:
+    """(source, slice id) -> LabelledSlice, read from the dev split of each source only."""
+    from mimo_chat.data.sources import iter_source
+
+    by_source: dict[str, set[str]] = {}
+    for source, slice_id in wanted:
+        by_source.setdefault(source, set()).add(slice_id)
     samples = {}
-    for source, slices in wanted.items():
+    for source, slices in by_source.items():
         for sample in iter_source(source, split="dev"):
             if sample.slice_id in slices:
                 samples[(source, sample.slice_id)] = sample
-    missing = {(s, i) for s, ids in wanted.items() for i in ids} - set(samples)
+    missing = {(s, i) for s, ids in by_source.items() for i in ids} - set(samples)
     if missing:
         raise ValueError(f"images not found among the dev slices: {sorted(missing)}")
     return samples

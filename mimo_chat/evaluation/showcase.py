@@ -51,29 +51,11 @@ SHOWCASE = (
 )
 
 
-def load_slices(questions: Sequence[Question]) -> dict[tuple[str, str], object]:
-    """(source, slice id) -> LabelledSlice, read from the dev split of each source only."""
-    from mimo_chat.data.sources import iter_source
-
-    wanted: dict[str, set[str]] = {}
-    for question in questions:
-        wanted.setdefault(question.source, set()).add(question.slice_id)
-    found = {}
-    for source, slices in wanted.items():
-        for sample in iter_source(source, split="dev"):
-            if sample.slice_id in slices:
-                found[(source, sample.slice_id)] = sample
-    missing = sorted({(q.source, q.slice_id) for q in questions} - set(found))
-    if missing:
-        raise ValueError(f"not among the dev slices: {missing}")
-    return found
-
-
 def ask_all(predictor, questions: Sequence[Question] = SHOWCASE, progress: bool = True) -> list[tuple[Question, str]]:
     """(question, reply display text) of each question; each image is encoded once."""
-    from mimo_chat.evaluation.chat_regression import visual_prompt
+    from mimo_chat.evaluation.chat_regression import dev_slices, visual_prompt
 
-    samples = load_slices(questions)
+    samples = dev_slices((q.source, q.slice_id) for q in questions)
     contexts: dict[tuple[str, str], object] = {}
     replies = []
     for question in tqdm(questions, desc="showcase", disable=not progress):

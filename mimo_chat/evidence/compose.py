@@ -287,7 +287,7 @@ def _judgement(build: _Builder, intent: Intent, subjects: list[str], question: s
         for name in judged:
             entry = build.knowledge.find(name)
             if entry is not None:
-                build.fact(entry, [fact.text for fact in entry.facts("size")])
+                build.fact(entry, [fact.text for fact in entry.facts(intent.topic)])
 
 
 def _volume(build: _Builder, intent: Intent, subjects: list[str], question: str) -> None:
