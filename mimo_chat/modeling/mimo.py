@@ -57,9 +57,18 @@ from mimo_chat.modeling.locator import (
     presence_logits,
     target_fractions,
 )
-from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, load_lite_medsam_weights, load_prompt_weights
+from mimo_chat.modeling.sam import (
+    LiteMedSam,
+    SamConfig,
+    build_mask_decoder,
+    build_sam,
+    load_decoder_weights,
+    load_lite_medsam_weights,
+    load_prompt_weights,
+)
 
-# checkpoints/ of the repository: where ``config.sam_checkpoint`` (the engine's prompt weights) lives
+# checkpoints/ of the repository: where ``config.sam_checkpoint`` (the engine's prompt weights) and
+# ``config.grounding_checkpoint`` live
 REPOSITORY_CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
 CONFIG_NAME = "config.json"
@@ -97,10 +106,13 @@ class MimoModel(nn.Module):
         locator: StructureLocator,
         token_ids: dict[str, int],
         vocabulary_ids: list[list[int]] | None = None,
+        grounding_decoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.sam = sam
+        # decodes the locator's boxes (by-name masks); None: the engine's decoder does
+        self.grounding_decoder = grounding_decoder
         self.language_model = language_model
         self.aligner = aligner
         self.locator = locator
@@ -112,6 +124,8 @@ class MimoModel(nn.Module):
         self.vocabulary_ids = [list(ids) for ids in vocabulary_ids or []]  # token ids of the locator's names
         self.token_ids = dict(token_ids)
         for parameter in self.sam.parameters():
+            parameter.requires_grad_(False)
+        for parameter in grounding_decoder.parameters() if grounding_decoder is not None else ():
             parameter.requires_grad_(False)
         # what we train, fixed at construction (a training stage may freeze some of it for a while)
         self.trained_parameter_names = tuple(name for name, p in self.named_parameters() if p.requires_grad)
@@ -153,22 +167,29 @@ class MimoModel(nn.Module):
                 image_channels=sam.config.embed_dim, text_hidden=language_model.hidden_size, width=config.locator_width,
                 num_image_kinds=len(config.image_kinds),
             )
+            grounding_decoder = build_mask_decoder(sam.config) if config.grounding_checkpoint else None
         names = (PHRASE_START, PHRASE_END, SEG_TOKEN, IMAGE_TOKEN)
         token_ids = dict(zip(names, tokenizer.convert_tokens_to_ids(list(names)), strict=True))
         vocabulary_ids = [tokenizer(name, add_special_tokens=False).input_ids for name in config.locator_vocabulary]
         return cls(
             config=config, sam=sam, language_model=language_model, aligner=aligner, locator=locator,
-            token_ids=token_ids, vocabulary_ids=vocabulary_ids,
+            token_ids=token_ids, vocabulary_ids=vocabulary_ids, grounding_decoder=grounding_decoder,
         )
 
     def load_engine_weights(self, checkpoints: Path = REPOSITORY_CHECKPOINTS) -> MimoModel:
         """The trailing load step of the frozen engine: LiteMedSAM from its registry package, then our
-        prompt-encoder / mask-decoder weights ``checkpoints / config.sam_checkpoint`` when present."""
+        prompt-encoder / mask-decoder weights ``checkpoints / config.sam_checkpoint`` when present,
+        then the grounding decoder ``checkpoints / config.grounding_checkpoint`` (required when named)."""
         if self.config.sam == "lite":
             load_lite_medsam_weights(self.sam)
         folder = checkpoints / self.config.sam_checkpoint if self.config.sam_checkpoint else None
         if folder is not None and (folder / WEIGHTS_NAME).is_file():
             load_prompt_weights(self.sam, folder)
+        if self.grounding_decoder is not None:
+            folder = checkpoints / self.config.grounding_checkpoint
+            if not (folder / WEIGHTS_NAME).is_file():
+                raise FileNotFoundError(f"the config names the grounding decoder {folder}, which has no {WEIGHTS_NAME}")
+            load_decoder_weights(self.grounding_decoder, self.sam.config, folder)
         return self
 
     @classmethod
@@ -371,8 +392,9 @@ class MimoModel(nn.Module):
         """Masks of N located phrases: heatmaps (N, E, E), presence logits (N,) of rows ``batch_index``.
 
         A phrase whose presence logit is not above ``PRESENCE_THRESHOLD`` gets an empty mask and
-        score 0; the others get the box around their heatmap as a box prompt of the SAM mask
-        decoder (one batched call per image). Returns low-res logits (N, 1, 4E, 4E) and IoU (N,)."""
+        score 0; the others get the box around their heatmap as a box prompt of the grounding
+        decoder (trained on boxes as the heatmaps give them; the engine's decoder when the config
+        has none), one batched call per image. Returns low-res logits (N, 1, 4E, 4E) and IoU (N,)."""
         size = self.sam.config.low_res_size
         count = heatmaps.shape[0]
         logits = heatmaps.new_full((count, 1, size, size), -20.0)
@@ -389,7 +411,8 @@ class MimoModel(nn.Module):
                 continue
             box_tensor = torch.tensor([boxes[n] for n in chosen], dtype=torch.float32, device=self.device)
             sparse, dense = self.sam.embed_prompts(boxes=box_tensor)
-            row_logits, row_iou = self.sam.decode(image_embeddings[row : row + 1], sparse, dense)
+            row_logits, row_iou = self.sam.decode(image_embeddings[row : row + 1], sparse, dense,
+                                                  decoder=self.grounding_decoder)
             logits[chosen] = row_logits.to(logits.dtype)
             scores[chosen] = row_iou[:, 0].to(scores.dtype)
         return logits, scores

@@ -192,6 +192,7 @@ class LiteMedSam(nn.Module):
         sparse: torch.Tensor,
         dense: torch.Tensor,
         image_pe: torch.Tensor | None = None,
+        decoder: MaskDecoder | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Single-mask decoding of N prompts.
 
@@ -202,6 +203,8 @@ class LiteMedSam(nn.Module):
             image_pe: (1 or N, C, E, E) positional encoding of the embedding grid; default the
                 prompt encoder's full grid. Training passes the PE of a crop of the grid together
                 with the same crop of the embedding (prompts keep their absolute coordinates).
+            decoder: another mask decoder of the same sizes to run instead of ``mask_decoder``
+                (MIMO's grounding decoder for the locator's boxes); prompts are embedded alike.
 
         Returns:
             low_res_logits (N, 1, 4E, 4E) in the model frame (scale 4E / S), iou (N, 1).
@@ -211,7 +214,7 @@ class LiteMedSam(nn.Module):
             raise ValueError(
                 f"image_embedding batch {image_embedding.shape[0]} must be 1 or match the {count} prompts"
             )
-        decoder = self.mask_decoder
+        decoder = self.mask_decoder if decoder is None else decoder
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (1+M, C)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(count, -1, -1), sparse], dim=1)  # (N, 1+M+T, C)
         if image_pe is None:
@@ -240,16 +243,9 @@ class LiteMedSam(nn.Module):
         return self.decode(embedding, sparse, dense)
 
 
-def build_sam(config: SamConfig) -> LiteMedSam:
-    """Assemble the modules for ``config`` (random weights; see ``load_lite_medsam_weights``)."""
-    size = config.image_embedding_size
-    prompt_encoder = PromptEncoder(
-        embed_dim=config.embed_dim,
-        image_embedding_size=(size, size),
-        input_image_size=(config.image_size, config.image_size),
-        mask_in_chans=config.mask_in_chans,
-    )
-    mask_decoder = MaskDecoder(
+def build_mask_decoder(config: SamConfig) -> MaskDecoder:
+    """A SAM mask decoder of ``config``'s sizes (random weights): the engine's, or MIMO's grounding decoder."""
+    return MaskDecoder(
         num_multimask_outputs=config.num_multimask_outputs,
         transformer=TwoWayTransformer(
             depth=config.decoder_depth,
@@ -261,11 +257,22 @@ def build_sam(config: SamConfig) -> LiteMedSam:
         iou_head_depth=config.iou_head_depth,
         iou_head_hidden_dim=config.iou_head_hidden_dim,
     )
+
+
+def build_sam(config: SamConfig) -> LiteMedSam:
+    """Assemble the modules for ``config`` (random weights; see ``load_lite_medsam_weights``)."""
+    size = config.image_embedding_size
+    prompt_encoder = PromptEncoder(
+        embed_dim=config.embed_dim,
+        image_embedding_size=(size, size),
+        input_image_size=(config.image_size, config.image_size),
+        mask_in_chans=config.mask_in_chans,
+    )
     return LiteMedSam(
         config=config,
         image_encoder=_build_image_encoder(config),
         prompt_encoder=prompt_encoder,
-        mask_decoder=mask_decoder,
+        mask_decoder=build_mask_decoder(config),
     )
 
 
@@ -330,3 +337,17 @@ def load_prompt_weights(model: LiteMedSam, folder: Path) -> None:
     if missing:
         raise ValueError(f"{folder} has tensors this model lacks: {sorted(missing)[:5]}")
     model.load_state_dict(state, strict=False)
+
+
+def load_decoder_weights(decoder: MaskDecoder, config: SamConfig, folder: Path) -> None:
+    """Load the ``mask_decoder.*`` tensors of a prompt-weights folder (``segmenter_prompts`` export)
+    into a separate ``decoder`` (strict: every decoder tensor must be there)."""
+    from safetensors.torch import load_file
+
+    saved = json.loads((folder / "config.json").read_text())
+    if SamConfig.from_dict(saved["sam"]) != config:
+        raise ValueError(f"{folder} was trained for another SamConfig")
+    prefix = "mask_decoder."
+    state = {name[len(prefix):]: value for name, value in load_file(str(folder / "model.safetensors")).items()
+             if name.startswith(prefix)}
+    decoder.load_state_dict(state, strict=True)

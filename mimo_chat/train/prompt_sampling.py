@@ -119,6 +119,23 @@ def loosened_box(mask: np.ndarray, rng: random.Random, pixels: int = 20) -> list
     return [x0, y0, x1, y1]
 
 
+def located_box(mask: np.ndarray, rng: random.Random, inward: float = 0.45, outward: float = 0.25,
+                close_share: float = 0.3) -> list[float]:
+    """A box as the locator's heatmap gives it for a named structure: each side moved in by up to
+    ``inward`` or out by up to ``outward`` of the structure's extent (a heatmap often covers part of
+    an elongated organ, or spills onto a neighbour); ``close_share`` of the boxes stay within 10 %."""
+    x0, y0, x1, y1 = mask_to_box(mask)
+    width, height = x1 - x0, y1 - y0
+    low, high = (-0.1, 0.1) if rng.random() < close_share else (-inward, outward)
+    moves = [rng.uniform(low, high) for _ in range(4)]  # > 0: that side moves outward
+    size = float(mask.shape[0])
+    box = [x0 - moves[0] * width, y0 - moves[1] * height, x1 + moves[2] * width, y1 + moves[3] * height]
+    box = [min(max(value, 0.0), size) for value in box]
+    box[2], box[3] = min(max(box[2], box[0] + 3), size), min(max(box[3], box[1] + 3), size)
+    box[0], box[1] = min(box[0], box[2] - 3), min(box[1], box[3] - 3)
+    return box
+
+
 def box_clicks(target: np.ndarray, others: np.ndarray, box: list[float], rng: random.Random) -> list[tuple[tuple[float, float], int]]:
     """Clicks added to a box: a positive inside the target and/or a negative inside the box on what
     is not the target (a neighbouring structure first), the correction a user makes to a leaking box."""
@@ -143,10 +160,7 @@ class PromptGroup:
     rows: list[int]
     boxes: torch.Tensor | None  # (len(rows), 4) model frame
     clicks: tuple[torch.Tensor, torch.Tensor] | None  # (len(rows), K, 2) model frame, labels (len, K), -1 pads
-
-    @property
-    def box_only(self) -> bool:
-        return self.clicks is None
+    distilled: bool = False  # a user's box: also trained toward LiteMedSAM's own mask (see prompt_loss)
 
 
 @dataclass
@@ -173,10 +187,11 @@ def click_tensors(chosen_rows: list[list[tuple[tuple[float, float], int]]], offs
 
 
 def sample_prompts(examples: Examples, batch: int, rng: random.Random, crop: int, grid: int, scale: int,
-                   box_share: float = 0.3, box_click_share: float = 0.25) -> PromptBatch:
+                   box_share: float = 0.3, box_click_share: float = 0.25, located: bool = False) -> PromptBatch:
     """``batch`` structures and their prompts; ``grid`` embedding cells per side, ``scale`` low-res pixels per cell.
 
-    A row is prompted by a box (``box_share``), a box with clicks (``box_click_share``) or clicks alone.
+    A row is prompted by a box (``box_share``), a box with clicks (``box_click_share``) or clicks alone;
+    with ``located`` every row is prompted by a :func:`located_box` instead (the grounding decoder).
     Cropping the embedding (and, in :func:`prompt_loss`, its positional encoding) keeps prompt
     coordinates absolute and makes the decoder ~(grid / crop)^2 times cheaper; targets are cropped alike.
     """
@@ -193,10 +208,13 @@ def sample_prompts(examples: Examples, batch: int, rng: random.Random, crop: int
         targets_np.append(target[window])
         others_np.append(others[window])
         offsets.append((col * scale, row * scale))
-    kinds: dict[str, list[int]] = {"box": [], "box+clicks": [], "clicks": []}
+    kinds: dict[str, list[int]] = {"box": [], "box+clicks": [], "clicks": [], "located": []}
     for i in range(batch):
         draw = rng.random()
-        if targets_np[i].sum() >= 4 and draw < box_share + box_click_share:
+        if located:
+            if targets_np[i].sum() >= 4:
+                kinds["located"].append(i)
+        elif targets_np[i].sum() >= 4 and draw < box_share + box_click_share:
             kinds["box" if draw < box_share else "box+clicks"].append(i)
         elif targets_np[i].sum() >= 1:
             kinds["clicks"].append(i)
@@ -207,7 +225,11 @@ def sample_prompts(examples: Examples, batch: int, rng: random.Random, crop: int
     groups = []
     if kinds["box"]:
         rows = kinds["box"]
-        groups.append(PromptGroup(rows, torch.tensor([shifted(jittered_box(targets_np[i], rng), i) for i in rows]), None))
+        groups.append(PromptGroup(rows, torch.tensor([shifted(jittered_box(targets_np[i], rng), i) for i in rows]), None,
+                                  distilled=True))
+    if kinds["located"]:
+        rows = kinds["located"]
+        groups.append(PromptGroup(rows, torch.tensor([shifted(located_box(targets_np[i], rng), i) for i in rows]), None))
     if kinds["box+clicks"]:
         rows, boxes, chosen = kinds["box+clicks"], [], []
         for i in rows:

@@ -16,6 +16,13 @@ one slice, prompted by
   pixel); in 40 % of the examples also a second positive click and/or a negative click on a
   neighbouring structure or the ring around the target (what a leaking mask would cover).
 
+With ``--located`` the same training makes MIMO's grounding decoder instead: the mask decoder
+alone (from ``--init``, e.g. the installed engine's weights), every row prompted by a box as the
+locator's heatmap gives it for a named structure (:func:`~mimo_chat.train.prompt_sampling.located_box`:
+sides moved in or out by a share of the structure's extent), no distillation. MIMO decodes the
+locator's boxes with it (``MimoConfig.grounding_checkpoint``); a user's boxes and clicks keep the
+engine's decoder.
+
 Forward passes run under bf16 autocast on the CPU; master weights stay fp32.
 
 Loss: BCE + Dice on the (256 x 256) low-res logits, MSE on the predicted IoU. :class:`SegmenterPromptTask`
@@ -40,7 +47,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from mimo_chat import resources
-from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, load_lite_medsam_weights
+from mimo_chat.modeling.sam import LiteMedSam, SamConfig, build_sam, load_lite_medsam_weights, load_prompt_weights
 from mimo_chat.modeling.transforms import SamTransform
 from mimo_chat.segmentation import CHECKPOINT_DIR
 from mimo_chat.train.prompt_sampling import Examples, PromptBatch, sample_prompts
@@ -48,10 +55,11 @@ from mimo_chat.train.seg_cache import count, default_cache, embedding_store, loa
 from mimo_chat.train.trainer import Trainer, TrainingTask, TrainSettings, add_run_arguments
 
 
-def trainable_parameters(model: LiteMedSam) -> dict[str, torch.nn.Parameter]:
-    """Point embeddings (negative, positive, padding) and the whole mask decoder."""
+def trainable_parameters(model: LiteMedSam, located: bool = False) -> dict[str, torch.nn.Parameter]:
+    """Point embeddings (negative, positive, padding) and the whole mask decoder; the decoder alone
+    for the grounding decoder (``located``: box prompts only, so the point embeddings stay as they are)."""
     encoder = model.prompt_encoder
-    chosen = {
+    chosen = {} if located else {
         "prompt_encoder.point_embeddings.0.weight": encoder.point_embeddings[0].weight,
         "prompt_encoder.point_embeddings.1.weight": encoder.point_embeddings[1].weight,
         "prompt_encoder.not_a_point_embed.weight": encoder.not_a_point_embed.weight,
@@ -93,10 +101,10 @@ def prompt_loss(model: LiteMedSam, teacher: LiteMedSam, batch: PromptBatch, kd_w
     for group in batch.groups:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits, iou = run(model, group.rows, boxes=group.boxes, points=group.clicks)
-            if group.box_only:  # LiteMedSAM was trained on boxes: keep its box masks
+            if group.distilled:  # LiteMedSAM was trained on boxes: keep its box masks
                 with torch.no_grad():
                     teacher_logits, _ = run(teacher, group.rows, boxes=group.boxes)
-        if group.box_only:
+        if group.distilled:
             kd_terms.append(F.binary_cross_entropy_with_logits(logits.float(), torch.sigmoid(teacher_logits.float())))
         logits_all.append(logits.float())
         iou_all.append(iou.float())
@@ -108,13 +116,14 @@ def prompt_loss(model: LiteMedSam, teacher: LiteMedSam, batch: PromptBatch, kd_w
     return {"loss": seg + iou_loss + kd_weight * kd, "seg": seg.item(), "iou": iou_loss.item(), "kd": kd.item()}
 
 
-def save_weights(model: LiteMedSam, out: Path, step: int, notes: dict) -> None:
+def save_weights(model: LiteMedSam, out: Path, step: int, notes: dict, located: bool = False) -> None:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().half().contiguous() for name, p in trainable_parameters(model).items()}
+    tensors = {name: p.detach().half().contiguous() for name, p in trainable_parameters(model, located).items()}
     save_file(tensors, str(out / "model.safetensors"))
-    config = {"sam": model.config.to_dict(), "trained": "point embeddings + mask decoder", "step": step, **notes}
+    trained = "mask decoder on the locator's boxes (grounding decoder)" if located else "point embeddings + mask decoder"
+    config = {"sam": model.config.to_dict(), "trained": trained, "step": step, **notes}
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
 
 
@@ -130,9 +139,11 @@ class SegmenterPromptTask(TrainingTask):
         self.teacher = load_lite_medsam_weights(build_sam(SamConfig.lite())).eval()
         self.teacher.image_encoder = torch.nn.Identity()  # embeddings are cached; drop the encoder
         self.model = copy.deepcopy(self.teacher).train()
+        if options.init is not None:
+            load_prompt_weights(self.model, options.init)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self.parameters = trainable_parameters(self.model)
+        self.parameters = trainable_parameters(self.model, options.located)
         for parameter in self.parameters.values():
             parameter.requires_grad_(True)
         self.folder = options.cache or default_cache()
@@ -148,7 +159,8 @@ class SegmenterPromptTask(TrainingTask):
         """Point embeddings at 20 times the decoder's rate."""
         embeddings = [p for name, p in self.parameters.items() if name.startswith("prompt_encoder.")]
         decoder = [p for name, p in self.parameters.items() if name.startswith("mask_decoder.")]
-        groups = [{"params": embeddings, "lr": self.options.lr * 20}, {"params": decoder, "lr": self.options.lr}]
+        groups = [{"params": embeddings, "lr": self.options.lr * 20}] if embeddings else []
+        groups.append({"params": decoder, "lr": self.options.lr})
         return torch.optim.AdamW(groups, weight_decay=0.0)
 
     def learning_rate(self, base: float, step: int) -> float:
@@ -158,7 +170,8 @@ class SegmenterPromptTask(TrainingTask):
         crop = self.rng.choice(self.crops)
         config = self.model.config
         grid = config.image_embedding_size
-        return sample_prompts(self.examples, self.options.batch, self.rng, crop, grid, config.low_res_size // grid)
+        return sample_prompts(self.examples, self.options.batch, self.rng, crop, grid, config.low_res_size // grid,
+                              located=self.options.located)
 
     def loss(self, model: torch.nn.Module, batch: PromptBatch) -> dict:
         return prompt_loss(self.model, self.teacher, batch, self.options.kd_weight)
@@ -185,13 +198,16 @@ class SegmenterPromptTask(TrainingTask):
         self.model.load_state_dict(state, strict=False)
 
     def export(self, step: int, metrics: dict) -> None:
+        prompts = ("the locator's boxes, simulated (prompt_sampling.located_box)" if self.options.located
+                   else "a box, a loose box with clicks, or clicks")
         notes = {"lr": self.options.lr, "batch": self.options.batch, "kd_weight": self.options.kd_weight,
+                 "init": str(self.options.init) if self.options.init else "LiteMedSAM",
                  "train_structures": self.describe()["structures"],
                  "data": f"train split of the seg cache {self.folder.name}/ ({len(self.examples.records)} slices), "
                          "sampled by mimo_chat.data.sources.SOURCE_WEIGHTS; frozen TinyViT embeddings; "
-                         "rows prompted by a box, a loose box with clicks, or clicks"}
+                         f"rows prompted by {prompts}"}
         notes |= {"dev": metrics} if metrics else {}
-        save_weights(self.model, self.options.out, step, notes)
+        save_weights(self.model, self.options.out, step, notes, self.options.located)
 
     def refresh_data(self) -> None:
         """Re-read the train slices when the seg cache has grown since they were read."""
@@ -233,6 +249,11 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-slices", type=int, default=24, help="dev slices per validation (0: none)")
     parser.add_argument("--kd-weight", type=float, default=1.0,
                         help="weight of the box-only rows' distillation toward the unmodified LiteMedSAM decoder")
+    parser.add_argument("--located", action="store_true",
+                        help="train MIMO's grounding decoder: the mask decoder alone, every row prompted by a box "
+                             "as the locator's heatmap gives it (no distillation); export it with --out checkpoints/grounding")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from these prompt weights (e.g. checkpoints/segmenter) instead of LiteMedSAM's")
     parser.add_argument("--crops", default="32,64",
                         help="embedding-grid crop sizes (cells per side), one picked at random per step; 64 = full")
     return parser.parse_args(argv)
