@@ -61,6 +61,9 @@ def leak_click(prediction: np.ndarray, target: np.ndarray) -> list[float] | None
     return interior_point(components == int(np.argmax(sizes)) + 1)
 
 
+HIT_IOU = 0.5
+
+
 def dice(prediction: np.ndarray, target: np.ndarray) -> float:
     total = prediction.sum() + target.sum()
     return float(2 * (prediction & target).sum() / total) if total else 1.0
@@ -106,14 +109,18 @@ def evaluate(predictor: SegmentationPredictor, records: list[dict], min_pixels: 
             large = target.mean() >= LARGE_FRACTION
             for kind, result in (("box", box_result), ("click", click_result)):
                 value = dice(result.masks[index], target)
+                for key in (f"{kind}_hit", f"{kind}_hit/{record['modality']}"):
+                    scores[key].append(float(value / (2 - value) >= HIT_IOU))  # IoU from Dice
                 keys = [kind, f"{kind}/{record['source']}", f"{kind}/{record['modality']}",
                         f"{kind}/{record['source']}/{name}"]
                 if large:
                     keys += [f"{kind}_large", f"{kind}_large/{record['source']}"]
                 for key in keys:
                     scores[key].append(value)
-    return {key: {"n": len(values), "share" if key.startswith("removed") else "dice": round(float(np.mean(values)), 4)}
-            for key, values in sorted(scores.items())}
+    def measure(key: str) -> str:
+        return "share" if key.startswith("removed") or "_hit" in key else "dice"
+
+    return {key: {"n": len(values), measure(key): round(float(np.mean(values)), 4)} for key, values in sorted(scores.items())}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,8 +37,10 @@ MAX_DESCRIBED = 6  # structures named in a caption of the image
 # outline (a wrong outline misleads as a wrong name does). Chosen on the dev slices with
 # python -m mimo_chat.evaluation.outline_check, which prints the lowest MASK_SHOWN at which nine in
 # ten drawn outlines hit their label with and without the agreement bar (with it, MASK_SHOWN is a
-# margin above that lowest value); re-check after retraining the locator or the prompt weights.
-OUTLINE_FIT = 0.6
+# margin above that lowest value); re-check after retraining the locator, the prompt weights or the
+# grounding decoder. The grounding decoder completes structures the heatmap covers only in part, so
+# its right masks agree less with the heatmap than the engine decoder's did: its agreement bar is lower.
+OUTLINE_FIT = 0.5
 MASK_SHOWN = 0.6
 
 _MODALITY_WORDS = {

@@ -27,7 +27,7 @@ class MimoConfig:
     # our fine-tuned prompt-encoder/decoder weights under ``checkpoints/`` loaded on top ("" = none)
     sam_checkpoint: str = "segmenter"
     # the grounding decoder under ``checkpoints/``: a second mask decoder for the locator's boxes ("" = the engine's)
-    grounding_checkpoint: str = ""
+    grounding_checkpoint: str = "grounding"
     # language model: "smollm2-gguf", "tiny-random", a hub id or a local folder
     language_model: str = SMOLLM2_GGUF
     tiny_lm_hidden: int = 32
@@ -73,6 +73,7 @@ class MimoConfig:
         return cls(
             sam="tiny",
             sam_checkpoint="",
+            grounding_checkpoint="",
             language_model=TINY_RANDOM,
             num_queries=4,
             aligner_width=32,
