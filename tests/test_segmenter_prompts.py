@@ -217,7 +217,7 @@ def test_grounding_decoder_fine_tune_trains_the_decoder_only_and_mimo_loads_it(c
     assert set(exported) == set(task.parameters)
     assert any(not torch.equal(exported[name], installed[name]) for name in exported)
     config = json.loads((tmp_path / "grounding" / "config.json").read_text())
-    assert "grounding decoder" in config["trained"] and config["init"] == str(CHECKPOINT_DIR)
+    assert "grounding decoder" in config["trained"] and config["init"] == str(CHECKPOINT_DIR) and config["kd_weight"] is None
 
     decoder = build_mask_decoder(task.model.config)
     load_decoder_weights(decoder, task.model.config, tmp_path / "grounding")

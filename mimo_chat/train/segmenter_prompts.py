@@ -200,7 +200,8 @@ class SegmenterPromptTask(TrainingTask):
     def export(self, step: int, metrics: dict) -> None:
         prompts = ("the locator's boxes, simulated (prompt_sampling.located_box)" if self.options.located
                    else "a box, a loose box with clicks, or clicks")
-        notes = {"lr": self.options.lr, "batch": self.options.batch, "kd_weight": self.options.kd_weight,
+        notes = {"lr": self.options.lr, "batch": self.options.batch,
+                 "kd_weight": None if self.options.located else self.options.kd_weight,  # located rows are not distilled
                  "init": str(self.options.init) if self.options.init else "LiteMedSAM",
                  "train_structures": self.describe()["structures"],
                  "data": f"train split of the seg cache {self.folder.name}/ ({len(self.examples.records)} slices), "
