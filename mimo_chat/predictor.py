@@ -210,10 +210,11 @@ class MimoPredictor:
         return MimoContext(self.segmenter.encode(image), image_kind=image_kind)
 
     @torch.inference_mode()
-    def locate(self, ctx: MimoContext, names: Sequence[str], masks: bool = True) -> list[Located]:
+    def locate(self, ctx: MimoContext, names: Sequence[str], masks: bool = True, grounding: bool = True) -> list[Located]:
         """Where is each of ``names`` on this image? The phrase alone drives the locator (no LM):
         presence from its heatmap peak, and with ``masks`` the heatmap's box as a box prompt of
-        the mask decoder (structures judged absent get no mask)."""
+        the grounding decoder (``grounding`` False: the engine's decoder; structures judged absent
+        get no mask)."""
         names = [str(name) for name in names]
         if not names:
             return []
@@ -226,7 +227,8 @@ class MimoPredictor:
         probabilities = presence.float().sigmoid().tolist()
         if not masks:
             return [Located(name, p, None, None, None) for name, p in zip(names, probabilities, strict=True)]
-        heatmaps, low_res, iou = model.ground_phrases(features, rows, phrases, presence, ctx.image.embedding.to(self.device))
+        heatmaps, low_res, iou = model.ground_phrases(features, rows, phrases, presence, ctx.image.embedding.to(self.device),
+                                                      grounding=grounding)
         fractions = target_fractions((low_res[:, 0] > 0).float(), heatmaps.shape[-1])  # (N, E, E)
         fits = heatmap_fit(heatmaps.float().sigmoid(), fractions).diagonal()  # each name against its own mask
         full = self.processor.transform.postprocess_logits(low_res.float(), ctx.original_size)  # (N, 1, H, W)

@@ -340,13 +340,15 @@ class MimoModel(nn.Module):
         image_embeddings: torch.Tensor,
         seg_hidden: torch.Tensor | None = None,
         decode: bool = True,
+        grounding: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Heatmaps (N, E, E) of N phrases (with their ``<SEG>`` hidden states (N, H) when given) and,
-        with ``decode``, their masks through :meth:`decode_masks`: low-res logits (N, 1, 4E, 4E), IoU (N,)."""
+        with ``decode``, their masks through :meth:`decode_masks` (``grounding`` False: the engine's
+        decoder instead of the grounding decoder): low-res logits (N, 1, 4E, 4E), IoU (N,)."""
         heatmaps = self.locator(features, rows, phrases, seg_hidden)
         if not decode:
             return heatmaps, None, None
-        low_res, iou = self.decode_masks(heatmaps, presence, rows, image_embeddings)
+        low_res, iou = self.decode_masks(heatmaps, presence, rows, image_embeddings, grounding)
         return heatmaps, low_res, iou
 
     def embed_inputs(
@@ -387,14 +389,16 @@ class MimoModel(nn.Module):
         return embeddings.masked_scatter(is_image.unsqueeze(-1), image_features.to(embeddings.dtype))
 
     def decode_masks(
-        self, heatmaps: torch.Tensor, presence: torch.Tensor, batch_index: torch.Tensor, image_embeddings: torch.Tensor
+        self, heatmaps: torch.Tensor, presence: torch.Tensor, batch_index: torch.Tensor, image_embeddings: torch.Tensor,
+        grounding: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks of N located phrases: heatmaps (N, E, E), presence logits (N,) of rows ``batch_index``.
 
         A phrase whose presence logit is not above ``PRESENCE_THRESHOLD`` gets an empty mask and
         score 0; the others get the box around their heatmap as a box prompt of the grounding
         decoder (trained on boxes as the heatmaps give them; the engine's decoder when the config
-        has none), one batched call per image. Returns low-res logits (N, 1, 4E, 4E) and IoU (N,)."""
+        has none, or with ``grounding`` False), one batched call per image. Returns low-res logits
+        (N, 1, 4E, 4E) and IoU (N,)."""
         size = self.sam.config.low_res_size
         count = heatmaps.shape[0]
         logits = heatmaps.new_full((count, 1, size, size), -20.0)
@@ -412,7 +416,7 @@ class MimoModel(nn.Module):
             box_tensor = torch.tensor([boxes[n] for n in chosen], dtype=torch.float32, device=self.device)
             sparse, dense = self.sam.embed_prompts(boxes=box_tensor)
             row_logits, row_iou = self.sam.decode(image_embeddings[row : row + 1], sparse, dense,
-                                                  decoder=self.grounding_decoder)
+                                                  decoder=self.grounding_decoder if grounding else None)
             logits[chosen] = row_logits.to(logits.dtype)
             scores[chosen] = row_iou[:, 0].to(scores.dtype)
         return logits, scores

@@ -211,7 +211,9 @@ def segment_volume(
     encodings = encodings or SliceEncodings(study, predictor.encode)
     if encodings.study is not study:
         raise ValueError("These slice encodings belong to another study.")
-    finder = finder or (lambda index, context, parts, masks: predictor.locate(context, parts, masks=masks))
+    # The walk keeps the better-rated of the engine's walked mask and the located one: only masks of
+    # one decoder have comparable predicted IoU, so the volume pass locates with the engine's decoder.
+    finder = finder or (lambda index, context, parts, masks: predictor.locate(context, parts, masks=masks, grounding=False))
     progress = progress or (lambda done, total, message: None)
     settings = settings or PropagationSettings()
     before = encodings.encoded
