@@ -1,61 +1,69 @@
-"""The grounding decoder, which draws the by-name masks from the locator's boxes: where a box covers
-only part of a structure (as a heatmap over the head of a pancreas or the inner end of a clavicle
-does) it outlines more of the structure than the engine's decoder, and on a tight box it still
-outlines the structure. Real dev patients of CURVAS CT and JSRT chest radiographs."""
+"""Grounded-text parsing: phrases, <SEG>, nested / unclosed / stray tags, MiniGPT-v2 boxes."""
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
-import pytest
-import torch
 
 from mimo_chat.boxes import mask_to_box
-from mimo_chat.evaluation.metrics import mask_iou_dice
-from mimo_chat.modeling.mimo import REPOSITORY_CHECKPOINTS
-from mimo_chat.modeling.sam import build_mask_decoder, load_decoder_weights
-from mimo_chat.segmentation import SegmentationPredictor
-
-CASES = (("curvas_ct", "pancreas", 3), ("curvas_ct", "liver", 2), ("jsrt_scr_cxr", "left clavicle", 3),
-         ("jsrt_scr_cxr", "heart", 2))
-
-
-@pytest.fixture(scope="module")
-def structures(shared_data):
-    """(image, structure mask) of dev slices only."""
-    from mimo_chat.data.sources import iter_source
-
-    found = []
-    for source, name, count in CASES:
-        labelled = (s for s in iter_source(source, split="dev") if s.masks.get(name) is not None and s.masks[name].sum() > 200)
-        found += [(s.image, s.masks[name]) for s in itertools.islice(labelled, count)]
-    assert len(found) == sum(count for *_, count in CASES)
-    return found
+from mimo_chat.grounding import (
+    build_reply,
+    describe_phrase,
+    grid_box_to_pixels,
+    parse_grounded_text,
+    pixels_to_grid_box,
+    render_plain_text,
+)
 
 
-def part_box(mask: np.ndarray, share: float) -> list[float]:
-    """The structure's box cut to its first ``share`` of the width (left side of the image)."""
-    x0, y0, x1, y1 = mask_to_box(mask)
-    return [x0, y0, x0 + share * (x1 - x0), y1]
+def spans_of(raw: str) -> list[tuple[str, int | None, list[float] | None]]:
+    return [(span.phrase, span.seg_index, span.grid_box) for span in parse_grounded_text(raw)[1]]
 
 
-@torch.inference_mode()
-def test_grounding_decoder_completes_what_a_partial_box_leaves_out(structures) -> None:
-    engine = SegmentationPredictor.from_pretrained()
-    grounding = build_mask_decoder(engine.model.config)
-    load_decoder_weights(grounding, engine.model.config, REPOSITORY_CHECKPOINTS / "grounding")
-    scores = {"engine part": [], "grounding part": [], "engine tight": [], "grounding tight": []}
-    for image, mask in structures:
-        context = engine.encode(image)
-        for kind, box in (("part", part_box(mask, 0.6)), ("tight", mask_to_box(mask))):
-            model_box = torch.as_tensor(engine.transform.apply_boxes(np.array([box]), context.original_size),
-                                        dtype=torch.float32)
-            for name, decoder in (("engine", None), ("grounding", grounding)):
-                sparse, dense = engine.model.embed_prompts(boxes=model_box)
-                logits, iou = engine.model.decode(context.embedding, sparse, dense, decoder=decoder)
-                predicted = engine.postprocess(context, logits, iou).masks[0]
-                scores[f"{name} {kind}"].append(mask_iou_dice(predicted, mask)[0])
-    means = {key: float(np.mean(values)) for key, values in scores.items()}
-    assert means["grounding part"] >= means["engine part"] + 0.15, means
-    assert means["grounding tight"] >= 0.6 and means["grounding tight"] >= means["engine tight"] - 0.05, means
+def test_phrases_with_and_without_seg() -> None:
+    text, _ = parse_grounded_text("The <p>pancreas</p><SEG> lies behind the <p>stomach</p>.")
+    assert text == "The pancreas lies behind the stomach."
+    assert spans_of("The <p>pancreas</p><SEG> lies behind the <p>stomach</p>.") == [
+        ("pancreas", 0, None),
+        ("stomach", None, None),  # named but not segmented: kept, with no mask
+    ]
+
+
+def test_nested_unclosed_and_stray_tags() -> None:
+    assert spans_of("<p>left <p>kidney</p></p><SEG>") == [("left kidney", 0, None)]
+    assert spans_of("</p>the <p>liver<SEG> and <p>spleen") == [("liver", 0, None), ("spleen", None, None)]
+    assert parse_grounded_text("</p>the <p>liver<SEG> and <p>spleen")[0] == "the liver and spleen"
+    # words between a phrase and a <SEG> break the link: the <SEG> has no name
+    assert spans_of("<p>aorta</p> is large <SEG>") == [("aorta", None, None), ("", 0, None)]
+    # two <SEG> after one phrase: the second one is unnamed, never silently dropped
+    assert spans_of("<p>liver</p><SEG><SEG>") == [("liver", 0, None), ("", 1, None)]
+    assert spans_of("<image>plain text") == []
+
+
+def test_minigpt_boxes() -> None:
+    raw = "The <p>pancreas</p> {<10><20><30.5><40>} and {< 1 ><2><3><4>}."
+    text, _ = parse_grounded_text(raw)
+    assert text == "The pancreas and."
+    assert spans_of(raw) == [("pancreas", None, [10.0, 20.0, 30.5, 40.0]), ("", None, [1.0, 2.0, 3.0, 4.0])]
+    assert grid_box_to_pixels([10, 20, 30, 40], (200, 400)) == [40.0, 40.0, 120.0, 80.0]
+    assert grid_box_to_pixels([30, 40, 10, 120], (100, 100)) == [10.0, 40.0, 30.0, 100.0]  # ordered, clipped
+    assert pixels_to_grid_box([40, 40, 120, 80], (200, 400)) == "{<10><20><30><40>}"
+
+
+def test_streaming_render_holds_back_unfinished_markup() -> None:
+    assert render_plain_text("The <p>pancreas</p> {<12><3", partial=True) == "The pancreas "
+    assert render_plain_text("It is ", partial=True) == "It is "
+    assert render_plain_text("It is ") == "It is"
+
+
+def test_every_grounded_mask_gives_a_box() -> None:
+    mask = np.zeros((40, 60), dtype=bool)
+    mask[5:9, 10:31] = True
+    assert mask_to_box(mask) == [10.0, 5.0, 31.0, 9.0]
+    assert mask_to_box(np.zeros((4, 4), dtype=bool)) == [0.0, 0.0, 0.0, 0.0]
+    reply = build_reply("<p>liver</p><SEG>, <p>spleen</p> {<0><0><50><50>} and <p>colon</p>", [(mask, 0.8)], (40, 60))
+    liver, spleen, colon = reply.phrases
+    assert liver.mask is mask and liver.box == [10.0, 5.0, 31.0, 9.0] and liver.score == 0.8
+    assert spleen.mask is None and spleen.box == [0.0, 0.0, 30.0, 20.0]
+    assert colon.mask is None and colon.box is None
+    assert describe_phrase(colon) == "colon: no mask"
+    assert reply.text == "liver, spleen and colon"
