@@ -228,6 +228,7 @@ def test_grounding_decoder_fine_tune_trains_the_decoder_only_and_mimo_loads_it(c
     model = MimoModel.build(lite).load_engine_weights(checkpoints=tmp_path)
     assert "grounding_decoder.iou_prediction_head.layers.0.weight" not in model.trainable_state_dict()
     assert torch.equal(model.grounding_decoder.iou_prediction_head.layers[0].weight, decoder.iou_prediction_head.layers[0].weight)
-    lite.grounding_checkpoint = "missing"
+    tiny = MimoConfig.tiny()  # the missing-folder check needs no language model weights
+    tiny.grounding_checkpoint = "missing"
     with pytest.raises(FileNotFoundError, match="grounding decoder"):
-        MimoModel.build(lite).load_engine_weights(checkpoints=tmp_path)
+        MimoModel.build(tiny).load_engine_weights(checkpoints=tmp_path)

@@ -27,6 +27,7 @@ import torch
 from scipy import ndimage
 
 from mimo_chat.boxes import mask_to_box
+from mimo_chat.evaluation.outline_check import HIT_IOU
 from mimo_chat.segmentation import CHECKPOINT_DIR, ImageContext, SegmentationPredictor
 from mimo_chat.train.seg_cache import default_cache, load_cache, unpack_mask
 
@@ -59,9 +60,6 @@ def leak_click(prediction: np.ndarray, target: np.ndarray) -> list[float] | None
     if sizes.max() < MIN_LEAK:
         return None
     return interior_point(components == int(np.argmax(sizes)) + 1)
-
-
-HIT_IOU = 0.5
 
 
 def dice(prediction: np.ndarray, target: np.ndarray) -> float:

@@ -325,14 +325,19 @@ def load_lite_medsam_weights(model: LiteMedSam) -> LiteMedSam:
     return model
 
 
-def load_prompt_weights(model: LiteMedSam, folder: Path) -> None:
-    """Load our trained prompt-encoder / mask-decoder tensors (a partial state dict in ``folder``) into ``model``."""
+def read_prompt_weights(folder: Path, config: SamConfig) -> dict[str, torch.Tensor]:
+    """The tensors of a prompt-weights folder (``segmenter_prompts`` export), checked to be for ``config``."""
     from safetensors.torch import load_file
 
-    config = json.loads((folder / "config.json").read_text())
-    if SamConfig.from_dict(config["sam"]) != model.config:
+    saved = json.loads((folder / "config.json").read_text())
+    if SamConfig.from_dict(saved["sam"]) != config:
         raise ValueError(f"{folder} was trained for another SamConfig")
-    state = load_file(str(folder / "model.safetensors"))
+    return load_file(str(folder / "model.safetensors"))
+
+
+def load_prompt_weights(model: LiteMedSam, folder: Path) -> None:
+    """Load our trained prompt-encoder / mask-decoder tensors (a partial state dict in ``folder``) into ``model``."""
+    state = read_prompt_weights(folder, model.config)
     missing = set(state) - set(model.state_dict())
     if missing:
         raise ValueError(f"{folder} has tensors this model lacks: {sorted(missing)[:5]}")
@@ -340,14 +345,9 @@ def load_prompt_weights(model: LiteMedSam, folder: Path) -> None:
 
 
 def load_decoder_weights(decoder: MaskDecoder, config: SamConfig, folder: Path) -> None:
-    """Load the ``mask_decoder.*`` tensors of a prompt-weights folder (``segmenter_prompts`` export)
-    into a separate ``decoder`` (strict: every decoder tensor must be there)."""
-    from safetensors.torch import load_file
-
-    saved = json.loads((folder / "config.json").read_text())
-    if SamConfig.from_dict(saved["sam"]) != config:
-        raise ValueError(f"{folder} was trained for another SamConfig")
+    """Load the ``mask_decoder.*`` tensors of a prompt-weights folder into a separate ``decoder``
+    (strict: every decoder tensor must be there)."""
     prefix = "mask_decoder."
-    state = {name[len(prefix):]: value for name, value in load_file(str(folder / "model.safetensors")).items()
+    state = {name[len(prefix):]: value for name, value in read_prompt_weights(folder, config).items()
              if name.startswith(prefix)}
     decoder.load_state_dict(state, strict=True)
