@@ -14,8 +14,8 @@ from mimo_chat.evaluation.chat_checks import check_turn
 from mimo_chat.grounding import GroundedPhrase, GroundedReply
 
 KINDS = ("segment_one", "segment_several", "what_is_box", "what_is_click", "function", "is_there", "where_is",
-         "describe", "relations", "slice_level", "follow_up", "off_topic")
-EXPECT_KEYS = {"grounded", "grounded_any", "first", "absent", "answer", "kb", "decline", "follow_up"}
+         "describe", "relations", "slice_level", "follow_up", "off_topic", "unknown_anatomy")
+EXPECT_KEYS = {"grounded", "grounded_any", "first", "absent", "answer", "kb", "decline", "follow_up", "uncovered"}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,14 @@ def test_checks_judge_replies_on_a_real_chest_radiograph(conversations, images) 
     assert check_turn(_reply("I can only help with questions about this image.", []), decline, truth, []).checks["decline"]
     assert not check_turn(_reply("Paris.", []), decline, truth, []).checks["decline"]
     assert not check_turn(_reply("I can help.", [("heart", heart)]), decline, truth, []).checks["decline"]
+
+    sternum = {"grounded": ["heart"], "uncovered": ["sternum"]}
+    said = "Here is the heart. The sternum is not in the model's reference, so it cannot find, outline or explain it."
+    assert check_turn(_reply(said, [("heart", heart)]), sternum, truth, []).checks["uncovered"]
+    # the sternum read as the last turn's lung, or not said to be outside the reference
+    assert not check_turn(_reply(said, [("heart", heart), ("left lung", sample.masks["left lung"])]), sternum,
+                          truth, []).checks["uncovered"]
+    assert not check_turn(_reply("Here is the heart.", [("heart", heart)]), sternum, truth, []).checks["uncovered"]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from mimo_chat.data.knowledge import load_knowledge_base
 from mimo_chat.evaluation.parsing import parse_yes_no
 from mimo_chat.evidence.compose import plan_reply
-from mimo_chat.evidence.framing import FRAMING_PATTERNS, TEMPLATES, is_framing, split_sentences
+from mimo_chat.evidence.framing import FRAMING_PATTERNS, TEMPLATES, fill, is_framing, split_sentences
 from mimo_chat.evidence.intent import EXAMPLES, Intent, IntentReader
 from mimo_chat.evidence.policy import ImageKind, build_evidence
 from mimo_chat.grounding import parse_grounded_text
@@ -352,3 +352,54 @@ def test_segment_everything_is_the_grounded_caption_and_questions_about_the_pati
         assert "On this slice the model finds the <p>liver</p><SEG> and the <p>spleen</p><SEG>." in plan.raw_text
     else:
         assert plan.raw_text == TEMPLATES["off_topic"] and not plan.segs
+
+
+@pytest.mark.parametrize(("question", "names", "uncovered"), [
+    ("segment the skull", [], ["skull"]),
+    ("What does the femur do?", [], ["femur"]),
+    ("where is the appendix?", [], ["appendix"]),
+    ("Show me the liver and the right femur.", ["liver"], ["femur"]),
+])
+def test_anatomy_the_reference_does_not_cover_is_said_so_and_never_replaced_by_the_last_subject(
+        reader, question, names, uncovered) -> None:
+    """"segment the skull" after "show me the gallbladder" was answered about the gallbladder, "where is
+    the appendix?" got a description of the slice and "what does the femur do?" was declined as off-topic."""
+    history = [("show me the spleen", "Here is the <p>spleen</p><SEG>.")]
+    read = reader.read(question, history)
+    assert (read.names, read.uncovered, read.follow_up) == (names, uncovered, False)
+    evidence = _evidence("CT abdomen", {"liver": 0.9, "spleen": 0.9})
+    plan = plan_reply(read, evidence, KB, question)
+    said = fill("not_in_reference", name=uncovered[0])
+    assert plan.raw_text.endswith(said) and unsupported(plan.raw_text) == []
+    assert [seg.name for seg in plan.segs] == names  # no spleen from the last turn, no guess for the femur
+    assert all(KB.find(name) is None for name in KB.uncovered)
+    # a prompted object is what "this bone" means: uncovered words do not override the box
+    assert reader.read("Which bone is this?", prompted=True).uncovered == []
+
+
+def test_the_brain_is_known_and_impossible_on_an_abdominal_ct(reader) -> None:
+    read = reader.read("segment the brain")
+    assert (read.intent, read.names) == ("segment", ["brain"])
+    plan = plan_reply(read, _evidence("CT abdomen", {"liver": 0.9}), KB, "segment the brain")
+    assert plan.raw_text == "The <p>brain</p> is not seen on a CT of the abdomen." and not plan.segs
+    brain_tumour = reader.read("is there a brain tumour?")
+    assert brain_tumour.names == ["brain tumour"]
+
+
+@pytest.mark.parametrize(("question", "topic", "cited", "not_cited"), [
+    ("Where is the liver?", "location", "Gray's Anatomy (42nd edition, 2020)", "Radiopaedia: Hepatomegaly"),
+    ("What is the normal size of the liver?", "size", "Radiopaedia: Hepatomegaly", "Radiopaedia: Hepatic steatosis"),
+    ("What does the pancreas do?", "function", "Radiopaedia: Pancreas", "Radiopaedia: Pancreatic ductal adenocarcinoma"),
+    ("How does the heart look on a chest X-ray?", "xr", "Felson's Principles of Chest Roentgenology (5th edition, 2020)",
+     "Webb, Fundamentals of Body CT (5th edition, 2019)"),
+])
+def test_a_reply_cites_the_sources_of_the_sentences_it_states(reader, question, topic, cited, not_cited) -> None:
+    """The Source line once listed every reference of an entry: "where is the liver?" cited hepatomegaly."""
+    kind = "XR chest" if topic == "xr" else "CT abdomen"
+    present = {"heart": 0.9} if topic == "xr" else {"liver": 0.9, "pancreas": 0.9}
+    plan = plan_reply(reader.read(question), _evidence(kind, present), KB, question)
+    source_line = split_sentences(parse_grounded_text(plan.raw_text)[0])[-1]
+    assert source_line.startswith("Source: ") and cited in source_line and not_cited not in source_line, plan.raw_text
+    assert len(plan.sources) == source_line.count(";") + 1
+    # every sentence the knowledge base can state has at least one source
+    assert all(KB.sources_of(entry, fact.text) for entry in KB for fact in entry.facts())

@@ -22,7 +22,6 @@ from mimo_chat import limits
 from mimo_chat.app.render import is_observation
 from mimo_chat.data.knowledge import KnowledgeBase
 from mimo_chat.data.names import canonical_name, normalize
-from mimo_chat.evidence.compose import UNCITED
 from mimo_chat.evidence.framing import join_names
 from mimo_chat.imaging import Study
 from mimo_chat.volume import SourceGrid, VolumeResult, save_niftis, segment_volume
@@ -168,7 +167,7 @@ def volume_reply(result: VolumeResult, knowledge: KnowledgeBase) -> VolumeReply:
         facts = [fact.text for fact in entry.facts("size")] if entry is not None else []
         if facts:
             sentences += [text for text in facts if text not in sentences]
-            cited += [s for s in entry.sources if s not in cited and s not in UNCITED]
+            cited += [s for text in facts for s in knowledge.sources_of(entry, text) if s not in cited]
         else:
             sentences.append(f"The knowledge base has no normal size for the {name}.")
     if cited:

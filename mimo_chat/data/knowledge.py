@@ -109,6 +109,7 @@ class KnowledgeEntry:
     size: tuple[str, ...] = ()
     xr: str | None = None
     levels: tuple[int, int] | None = None  # indices into VERTEBRAL_LEVELS, cranial first
+    source_topics: dict[str, frozenset[str]] = field(default_factory=dict)  # this entry's overrides of the table's
 
     def hu_sentence(self) -> str | None:
         """The attenuation fact as one sentence, or None when the entry has no HU range (MR lesions)."""
@@ -146,10 +147,21 @@ def normalise_name(name: str) -> str:
 class KnowledgeBase:
     """Lookup of :class:`KnowledgeEntry` by key, name or synonym."""
 
-    def __init__(self, entries: list[KnowledgeEntry], references: dict[str, str], labels: dict[str, str] | None = None):
+    def __init__(
+        self,
+        entries: list[KnowledgeEntry],
+        references: dict[str, str],
+        labels: dict[str, str] | None = None,
+        source_topics: dict[str, Iterable[str]] | None = None,
+        uncovered: Iterable[str] = (),
+    ):
         self.entries = {entry.key: entry for entry in entries}
         self.references = references
         self.labels = dict(labels or {})  # short reference names for a "Source: ..." line
+        # source -> the fact topics it supports; a source not listed supports every topic
+        self.source_topics = {source: frozenset(topics) for source, topics in (source_topics or {}).items()}
+        # anatomy the reference does not describe (a question about it is told so)
+        self.uncovered = tuple(uncovered)
         self._by_name: dict[str, str] = {}
         for entry in entries:  # keys and names first so that shared synonyms ("tumour") never shadow them
             self._by_name.setdefault(normalise_name(entry.key), entry.key)
@@ -177,6 +189,14 @@ class KnowledgeBase:
         if entry is None:
             raise KeyError(f"No knowledge-base entry for {name!r}.")
         return entry
+
+    def sources_of(self, entry: KnowledgeEntry, text: str) -> list[str]:
+        """The entry's sources that support one of its sentences: those whose topics include the
+        sentence's topic (the entry's ``source_topics``, else the table's); a sentence not in the
+        entry gets none."""
+        topics = {fact.topic for fact in entry.facts() if fact.text == text}
+        supported = {**self.source_topics, **entry.source_topics}
+        return [source for source in entry.sources if topics and (source not in supported or topics & supported[source])]
 
     def citation(self, source: str) -> str:
         """The full reference of one entry source (a key of ``references`` or a "Radiopaedia: title")."""
@@ -225,6 +245,7 @@ def _resolve(raw: dict, abstract: dict[str, dict], template: str) -> KnowledgeEn
         size=tuple(merged.get("size", [])),
         xr=merged.get("xr"),
         levels=_levels(merged.get("levels")),
+        source_topics={source: frozenset(topics) for source, topics in raw.get("source_topics", {}).items()},
     )
 
 
@@ -241,7 +262,8 @@ def load_knowledge_base(path: str | Path = KNOWLEDGE_BASE_PATH) -> KnowledgeBase
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     abstract = {raw["key"]: raw for raw in data["entries"] if raw.get("abstract")}
     entries = [_resolve(raw, abstract, data["hu_sentence"]) for raw in data["entries"] if not raw.get("abstract")]
-    return KnowledgeBase(entries, data["references"], data.get("reference_labels"))
+    return KnowledgeBase(entries, data["references"], data.get("reference_labels"), data.get("source_topics"),
+                         data.get("uncovered", ()))
 
 
 def read_snomed_table(csv_path: str | Path) -> dict[str, SnomedCode]:

@@ -36,10 +36,10 @@ from mimo_chat.data.names import names_structure
 from mimo_chat.evaluation import metrics
 from mimo_chat.evaluation.conversation import first_named, names_any
 from mimo_chat.evaluation.parsing import parse_yes_no, says_capabilities
-from mimo_chat.evidence.framing import FRAMING_PATTERNS, found_without_outline
+from mimo_chat.evidence.framing import FRAMING_PATTERNS, fill, found_without_outline
 
 MASK_IOU = 0.5
-CHECKS = ("forbidden", "unsupported", "names", "masks", "absent", "knowledge", "decline")
+CHECKS = ("forbidden", "unsupported", "names", "masks", "absent", "knowledge", "decline", "uncovered")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -140,6 +140,8 @@ def check_turn(reply, expect: dict, truth: ImageTruth, earlier_grounded: Sequenc
         result.checks["masks"] = _masks_ok(result, expect, truth, grounded)
     if "absent" in expect or "answer" in expect:
         result.checks["absent"] = _absent_ok(result, reply, expect, grounded)
+    if "uncovered" in expect:
+        result.checks["uncovered"] = _uncovered_ok(result, reply, expect, grounded)
     if "kb" in expect:
         name, topic = expect["kb"]
         wanted = [" ".join(f.text.split()) for e in grounded_entries([name]) if names_structure(e.name, name)
@@ -191,6 +193,18 @@ def _masks_ok(result: TurnResult, expect: dict, truth: ImageTruth, grounded: Seq
     if not ok:
         result.notes.append(f"none of {expect['grounded_any']} grounded")
     return ok
+
+
+def _uncovered_ok(result: TurnResult, reply, expect: dict, grounded: Sequence[tuple[str, np.ndarray]]) -> bool:
+    """Anatomy the reference does not cover is said to be so, and nothing else is outlined in its place."""
+    text = " ".join(reply.text.split())
+    unsaid = [name for name in expect["uncovered"] if fill("not_in_reference", name=name) not in text]
+    stray = [phrase for phrase, _ in grounded if not any(names_structure(phrase, n) for n in expect.get("grounded", []))]
+    if unsaid:
+        result.notes.append(f"not said to be outside the reference: {unsaid}")
+    if stray:
+        result.notes.append(f"outlined instead: {stray}")
+    return not unsaid and not stray
 
 
 def _absent_ok(result: TurnResult, reply, expect: dict, grounded: Sequence[tuple[str, np.ndarray]]) -> bool:

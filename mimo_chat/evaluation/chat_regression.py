@@ -34,7 +34,8 @@ REGRESSION_PATH = Path(__file__).resolve().parents[2] / "tests" / "chat_regressi
 # (check, modalities it is asserted on, minimum share of turns passing). From the issue's "done when":
 # hallucination <= 0.01 -> forbidden; explain accuracy >= 0.90 -> names on CT; multi_seg recall >= 0.80
 # on CT -> masks on CT; off-topic decline >= 0.95. Sentences outside the knowledge base and framing
-# are held to the hallucination bound; follow-ups must resolve as often as first questions name right.
+# are held to the hallucination bound; follow-ups must resolve as often as first questions name right;
+# anatomy outside the reference is said to be so, as off-topic questions are declined.
 THRESHOLDS = (
     ("forbidden", ("CT", "MR", "XR"), 0.99),
     ("unsupported", ("CT", "MR", "XR"), 0.99),
@@ -42,6 +43,7 @@ THRESHOLDS = (
     ("names", ("CT",), 0.90),
     ("masks", ("CT",), 0.80),
     ("follow_up", ("CT",), 0.80),
+    ("uncovered", ("CT", "MR", "XR"), 0.95),
 )
 
 

@@ -19,8 +19,6 @@ from mimo_chat.evidence.framing import fill, join_names
 from mimo_chat.evidence.intent import Intent
 from mimo_chat.evidence.policy import MAX_DESCRIBED, Evidence, groundable
 
-UNCITED = ("totalsegmentator_snomed",)  # coding tables, not sources of the sentences
-
 
 @dataclass
 class PlannedSeg:
@@ -61,8 +59,8 @@ class _Builder:
         new = [text for text in texts if text not in self.facts]
         self.facts += new
         self.sentences += new
-        if texts:
-            self.cited += [source for source in entry.sources if source not in self.cited and source not in UNCITED]
+        for text in texts:
+            self.cited += [source for source in self.knowledge.sources_of(entry, text) if source not in self.cited]
         return bool(texts)
 
     def plan(self) -> Plan:
@@ -80,6 +78,9 @@ def plan_reply(intent: Intent, evidence: Evidence, knowledge: KnowledgeBase, que
         build.say(intent.kind)
         return build.plan()
     subjects = _prompted(build, intent) + list(intent.names)
+    if intent.uncovered and not subjects:
+        _say_uncovered(build, intent)
+        return build.plan()
     if intent.kind in ("segment", "presence", "locate") and not intent.names:
         if not evidence.prompted:
             build.say("need_prompt")
@@ -93,7 +94,13 @@ def plan_reply(intent: Intent, evidence: Evidence, knowledge: KnowledgeBase, que
         _describe(build, intent, subjects, question)
         return build.plan()
     handlers[intent.kind](build, intent, subjects, question)
+    _say_uncovered(build, intent)
     return build.plan()
+
+
+def _say_uncovered(build: _Builder, intent: Intent) -> None:
+    for name in intent.uncovered:
+        build.say("not_in_reference", name=name)
 
 
 def _prompted(build: _Builder, intent: Intent) -> list[str]:

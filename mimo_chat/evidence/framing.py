@@ -30,6 +30,7 @@ TEMPLATES: dict[str, str] = {
     "present_no_outline": "Yes, the model finds the {name} on this slice but cannot outline it reliably.",
     "not_on_kind": "The {name} is not seen on {kind}.",
     "cannot_find": "The model has not learned to find the {name} on images.",
+    "not_in_reference": "The {name} is not in the model's reference, so it cannot find, outline or explain it.",
     # what is this (box / click)
     "identify": "This is the {name}.",
     "identify_several": "These are the {names}.",

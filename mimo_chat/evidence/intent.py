@@ -6,7 +6,8 @@
   A question that is close to no example, or closest to the off-topic ones, is off-topic.
 * **Structures**: names of the knowledge base and the locator's vocabulary found in the question
   (spelling, plural and side order as ``mimo_chat.data.names``); a plural group ("the kidneys")
-  stands for its members.
+  stands for its members. Anatomy the knowledge base lists as not covered ("the femur") is kept
+  apart, so that the reply can say so instead of answering about an earlier turn's structure.
 * **Follow-ups**: "it" / "this" refers to the prompted object or the last turn's structures, "the
   left one" switches the side of the last turn's structures, and "and the spleen?" keeps the last
   turn's intent.
@@ -107,7 +108,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "What surrounds the structure?", "What lies behind it?", "Which organs touch the structure?",
         "What is the structure connected to?", "What are the neighbours of the structure?",
         "Where does the structure lie relative to the structure?", "What is the blood supply of the structure?",
-        "Which artery supplies the structure?", "Where does the structure drain?",
+        "Which artery supplies the structure?", "Where does the structure drain?", "What is behind the structure?",
+        "What is in front of the structure?", "What is beside the structure?", "What is above the structure?",
     ),
     "level": (
         "Is this slice above or below the structure?", "At what level is this slice?", "Which vertebral level is this?",
@@ -160,6 +162,7 @@ class Intent:
     names: list[str] = field(default_factory=list)  # structures asked about (display names, in order)
     follow_up: bool = False  # names or intent came from an earlier turn
     similarity: float = 0.0  # to the nearest example phrasing
+    uncovered: list[str] = field(default_factory=list)  # asked-about anatomy the reference does not describe
 
     @property
     def kind(self) -> str:
@@ -217,14 +220,27 @@ class NameFinder:
             phrases.setdefault(group, sorted(pair or members))
         # longest phrases first so that "left kidney" wins over "kidney"
         self.phrases = sorted(phrases.items(), key=lambda item: -len(item[0].split()))
+        uncovered = {normalize(name): [name] for name in knowledge.uncovered if normalize(name) not in phrases}
+        self.uncovered_phrases = sorted(uncovered.items(), key=lambda item: -len(item[0].split()))
+        self.all_phrases = sorted([*phrases.items(), *uncovered.items()], key=lambda item: -len(item[0].split()))
 
     def find(self, text: str) -> list[str]:
         """Names in ``text`` in order of appearance (each once); "the left and the right clavicle"
         names both sides."""
+        return self._find(text, self.phrases)
+
+    def find_uncovered(self, text: str) -> list[str]:
+        """Anatomy in ``text`` that the knowledge base does not describe ("the femur"), in order
+        (matched together with the covered names, longest first, so no word counts twice)."""
+        uncovered = {names[0] for _, names in self.uncovered_phrases}
+        return [name for name in self._find(text, self.all_phrases) if name in uncovered]
+
+    @staticmethod
+    def _find(text: str, phrases: list[tuple[str, list[str]]]) -> list[str]:
         words = _both_sides(normalize(text)).split()
         taken = [False] * len(words)
         found: list[tuple[int, list[str]]] = []
-        for phrase, names in self.phrases:
+        for phrase, names in phrases:
             size = len(phrase.split())
             for start in range(len(words) - size + 1):
                 window = words[start : start + size]
@@ -240,7 +256,7 @@ class NameFinder:
     def mask_names(self, text: str) -> str:
         """``text`` with every structure name replaced by "structure" (the intent, not the organ, remains)."""
         masked = f" {normalize(text)} "
-        for phrase, _ in self.phrases:
+        for phrase, _ in self.all_phrases:
             masked = re.sub(rf" {re.escape(phrase)}(e?s)? ", " structure ", masked)
         question = "?" if text.strip().endswith("?") else "."
         return masked.strip() + question
@@ -282,11 +298,13 @@ class IntentReader:
 
     def read(self, question: str, history: Sequence[tuple[str, str]] | None = None, prompted: bool = False) -> Intent:
         names = self.names.find(question)
+        # "which bone is this?" with a box asks about the prompt, not about uncovered anatomy
+        uncovered = [] if prompted else self.names.find_uncovered(question)
         intent, similarity = self.classify(question)
         text = normalize(question)
         previous = self._previous(history)
         follow_up = False
-        if not names and previous is not None:
+        if not names and not uncovered and previous is not None:
             if _SIDE_ONE.search(text):  # "is the left one bigger than the right one?" asks about both
                 sides = [match.group(1) for match in _SIDE_ONE.finditer(text)]
                 names = list(dict.fromkeys(name for side in sides for name in _switch_side(previous.names, side)))
@@ -295,16 +313,19 @@ class IntentReader:
                 names, follow_up = list(previous.names), True
         lead = _FOLLOW_UP_START.match(text) is not None
         short = lead or len(text.split()) <= 3
-        if not names and not follow_up and previous is not None and not prompted and len(text.split()) <= 3 \
+        if not names and not uncovered and not follow_up and previous is not None and not prompted and len(text.split()) <= 3 \
                 and intent not in ("off_topic", "describe", "thanks", "level"):
             names, follow_up = list(previous.names), bool(previous.names)  # "where exactly?"
         vague = intent == "off_topic" or (lead and self._bare(question))
         if previous is not None and short and vague and (names or follow_up):
             intent, follow_up = previous.intent, True  # "and the spleen?" asks what the last turn asked
-        if INTENTS[intent][0] == "explain" and not names and not prompted and not follow_up:
+        if uncovered and not names and intent == "off_topic":
+            intent = "about"  # a question about anatomy, just not anatomy the reference covers
+        if INTENTS[intent][0] == "explain" and not names and not uncovered and not prompted and not follow_up:
             # nothing to explain: "what's visible in this scan?" asks about the image itself
             intent, similarity = self.classify(question, among=("describe", "level", "off_topic"))
-        if intent != "off_topic" and similarity < MIN_SIMILARITY and not names and not prompted and not follow_up:
+        if intent != "off_topic" and similarity < MIN_SIMILARITY and not names and not uncovered and not prompted \
+                and not follow_up:
             intent = "off_topic"
         if intent == "off_topic" and (prompted or (names and similarity < MIN_SIMILARITY)):
             intent = "identify" if prompted and not names else "about"
@@ -318,7 +339,7 @@ class IntentReader:
             intent, similarity = self.classify(question, among=[i for i in INTENTS if i not in ("presence", "judgement")])
         if intent == "judgement" and names and all(self._is_lesion(name) for name in names):
             intent = "presence"  # "is there a tumour?" is answered by the lesion policy
-        return Intent(intent, names, follow_up, similarity)
+        return Intent(intent, names, follow_up, similarity, uncovered=uncovered)
 
     def _bare(self, question: str) -> bool:
         """Whether a follow-up asks nothing of its own ("and the spleen?", "what about the left one?"),
