@@ -403,3 +403,18 @@ def test_a_reply_cites_the_sources_of_the_sentences_it_states(reader, question, 
     assert len(plan.sources) == source_line.count(";") + 1
     # every sentence the knowledge base can state has at least one source
     assert all(KB.sources_of(entry, fact.text) for entry in KB for fact in entry.facts())
+
+
+def test_a_pair_is_found_by_its_common_name_and_a_radiograph_has_no_slice_level(reader) -> None:
+    """"Show me the clavicles" once got a description of the whole radiograph: the pair's common name
+    ("clavicle", "collarbone") was not a name, only its key ("clavicula") was."""
+    for question in ("Show me the clavicles.", "Segment both collarbones.", "Outline the clavicle"):
+        read = reader.read(question)
+        assert (read.intent, read.names) == ("segment", ["left clavicle", "right clavicle"]), question
+    chest = _evidence("XR chest", {"heart": 0.9, "left lung": 0.9, "right lung": 0.9})
+    history = [("Where is the heart?", "The <p>heart</p><SEG> is marked on the image.")]
+    for question in ("What level is this?", "Is this above the kidneys?"):
+        plan = plan_reply(reader.read(question, history), chest, KB, question)
+        assert plan.raw_text.endswith(TEMPLATES["level_not_axial"]) and "is above" not in plan.raw_text
+    side = reader.read("Which side is the heart on?")
+    assert (side.intent, side.names) == ("locate", ["heart"])

@@ -110,6 +110,7 @@ class KnowledgeEntry:
     xr: str | None = None
     levels: tuple[int, int] | None = None  # indices into VERTEBRAL_LEVELS, cranial first
     source_topics: dict[str, frozenset[str]] = field(default_factory=dict)  # this entry's overrides of the table's
+    group_names: tuple[str, ...] = ()  # the abstract entry's name and synonyms ("clavicle", "collarbone")
 
     def hu_sentence(self) -> str | None:
         """The attenuation fact as one sentence, or None when the entry has no HU range (MR lesions)."""
@@ -246,6 +247,7 @@ def _resolve(raw: dict, abstract: dict[str, dict], template: str) -> KnowledgeEn
         xr=merged.get("xr"),
         levels=_levels(merged.get("levels")),
         source_topics={source: frozenset(topics) for source, topics in raw.get("source_topics", {}).items()},
+        group_names=(parent["name"], *parent.get("synonyms", [])) if parent else (),
     )
 
 

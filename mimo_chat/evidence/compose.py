@@ -245,15 +245,19 @@ def _asked_modality(question: str) -> str | None:
 def _level(build: _Builder, intent: Intent, subjects: list[str], question: str) -> None:
     knowledge, evidence = build.knowledge, build.evidence
     present = [name for name, _ in evidence.present()]
+    if present:
+        _say_found(build, present[:MAX_DESCRIBED])
+    if evidence.kind.modality == "XR" or not evidence.kind.axial:  # many levels on one image
+        build.say("level_not_axial")
+        return
     reference = [knowledge.find(name) for name in intent.names]
     reference = [entry for entry in reference if entry is not None and entry.levels is not None]
     spans = [knowledge.find(name).levels for name in present if knowledge.find(name) and knowledge.find(name).levels]
-    if present:
-        _say_found(build, present[:MAX_DESCRIBED])
     if not reference or not spans:
         build.say("level_unknown")
         return
-    label = intent.names[0] if len(intent.names) == 1 else knowledge.find(intent.names[0]).group.replace("_", " ") + "s"
+    first = knowledge.find(intent.names[0])
+    label = intent.names[0] if len(intent.names) == 1 else (first.group_names or (first.group.replace("_", " "),))[0] + "s"
     if any(knowledge.find(name) in reference for name in present):
         build.say("level_at", name=label)
         return

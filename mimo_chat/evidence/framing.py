@@ -57,6 +57,7 @@ TEMPLATES: dict[str, str] = {
     "level_above": "This slice is above the {name}.",
     "level_below": "This slice is below the {name}.",
     "level_unknown": "I cannot tell the level of this slice from the structures the model finds.",
+    "level_not_axial": "This image is not an axial slice: it shows many levels at once, so it has no single level.",
     # whole-study size and volume
     "volume": "Sizes and volumes need the whole study; the model measures the {names} over every slice of an opened volume.",
     # is it normal? (a judgement the model does not make)

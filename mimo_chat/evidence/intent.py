@@ -94,6 +94,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "Where is the structure?", "Where is the structure? Give its bounding box.", "Find the structure.",
         "Locate the structure.", "Where can I find the structure on this image?", "Point to the structure.",
         "Which part of the image is the structure?", "Where does the structure lie?", "Where is it?",
+        "Which side is the structure on?", "On which side is the structure?",
         "Where is that on the image?",
     ),
     "describe": (
@@ -114,7 +115,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "level": (
         "Is this slice above or below the structure?", "At what level is this slice?", "Which vertebral level is this?",
         "Is this slice at the level of the structure?", "Are we above the structure?", "How high is this slice?",
-        "What level of the structure is this?",
+        "What level of the structure is this?", "Is this above the structure?", "Is this image below the structure?",
     ),
     "volume": (
         "What is the volume of the structure?", "How large is the structure in this patient?",
@@ -205,9 +206,11 @@ class NameFinder:
 
     def __init__(self, knowledge: KnowledgeBase, vocabulary: Sequence[str] = ()) -> None:
         self.groups: dict[str, list[str]] = {}
+        group_names: dict[str, set[str]] = {}
         for entry in knowledge:
             if entry.group != entry.key:
-                self.groups.setdefault(normalize(entry.group), []).append(entry.name)
+                self.groups.setdefault(entry.group, []).append(entry.name)
+                group_names.setdefault(entry.group, {normalize(entry.group)}).update(map(normalize, entry.group_names))
         phrases: dict[str, list[str]] = {}
         for name in vocabulary:  # the locator's own names first: they can be grounded
             phrases.setdefault(normalize(name), [name])
@@ -216,8 +219,10 @@ class NameFinder:
                 phrases.setdefault(normalize(text), [entry.name])
         for group, members in self.groups.items():
             # "the lungs" are the left and the right lung, not their lobes too
-            pair = [name for name in members if normalize(name) in (f"left {group}", f"right {group}")]
-            phrases.setdefault(group, sorted(pair or members))
+            sides = {f"{side} {name}" for name in group_names[group] for side in ("left", "right")}
+            pair = [name for name in members if normalize(name) in sides]
+            for name in group_names[group]:  # "clavicula" and its name "clavicle"
+                phrases.setdefault(name, sorted(pair or members))
         # longest phrases first so that "left kidney" wins over "kidney"
         self.phrases = sorted(phrases.items(), key=lambda item: -len(item[0].split()))
         uncovered = {normalize(name): [name] for name in knowledge.uncovered if normalize(name) not in phrases}
