@@ -418,3 +418,20 @@ def test_a_pair_is_found_by_its_common_name_and_a_radiograph_has_no_slice_level(
         assert plan.raw_text.endswith(TEMPLATES["level_not_axial"]) and "is above" not in plan.raw_text
     side = reader.read("Which side is the heart on?")
     assert (side.intent, side.names) == ("locate", ["heart"])
+
+
+def test_a_plain_text_answer_in_the_history_refers_to_what_it_showed_not_to_the_neighbours_its_facts_mention(
+        reader) -> None:
+    kidney = KB.get("right kidney")
+    plain = f"This is the right kidney. {' '.join(kidney.relations)} Source: Gray's Anatomy (42nd edition, 2020)."
+    assert "liver" in plain  # the relations mention the liver above the kidney
+    read = reader.read("What does it do?", [("What is this?", plain)])
+    assert (read.intent, read.names, read.follow_up) == ("function", ["right kidney"], True)
+    other = reader.read("and the other one?", [("What is this?", plain)])
+    assert other.names == ["left kidney"]
+
+
+def test_with_a_box_what_am_i_looking_at_asks_about_the_box_and_the_whole_image_is_still_described(reader) -> None:
+    assert reader.read("What am I looking at?", prompted=True).intent == "identify"
+    assert reader.read("What am I looking at?").intent == "describe"
+    assert reader.read("Describe this whole image.", prompted=True).intent == "describe"

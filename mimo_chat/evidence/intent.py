@@ -25,6 +25,7 @@ import torch
 
 from mimo_chat.data.knowledge import KnowledgeBase
 from mimo_chat.data.names import canonical_name, normalize
+from mimo_chat.evidence.framing import is_framing, split_sentences
 
 # intent -> (reply kind, knowledge topic)
 INTENTS: dict[str, tuple[str, str | None]] = {
@@ -153,6 +154,7 @@ _FILLER = frozenset({"structure", "the", "a", "an", "one", "ones", "side", "left
 _TAG_NAME = re.compile(r"<p>(.*?)</p>")
 _EVERYTHING = re.compile(r"\b(all|every|everything|each)\b")
 _WH_WORD = re.compile(r"^(what|which|how|why|where|when|who)\b")
+_WHOLE_IMAGE = re.compile(r"\b(image|slice|scan|picture|x ray|xray|radiograph|study|everything|all|whole|overall)\b")
 
 
 @dataclass
@@ -337,6 +339,8 @@ class IntentReader:
         if intent == "identify" and names and not prompted and not follow_up:
             # "which vessel feeds the liver?" names its subject: it asks about it, not what a box holds
             intent, similarity = self.classify(question, among=[i for i in INTENTS if i != "identify"])
+        if intent == "describe" and prompted and not names and not _WHOLE_IMAGE.search(text):
+            intent = "identify"  # "what am I looking at?" with a box asks about the box, not the whole slice
         if intent == "segment" and not names and not prompted and _EVERYTHING.search(text):
             intent = "describe"  # "highlight all structures": the grounded caption outlines what is found
         if intent == "presence" and _WH_WORD.match(text):
@@ -362,7 +366,11 @@ class IntentReader:
             return None
         question, answer = history[-1]
         grounded = [canonical_name(name) for name in _TAG_NAME.findall(answer or "") if name.strip()]
-        names = [name for name in dict.fromkeys(grounded) if name] or self.names.find(question) or self.names.find(answer)
+        # an answer without tags: only its framing sentences name what it showed; its facts mention
+        # neighbours ("the liver above it") that the answer was not about
+        framed = [name for sentence in split_sentences(answer or "") if is_framing(sentence)
+                  for name in self.names.find(sentence)]
+        names = [name for name in dict.fromkeys(grounded) if name] or self.names.find(question) or list(dict.fromkeys(framed))
         intent, similarity = self.classify(question)
         return Intent(intent, names, False, similarity)
 
