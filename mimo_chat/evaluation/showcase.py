@@ -48,6 +48,9 @@ SHOWCASE = (
     Question("curvas_ct", "vol10007_z567_annotation-1", "Is this slice above or below the kidneys?"),
     Question("jsrt_scr_cxr", "JPCLN015", "Is the heart enlarged?"),
     Question("msd_spleen_ct", "spleen_63_z030", "What is the spleen's blood supply?"),
+    Question("jsrt_scr_cxr", "JPCLN015", "Show me the clavicles."),
+    Question("curvas_ct", "vol10009_z150_annotation-3", "Where is the appendix?"),
+    Question("curvas_ct", "vol10009_z150_annotation-3", "What does the femur do?"),
 )
 
 
