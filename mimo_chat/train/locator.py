@@ -112,9 +112,13 @@ class PhraseEmbedder:
         return torch.stack([self.cache[name] for name in names])
 
 
-def sample_batch(data: LocatorData, batch: int, rng: random.Random, max_shift: int):
-    sources = [s for s in SOURCE_WEIGHTS if data.by_source.get(s)]
-    weights = [SOURCE_WEIGHTS[s] for s in sources]
+def sample_batch(data: LocatorData, batch: int, rng: random.Random, max_shift: int,
+                 source_weights: dict[str, float] | None = None):
+    """A batch of images drawn by source (``SOURCE_WEIGHTS``, with ``source_weights`` overriding
+    some), each shifted by up to ``max_shift`` cells, with up to 3 masked, 2 absent and 2 present names."""
+    table = {**SOURCE_WEIGHTS, **(source_weights or {})}
+    sources = [s for s in table if data.by_source.get(s)]
+    weights = [table[s] for s in sources]
     embeddings, rows, names, targets, supervised, kinds = [], [], [], [], [], []
     grid = next(iter(data.embeddings.values())).shape[-1]
     for row in range(batch):
@@ -265,7 +269,7 @@ class LocatorTask(TrainingTask):
     def next_batch(self, step: int, micro: int) -> tuple:
         device = self.options.device
         embeddings, rows, names, targets, supervised, kinds = sample_batch(
-            self.train, self.options.batch, self.rng, self.options.max_shift)
+            self.train, self.options.batch, self.rng, self.options.max_shift, self.options.source_weight)
         return (embeddings.to(device), rows.to(device), self.embed(names).to(device), targets.to(device),
                 supervised.to(device), kinds.to(device))
 
@@ -331,13 +335,30 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--freeze-adapter", action="store_true",
                         help="keep the --init locator's image adapter; train on its features, computed once (fast)")
     parser.add_argument("--kind-weight", type=float, default=0.5, help="weight of the image-kind cross-entropy")
+    parser.add_argument("--source-weight", type=_source_weight, action="append", default=[], metavar="SOURCE=W",
+                        help="sampling weight of one source instead of data.sources.SOURCE_WEIGHTS (repeatable)")
     parser.add_argument("--device", default="cpu", help="e.g. cuda (the embeddings stay in CPU memory)")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from the locator of a folder with locator.safetensors (this command's --out) "
                              "or model.safetensors (a trained MIMO model); a resumed run continues its own weights")
     parser.add_argument("--preset", default="lite", help="MIMO preset whose encoder and language model to use")
     parser.add_argument("--embeddings", type=Path, default=None, help="embedding store root (default: cache_dir()/embeddings)")
-    return parser.parse_args(argv)
+    options = parser.parse_args(argv)
+    options.source_weight = dict(options.source_weight)
+    return options
+
+
+def _source_weight(text: str) -> tuple[str, float]:
+    source, _, weight = text.partition("=")
+    if source not in SOURCE_WEIGHTS or not weight:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SOURCE=W with SOURCE one of {', '.join(SOURCE_WEIGHTS)}")
+    try:
+        value = float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight must be a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight must not be negative")
+    return source, value
 
 
 if __name__ == "__main__":
