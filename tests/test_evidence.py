@@ -8,7 +8,14 @@ import pytest
 from mimo_chat.data.knowledge import load_knowledge_base
 from mimo_chat.evaluation.parsing import parse_yes_no
 from mimo_chat.evidence.compose import plan_reply
-from mimo_chat.evidence.framing import FRAMING_PATTERNS, TEMPLATES, fill, is_framing, split_sentences
+from mimo_chat.evidence.framing import (
+    FRAMING_PATTERNS,
+    TEMPLATES,
+    fill,
+    found_without_outline,
+    is_framing,
+    split_sentences,
+)
 from mimo_chat.evidence.intent import EXAMPLES, Intent, IntentReader
 from mimo_chat.evidence.policy import ImageKind, build_evidence
 from mimo_chat.grounding import parse_grounded_text
@@ -35,9 +42,9 @@ def reader() -> IntentReader:
 
 
 def test_every_framing_sentence_matches_a_pattern_and_no_fact_does() -> None:
-    for template in TEMPLATES.values():
+    for template, where in ((template, where) for template in TEMPLATES.values() for where in ("slice", "image")):
         filled = template.format(name="liver", names="liver and the spleen", kind="a CT of the abdomen",
-                                 sources="Gray's Anatomy (42nd edition, 2020)")
+                                 sources="Gray's Anatomy (42nd edition, 2020)", where=where)
         assert all(is_framing(sentence) for sentence in split_sentences(filled)), template
     facts = [fact.text for entry in KB for fact in entry.facts()]
     assert len(FRAMING_PATTERNS) >= len(TEMPLATES) and not [f for f in facts if is_framing(f)]
@@ -416,6 +423,14 @@ def test_a_pair_is_found_by_its_common_name_and_a_radiograph_has_no_slice_level(
     for question in ("What level is this?", "Is this above the kidneys?"):
         plan = plan_reply(reader.read(question, history), chest, KB, question)
         assert plan.raw_text.endswith(TEMPLATES["level_not_axial"]) and "is above" not in plan.raw_text
+    # and what the model finds on it is said to be on the image, not on a slice
+    caption = plan_reply(reader.read("What do you see?"), chest, KB, "What do you see?").raw_text
+    assert "On this image the model finds the <p>heart</p><SEG>" in caption and "slice" not in caption
+    liver = plan_reply(reader.read("Is there a liver?"), chest, KB, "Is there a liver?").raw_text
+    assert liver == "The <p>liver</p> is not seen on a chest radiograph."
+    heart = plan_reply(reader.read("Is there a heart?"), _evidence("XR chest", {}), KB, "Is there a heart?").raw_text
+    assert heart == "No, the model does not find the <p>heart</p> on this image."
+    assert found_without_outline("On this image the model finds the heart, without a reliable outline.") == ["heart"]
     side = reader.read("Which side is the heart on?")
     assert (side.intent, side.names) == ("locate", ["heart"])
 

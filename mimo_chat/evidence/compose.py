@@ -44,6 +44,8 @@ class _Builder:
         self.segs: list[PlannedSeg] = []
         self.cited: list[str] = []
         self.facts: list[str] = []
+        kind = evidence.kind
+        self.where = "image" if kind.modality == "XR" or not kind.axial else "slice"  # a radiograph is no slice
 
     def grounded(self, name: str, prompt_index: int | None = None, name_score: float | None = None) -> str:
         if name_score is None and prompt_index is None:
@@ -52,7 +54,11 @@ class _Builder:
         return f"<p>{name}</p><SEG>"
 
     def say(self, key: str, **slots: str) -> None:
-        self.sentences.append(fill(key, **slots))
+        self.sentences.append(self.text(key, **slots))
+
+    def text(self, key: str, **slots: str) -> str:
+        """A framing sentence for this image (a radiograph is an "image", not a "slice")."""
+        return fill(key, where=self.where, **slots)
 
     def fact(self, entry: KnowledgeEntry, texts: list[str]) -> bool:
         texts = [text for text in texts if text]
@@ -127,22 +133,22 @@ def _ground_asked(build: _Builder, names: list[str], present_key: str | None, ab
     for asked, name in groundable(names, vocabulary).items():
         entry = build.knowledge.find(asked)
         if name in evidence.excluded or (name is None and entry is not None and not evidence.kind.allows(entry)):
-            missing.append(fill("not_on_kind", name=f"<p>{asked}</p>", kind=evidence.kind.phrase()))
+            missing.append(build.text("not_on_kind", name=f"<p>{asked}</p>", kind=evidence.kind.phrase()))
         elif name is None:
-            missing.append(fill("cannot_find", name=asked))
+            missing.append(build.text("cannot_find", name=asked))
         elif evidence.is_present(name) and not evidence.outlined(name):
             # a lesion is stated only where its outline lets the user check it
             key = "lesion_unsure" if _is_lesion(entry) else "present_no_outline" if present_key == "present" else "no_outline"
-            missing.append(fill(key, name=f"<p>{name}</p>"))
+            missing.append(build.text(key, name=f"<p>{name}</p>"))
         elif evidence.is_present(name):
             phrase = build.grounded(name)
             phrases.append(phrase)
             if present_key:
                 build.say(_lesion_key(entry, present_key), name=phrase)
         else:
-            missing.append(fill(_lesion_key(entry, absent_key), name=f"<p>{name}</p>"))
+            missing.append(build.text(_lesion_key(entry, absent_key), name=f"<p>{name}</p>"))
             if _is_lesion(entry):
-                missing.append(fill("lesion_caveat"))
+                missing.append(build.text("lesion_caveat"))
     if phrases and present_key is None:
         build.say("segment" if len(phrases) == 1 else "segment_several", names=join_names(phrases))
     build.sentences += missing

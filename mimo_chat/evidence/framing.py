@@ -18,6 +18,9 @@ import re
 
 # A slot holding one or several structure names ("liver", "liver, the spleen and the left kidney").
 _NAMES = r"[\w ,'()/-]+?"
+# What the image is called: "slice" for an axial slice, "image" for a radiograph or a coronal / sagittal view.
+_WHERE = r"(?:slice|image)"
+WHERES = ("slice", "image")
 _KIND = r"[\w ,'()/-]+?"
 _SOURCES = r".+?"
 
@@ -25,9 +28,9 @@ TEMPLATES: dict[str, str] = {
     # segment / show
     "segment": "Here is the {names}.",
     "segment_several": "Here are the {names}.",
-    "absent": "The {name} is not on this slice.",
-    "no_outline": "The model finds the {name} on this slice but cannot outline it reliably.",
-    "present_no_outline": "Yes, the model finds the {name} on this slice but cannot outline it reliably.",
+    "absent": "The {name} is not on this {where}.",
+    "no_outline": "The model finds the {name} on this {where} but cannot outline it reliably.",
+    "present_no_outline": "Yes, the model finds the {name} on this {where} but cannot outline it reliably.",
     "not_on_kind": "The {name} is not seen on {kind}.",
     "cannot_find": "The model has not learned to find the {name} on images.",
     "not_in_reference": "The {name} is not in the model's reference, so it cannot find, outline or explain it.",
@@ -37,21 +40,21 @@ TEMPLATES: dict[str, str] = {
     "identify_unsure": "This looks like the {name}, but I am not sure.",
     "identify_unknown": "I cannot name the {name} with confidence.",
     # is there X
-    "present": "Yes, the model finds the {name} on this slice.",
-    "not_present": "No, the model does not find the {name} on this slice.",
-    "lesion_present": "Yes, the model marks a possible {name} on this slice.",
-    "lesion_absent": "No, the model does not mark a {name} on this slice.",
-    "lesion_unsure": "The model cannot tell reliably whether there is a {name} on this slice.",
+    "present": "Yes, the model finds the {name} on this {where}.",
+    "not_present": "No, the model does not find the {name} on this {where}.",
+    "lesion_present": "Yes, the model marks a possible {name} on this {where}.",
+    "lesion_absent": "No, the model does not mark a {name} on this {where}.",
+    "lesion_unsure": "The model cannot tell reliably whether there is a {name} on this {where}.",
     "lesion_caveat": "The model's lesion detection is not reliable enough to rule one out.",
     "observation": "This is a model observation, not a diagnosis.",
     # where is X
     "locate": "The {name} is marked on the image.",
     # describe the image
     "kind": "This looks like {kind}.",
-    "describe": "On this slice the model finds the {names}.",
-    "describe_none": "The model finds none of the structures it knows on this slice.",
+    "describe": "On this {where} the model finds the {names}.",
+    "describe_none": "The model finds none of the structures it knows on this {where}.",
     "describe_no_outline": "It also finds the {names}, without a reliable outline.",
-    "describe_none_outlined": "On this slice the model finds the {names}, without a reliable outline.",
+    "describe_none_outlined": "On this {where} the model finds the {names}, without a reliable outline.",
     # slice level
     "level_at": "This slice is at the level of the {name}.",
     "level_above": "This slice is above the {name}.",
@@ -88,9 +91,14 @@ TEMPLATES: dict[str, str] = {
 
 def _pattern(template: str) -> re.Pattern[str]:
     escaped = re.escape(template)
-    for slot, expression in (("names", _NAMES), ("name", _NAMES), ("kind", _KIND), ("sources", _SOURCES)):
+    return re.compile(rf"^{_slots_to_regex(escaped)}$")
+
+
+def _slots_to_regex(escaped: str) -> str:
+    for slot, expression in (("names", _NAMES), ("name", _NAMES), ("kind", _KIND), ("sources", _SOURCES),
+                             ("where", _WHERE)):
         escaped = escaped.replace(re.escape("{" + slot + "}"), expression)
-    return re.compile(rf"^{escaped}$")
+    return escaped
 
 
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s+(?=[A-Z])")
@@ -122,7 +130,8 @@ def found_without_outline(text: str) -> list[str]:
     for key in FOUND_WITHOUT_OUTLINE:
         slot = "{names}" if "{names}" in TEMPLATES[key] else "{name}"
         head, tail = TEMPLATES[key].split(slot)
-        pattern = re.compile(re.escape(head) + r"(?P<names>" + _NAMES + r")" + re.escape(tail))
+        pattern = re.compile(_slots_to_regex(re.escape(head)) + r"(?P<names>" + _NAMES + r")"
+                             + _slots_to_regex(re.escape(tail)))
         for sentence in split_sentences(text):
             match = pattern.fullmatch(sentence.strip())
             if match:
@@ -131,7 +140,11 @@ def found_without_outline(text: str) -> list[str]:
 
 
 def fill(key: str, **slots: str) -> str:
-    """The framing sentence ``key`` with its slots filled (raw text: names may carry markup)."""
+    """The framing sentence ``key`` with its slots filled (raw text: names may carry markup);
+    ``where`` ("slice" or "image", default "slice") names what the image is."""
+    slots.setdefault("where", "slice")
+    if slots["where"] not in WHERES:
+        raise ValueError(f"where must be one of {WHERES}, not {slots['where']!r}")
     return TEMPLATES[key].format(**slots)
 
 
