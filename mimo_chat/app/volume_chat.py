@@ -167,7 +167,7 @@ def volume_reply(result: VolumeResult, knowledge: KnowledgeBase) -> VolumeReply:
         facts = [fact.text for fact in entry.facts("size")] if entry is not None else []
         if facts:
             sentences += [text for text in facts if text not in sentences]
-            cited += [s for text in facts for s in knowledge.sources_of(entry, text) if s not in cited]
+            cited += [s for s in knowledge.sources_of(entry, *facts) if s not in cited]
         else:
             sentences.append(f"The knowledge base has no normal size for the {name}.")
     if cited:

@@ -191,11 +191,11 @@ class KnowledgeBase:
             raise KeyError(f"No knowledge-base entry for {name!r}.")
         return entry
 
-    def sources_of(self, entry: KnowledgeEntry, text: str) -> list[str]:
-        """The entry's sources that support one of its sentences: those whose topics include the
-        sentence's topic (the entry's ``source_topics``, else the table's); a sentence not in the
-        entry gets none."""
-        topics = {fact.topic for fact in entry.facts() if fact.text == text}
+    def sources_of(self, entry: KnowledgeEntry, *texts: str) -> list[str]:
+        """The entry's sources (each once, in the entry's order) that support some of its sentences
+        ``texts``: those whose topics include a sentence's topic (the entry's ``source_topics``, else
+        the table's); sentences not in the entry get none."""
+        topics = {fact.topic for fact in entry.facts() if fact.text in texts}
         supported = {**self.source_topics, **entry.source_topics}
         return [source for source in entry.sources if topics and (source not in supported or topics & supported[source])]
 

@@ -44,8 +44,7 @@ class _Builder:
         self.segs: list[PlannedSeg] = []
         self.cited: list[str] = []
         self.facts: list[str] = []
-        kind = evidence.kind
-        self.where = "image" if kind.modality == "XR" or not kind.axial else "slice"  # a radiograph is no slice
+        self.where = "image" if evidence.kind.many_levels else "slice"
 
     def grounded(self, name: str, prompt_index: int | None = None, name_score: float | None = None) -> str:
         if name_score is None and prompt_index is None:
@@ -65,8 +64,7 @@ class _Builder:
         new = [text for text in texts if text not in self.facts]
         self.facts += new
         self.sentences += new
-        for text in texts:
-            self.cited += [source for source in self.knowledge.sources_of(entry, text) if source not in self.cited]
+        self.cited += [source for source in self.knowledge.sources_of(entry, *texts) if source not in self.cited]
         return bool(texts)
 
     def plan(self) -> Plan:
@@ -98,8 +96,8 @@ def plan_reply(intent: Intent, evidence: Evidence, knowledge: KnowledgeBase, que
     }
     if intent.kind == "identify" and not evidence.prompted:
         _describe(build, intent, subjects, question)
-        return build.plan()
-    handlers[intent.kind](build, intent, subjects, question)
+    else:
+        handlers[intent.kind](build, intent, subjects, question)
     _say_uncovered(build, intent)
     return build.plan()
 
@@ -253,7 +251,7 @@ def _level(build: _Builder, intent: Intent, subjects: list[str], question: str) 
     present = [name for name, _ in evidence.present()]
     if present:
         _say_found(build, present[:MAX_DESCRIBED])
-    if evidence.kind.modality == "XR" or not evidence.kind.axial:  # many levels on one image
+    if evidence.kind.many_levels:
         build.say("level_not_axial")
         return
     reference = [knowledge.find(name) for name in intent.names]

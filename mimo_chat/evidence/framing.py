@@ -19,8 +19,8 @@ import re
 # A slot holding one or several structure names ("liver", "liver, the spleen and the left kidney").
 _NAMES = r"[\w ,'()/-]+?"
 # What the image is called: "slice" for an axial slice, "image" for a radiograph or a coronal / sagittal view.
-_WHERE = r"(?:slice|image)"
 WHERES = ("slice", "image")
+_WHERE = "(?:" + "|".join(WHERES) + ")"
 _KIND = r"[\w ,'()/-]+?"
 _SOURCES = r".+?"
 

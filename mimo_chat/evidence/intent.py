@@ -207,11 +207,11 @@ class NameFinder:
     """Structure names in free text: knowledge-base names and synonyms, the locator's vocabulary, plural groups."""
 
     def __init__(self, knowledge: KnowledgeBase, vocabulary: Sequence[str] = ()) -> None:
-        self.groups: dict[str, list[str]] = {}
+        groups: dict[str, list[str]] = {}
         group_names: dict[str, set[str]] = {}
         for entry in knowledge:
             if entry.group != entry.key:
-                self.groups.setdefault(entry.group, []).append(entry.name)
+                groups.setdefault(entry.group, []).append(entry.name)
                 group_names.setdefault(entry.group, {normalize(entry.group)}).update(map(normalize, entry.group_names))
         phrases: dict[str, list[str]] = {}
         for name in vocabulary:  # the locator's own names first: they can be grounded
@@ -219,7 +219,7 @@ class NameFinder:
         for entry in knowledge:
             for text in (entry.name, entry.key, *entry.synonyms):
                 phrases.setdefault(normalize(text), [entry.name])
-        for group, members in self.groups.items():
+        for group, members in groups.items():
             # "the lungs" are the left and the right lung, not their lobes too
             sides = {f"{side} {name}" for name in group_names[group] for side in ("left", "right")}
             pair = [name for name in members if normalize(name) in sides]
@@ -228,7 +228,7 @@ class NameFinder:
         # longest phrases first so that "left kidney" wins over "kidney"
         self.phrases = sorted(phrases.items(), key=lambda item: -len(item[0].split()))
         uncovered = {normalize(name): [name] for name in knowledge.uncovered if normalize(name) not in phrases}
-        self.uncovered_phrases = sorted(uncovered.items(), key=lambda item: -len(item[0].split()))
+        self.uncovered = {name for name, in uncovered.values()}
         self.all_phrases = sorted([*phrases.items(), *uncovered.items()], key=lambda item: -len(item[0].split()))
 
     def find(self, text: str) -> list[str]:
@@ -239,8 +239,7 @@ class NameFinder:
     def find_uncovered(self, text: str) -> list[str]:
         """Anatomy in ``text`` that the knowledge base does not describe ("the femur"), in order
         (matched together with the covered names, longest first, so no word counts twice)."""
-        uncovered = {names[0] for _, names in self.uncovered_phrases}
-        return [name for name in self._find(text, self.all_phrases) if name in uncovered]
+        return [name for name in self._find(text, self.all_phrases) if name in self.uncovered]
 
     @staticmethod
     def _find(text: str, phrases: list[tuple[str, list[str]]]) -> list[str]:

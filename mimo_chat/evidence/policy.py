@@ -87,6 +87,11 @@ class ImageKind:
             return f"{noun} of the {place}" if place else noun
         return f"an image of the {place}" if place else "an image"
 
+    @property
+    def many_levels(self) -> bool:
+        """A radiograph or a coronal / sagittal view shows many levels at once: it is no axial slice."""
+        return self.modality == "XR" or not self.axial
+
     def allows(self, entry: KnowledgeEntry | None) -> bool:
         """Can a structure with this knowledge-base entry be on this kind of image?"""
         if entry is None:
@@ -164,7 +169,7 @@ def build_evidence(
 def _ruled_out_by_level(vocabulary: Sequence[str], presence: np.ndarray, allowed: np.ndarray, kind: ImageKind) -> np.ndarray:
     """(V,) names that cannot share this slice with a structure found below the diaphragm."""
     ruled_out = np.zeros(len(vocabulary), dtype=bool)
-    if kind.modality == "XR" or not kind.axial:  # a radiograph or a coronal view shows many levels at once
+    if kind.many_levels:
         return ruled_out
     found = [name for name, p, ok in zip(vocabulary, presence, allowed, strict=True) if p > PRESENT and ok]
     if below_diaphragm_slice(found):
