@@ -11,6 +11,7 @@ import pytest
 from mimo_chat.data.knowledge import load_knowledge_base
 from mimo_chat.evaluation import chat_regression
 from mimo_chat.evaluation.chat_checks import check_turn
+from mimo_chat.evidence.framing import fill
 from mimo_chat.grounding import GroundedPhrase, GroundedReply
 
 KINDS = ("segment_one", "segment_several", "what_is_box", "what_is_click", "function", "is_there", "where_is",
@@ -89,6 +90,11 @@ def test_checks_judge_replies_on_a_real_chest_radiograph(conversations, images) 
     assert check_turn(_reply("I can only help with questions about this image.", []), decline, truth, []).checks["decline"]
     assert not check_turn(_reply("Paris.", []), decline, truth, []).checks["decline"]
     assert not check_turn(_reply("I can help.", [("heart", heart)]), decline, truth, []).checks["decline"]
+    finding = {"answer": None}  # "Is there any free fluid?": no verdict, but not declined as off-topic either
+    off_topic = fill("off_topic")
+    judged = check_turn(_reply(off_topic, []), finding, truth, [])
+    assert judged.checks["absent"] and judged.checks["on_topic"] is False and not judged.passed
+    assert check_turn(_reply(fill("judgement_image"), []), finding, truth, []).checks["on_topic"]
 
     sternum = {"grounded": ["heart"], "uncovered": ["sternum"]}
     said = "Here is the heart. The sternum is not in the model's reference, so it cannot find, outline or explain it."

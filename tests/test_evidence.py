@@ -78,6 +78,20 @@ def test_off_topic_questions_are_declined(reader, question) -> None:
     assert reader.read(question).intent == "off_topic"
 
 
+@pytest.mark.parametrize(("question", "intent", "names"), [
+    ("Outline the spleen and the liver please", "segment", ["spleen", "liver"]),
+    ("please outline the spleen and the liver", "segment", ["spleen", "liver"]),
+    ("Kindly mark the aorta.", "segment", ["aorta"]),
+    ("What does the spleen do, please?", "function", ["spleen"]),
+])
+def test_a_courtesy_word_does_not_change_the_request(reader, question, intent, names) -> None:
+    """"Outline the spleen and the liver please" was read as "tell me about": the word "please" pulled
+    it towards the examples that happen to have it."""
+    assert all(question != example for examples in EXAMPLES.values() for example in examples)
+    read = reader.read(question)
+    assert (read.intent, read.names) == (intent, names)
+
+
 def test_follow_ups_resolve_to_the_last_turn(reader) -> None:
     history = [("Segment the right kidney.", "Here is the <p>right kidney</p><SEG>.")]
     assert (reader.read("and the left one?", history).intent, reader.read("and the left one?", history).names) == (
@@ -278,6 +292,8 @@ def test_one_noun_for_both_sides_asks_for_both_in_the_asked_order() -> None:
     ("Is there something wrong with the liver?", ["liver"]),
     ("Could this be pneumonia?", []),
     ("Does this patient have any disease?", []),
+    ("Is there a pleural effusion?", []),  # a finding the model does not look for: not off-topic
+    ("Is there a mass in the liver?", ["liver"]),
 ])
 def test_a_clinical_judgement_is_not_answered_with_a_finding(reader, question, names) -> None:
     """"Is the heart enlarged?" once got "Yes, the model finds the heart on this slice.": a presence

@@ -16,7 +16,8 @@ checked for:
 - ``absent``: no non-empty mask is given to a structure labelled absent, and a yes/no answer
   (``answer``) is read from the reply;
 - ``knowledge``: the reply contains a knowledge-base fact of the asked topic about the structure;
-- ``decline``: an off-topic question gets no phrase, no mask and a statement of what the tool does.
+- ``decline``: an off-topic question gets no phrase, no mask and a statement of what the tool does;
+- ``on_topic``: any other question (a finding the model does not judge included) does not get that decline.
 
 ``MASK_IOU = 0.5`` is the schema's hit criterion (AP50, ``multi_seg``/``describe`` recall), so this
 set and the benchmark agree on what "the mask is on the structure" means; a mask on a neighbouring
@@ -39,7 +40,7 @@ from mimo_chat.evaluation.parsing import parse_yes_no, says_capabilities
 from mimo_chat.evidence.framing import FRAMING_PATTERNS, fill, found_without_outline
 
 MASK_IOU = 0.5
-CHECKS = ("forbidden", "unsupported", "names", "masks", "absent", "knowledge", "decline", "uncovered")
+CHECKS = ("forbidden", "unsupported", "names", "masks", "absent", "knowledge", "decline", "on_topic", "uncovered")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -132,9 +133,11 @@ def check_turn(reply, expect: dict, truth: ImageTruth, earlier_grounded: Sequenc
     if found:
         result.notes.append(f"forbidden names: {found}")
     if expect.get("decline"):
-        declined = not reply.phrases and "<p>" not in reply.raw_text and says_capabilities(reply.text)
-        result.checks["decline"] = declined
+        result.checks["decline"] = declines(reply)
         return _unsupported(result, reply.text, [])
+    result.checks["on_topic"] = not declines(reply)
+    if not result.checks["on_topic"]:
+        result.notes.append("declined as off-topic")
     result.checks["names"] = _names_ok(result, reply, expect, truth, grounded)
     if "grounded" in expect or "grounded_any" in expect:
         result.checks["masks"] = _masks_ok(result, expect, truth, grounded)
@@ -150,6 +153,11 @@ def check_turn(reply, expect: dict, truth: ImageTruth, earlier_grounded: Sequenc
         if not result.checks["knowledge"]:
             result.notes.append(f"no {topic} fact of the {name}")
     return _unsupported(result, reply.text, found_names(reply) + list(earlier_grounded))
+
+
+def declines(reply) -> bool:
+    """The off-topic decline: no phrase, no mask, and a statement of what the tool can do."""
+    return not reply.phrases and "<p>" not in reply.raw_text and says_capabilities(reply.text)
 
 
 def _unsupported(result: TurnResult, text: str, grounded: Sequence[str]) -> TurnResult:

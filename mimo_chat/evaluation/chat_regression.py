@@ -35,11 +35,13 @@ REGRESSION_PATH = Path(__file__).resolve().parents[2] / "tests" / "chat_regressi
 # hallucination <= 0.01 -> forbidden; explain accuracy >= 0.90 -> names on CT; multi_seg recall >= 0.80
 # on CT -> masks on CT; off-topic decline >= 0.95. Sentences outside the knowledge base and framing
 # are held to the hallucination bound; follow-ups must resolve as often as first questions name right;
-# anatomy outside the reference is said to be so, as off-topic questions are declined.
+# anatomy outside the reference is said to be so, as off-topic questions are declined; a question
+# about the image or anatomy (a finding the model does not judge included) is never declined as off-topic.
 THRESHOLDS = (
     ("forbidden", ("CT", "MR", "XR"), 0.99),
     ("unsupported", ("CT", "MR", "XR"), 0.99),
     ("decline", ("CT", "MR", "XR"), 0.95),
+    ("on_topic", ("CT", "MR", "XR"), 0.95),
     ("names", ("CT",), 0.90),
     ("masks", ("CT",), 0.80),
     ("follow_up", ("CT",), 0.80),

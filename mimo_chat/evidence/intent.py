@@ -54,7 +54,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "Give me a mask of the structure.", "Segment the structure in the box.", "Segment this.",
         "Please delineate the structure.", "Show the structure and the structure.", "Contour the structure.",
         "Give me the structure.", "Can you outline the structure please?", "I want to see the structure.",
-        "Mark the structure on the image.", "Highlight the structure on the scan.",
+        "Mark the structure on the image.", "Highlight the structure on the scan.", "Colour in the structure.",
+        "Shade the structure.",
     ),
     "identify": (
         "What is this?", "What is the structure in the box?", "Which organ is this?", "Which vessel is this?",
@@ -130,7 +131,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "Which one is bigger?", "Is the structure larger than the structure?", "Does this patient have cardiomegaly?",
         "Is this malignant?", "Should I be worried about this?", "What disease does this patient have?",
         "Is this finding benign?", "Does the structure look abnormal?", "Is the structure inflamed?",
-        "Is this scan normal?", "Is the structure too small?",
+        "Is this scan normal?", "Is the structure too small?", "Is there fluid in the abdomen?", "Is there any bleeding?",
+        "Do you see a mass?", "Are there signs of infection?",
     ),
     "thanks": ("Thanks!", "Thank you.", "Great, thank you.", "Thanks a lot.", "Perfect, thanks.", "Cheers."),
     "off_topic": (
@@ -152,6 +154,8 @@ _SIDE_ONE = re.compile(r"\b(left|right|other)\s+(one|side)\b")
 _FILLER = frozenset({"structure", "the", "a", "an", "one", "ones", "side", "left", "right", "other", "please", "too",
                      "also", "as", "well", "then", "now"})
 _TAG_NAME = re.compile(r"<p>(.*?)</p>")
+# courtesy words ask for nothing; left in, they pull a request towards the examples that happen to have them
+_COURTESY = re.compile(r"\b(please|pls|plz|kindly)\b")
 _EVERYTHING = re.compile(r"\b(all|every|everything|each)\b")
 _WH_WORD = re.compile(r"^(what|which|how|why|where|when|who)\b")
 _WHOLE_IMAGE = re.compile(r"\b(image|slice|scan|picture|x ray|xray|radiograph|study|everything|all|whole|overall)\b")
@@ -291,7 +295,9 @@ class IntentReader:
     def classify(self, question: str, among: Sequence[str] | None = None) -> tuple[str, float]:
         """The intent of the nearest example phrasings (names masked; only intents ``among`` when
         given) and the best similarity."""
-        query = self.encoder([self.names.mask_names(question)])[0]
+        masked = self.names.mask_names(question)
+        plain = " ".join(_COURTESY.sub(" ", masked).split())
+        query = self.encoder([plain if plain.strip("?.") else masked])[0]
         similarity = self.bank @ query  # (M,)
         if among is not None:
             similarity = np.where([label in among for label in self.labels], similarity, -1.0)
