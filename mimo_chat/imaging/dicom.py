@@ -97,7 +97,7 @@ def decode(dataset) -> np.ndarray:
     syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
     try:
         stored = dataset.pixel_array
-    except BaseException as error:  # noqa: BLE001 - wrapped into ImageLoadError
+    except BaseException as error:  # wrapped into ImageLoadError
         # Rust pixel decoders panic on some damaged data; pyo3's PanicException is a BaseException
         if not isinstance(error, Exception) and type(error).__name__ != "PanicException":
             raise
