@@ -83,10 +83,12 @@ def test_off_topic_questions_are_declined(reader, question) -> None:
     ("please outline the spleen and the liver", "segment", ["spleen", "liver"]),
     ("Kindly mark the aorta.", "segment", ["aorta"]),
     ("What does the spleen do, please?", "function", ["spleen"]),
+    ("Could I get the outline of the liver?", "segment", ["liver"]),  # "outline" as a noun
+    ("Give me a summary of the pancreas", "about", ["pancreas"]),
 ])
 def test_a_courtesy_word_does_not_change_the_request(reader, question, intent, names) -> None:
     """"Outline the spleen and the liver please" was read as "tell me about": the word "please" pulled
-    it towards the examples that happen to have it."""
+    it towards the examples that happen to have it; so was "Give me the outline of the aorta"."""
     assert all(question != example for examples in EXAMPLES.values() for example in examples)
     read = reader.read(question)
     assert (read.intent, read.names) == (intent, names)

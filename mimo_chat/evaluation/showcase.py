@@ -51,6 +51,8 @@ SHOWCASE = (
     Question("jsrt_scr_cxr", "JPCLN015", "Show me the clavicles."),
     Question("curvas_ct", "vol10009_z150_annotation-3", "Where is the appendix?"),
     Question("curvas_ct", "vol10009_z150_annotation-3", "What does the femur do?"),
+    Question("curvas_ct", "vol10009_z150_annotation-3", "Outline the liver and the right kidney please"),
+    Question("curvas_ct", "vol10009_z150_annotation-3", "Is there any free fluid?"),
 )
 
 

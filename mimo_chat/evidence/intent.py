@@ -55,7 +55,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "Please delineate the structure.", "Show the structure and the structure.", "Contour the structure.",
         "Give me the structure.", "Can you outline the structure please?", "I want to see the structure.",
         "Mark the structure on the image.", "Highlight the structure on the scan.", "Colour in the structure.",
-        "Shade the structure.",
+        "Shade the structure.", "Give me an outline of the structure.", "Draw the outline of the structure.",
     ),
     "identify": (
         "What is this?", "What is the structure in the box?", "Which organ is this?", "Which vessel is this?",
@@ -65,7 +65,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "function": (
         "What does the structure do?", "What is the function of the structure?", "What is the structure for?",
         "What does it do?", "What is its job?", "Why do we need the structure?", "What role does the structure play?",
-        "What does the organ in the box do?", "How does the structure work?",
+        "What does the organ in the box do?", "How does the structure work?", "What is the purpose of the structure?",
+        "What is the function of this?",
     ),
     "about": (
         "Tell me about the structure.", "Explain the structure.", "Tell me more about it.",
