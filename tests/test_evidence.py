@@ -63,6 +63,8 @@ def test_every_framing_sentence_matches_a_pattern_and_no_fact_does() -> None:
     ("Are we above or below the kidneys here?", False, "level", ["left kidney", "right kidney"]),
     ("What is the liver volume in this patient?", False, "volume", ["liver"]),
     ("How does the heart look on a chest X-ray?", False, "appearance", ["heart"]),
+    ("Outline the lesion please", False, "segment", ["tumour"]),  # "lesion" was no name: read as a judgement
+    ("Is there a renal lesion?", False, "presence", ["kidney tumour"]),
 ])
 def test_unseen_paraphrases_get_their_intent_and_structures(reader, question, prompted, intent, names) -> None:
     assert all(question != example for examples in EXAMPLES.values() for example in examples)
