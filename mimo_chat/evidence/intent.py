@@ -273,6 +273,12 @@ class NameFinder:
         return masked.strip() + question
 
 
+def _without_courtesy(text: str) -> str:
+    """``text`` without courtesy words, unless nothing else is left ("Please." stays)."""
+    plain = " ".join(_COURTESY.sub(" ", text).split())
+    return plain if plain.strip("?.!") else text
+
+
 def _both_sides(text: str) -> str:
     """"left and (the) right kidney(s)" -> "left kidney(s) and (the) right kidney(s)" (either side first)."""
     return re.sub(r"\b(left|right) (and|or) (the )?(left|right) (\w+(?: \w+)?)",
@@ -291,14 +297,12 @@ class IntentReader:
         self.names = NameFinder(knowledge, vocabulary)
         self.encoder = encoder or sentence_encoder()
         self.labels = [intent for intent, examples in EXAMPLES.items() for _ in examples]
-        self.bank = self.encoder([text for examples in EXAMPLES.values() for text in examples])  # (M, 384)
+        self.bank = self.encoder([_without_courtesy(text) for examples in EXAMPLES.values() for text in examples])  # (M, 384)
 
     def classify(self, question: str, among: Sequence[str] | None = None) -> tuple[str, float]:
         """The intent of the nearest example phrasings (names masked; only intents ``among`` when
         given) and the best similarity."""
-        masked = self.names.mask_names(question)
-        plain = " ".join(_COURTESY.sub(" ", masked).split())
-        query = self.encoder([plain if plain.strip("?.") else masked])[0]
+        query = self.encoder([_without_courtesy(self.names.mask_names(question))])[0]
         similarity = self.bank @ query  # (M,)
         if among is not None:
             similarity = np.where([label in among for label in self.labels], similarity, -1.0)
