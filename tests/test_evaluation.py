@@ -95,6 +95,8 @@ def test_absent_statements_and_text_boxes() -> None:
     assert says_absent("The spleen is not visible in this image.")
     assert says_absent("There is no pancreas on this slice.")
     assert not says_absent("The pancreas is at {<40><45><60><55>}.")
+    assert says_absent("The model does not mark a tumour on this slice.")
+    assert not says_absent("The model's lesion detection is not reliable enough to rule one out.")
     assert parse_text_box("The pancreas is at {<40><45><60><55>}.", (200, 100)) == pytest.approx([40, 90, 60, 110])
     assert parse_text_box("{ <60> <10> <20> <30> }", (100, 100)) == pytest.approx([20, 10, 60, 30])
     assert parse_text_box("no box here", (10, 10)) is None

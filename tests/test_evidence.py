@@ -260,7 +260,11 @@ def test_a_lesion_is_stated_only_with_an_outline_and_its_absence_does_not_rule_o
     assert absent.raw_text == ("No, the model does not mark a <p>tumour</p> on this slice. "
                                "The model's lesion detection is not reliable enough to rule one out.")
     assert parse_yes_no(parse_grounded_text(absent.raw_text)[0]) == "no"
-    for plan in (asked, described, shown, marked, absent):
+    # "Segment the lesion." on a slice where the model marks none: never "The tumour is not on this slice."
+    unmarked = plan_reply(Intent("segment", ["tumour"]), _evidence("CT abdomen", {"left kidney": 0.9}), KB)
+    assert unmarked.raw_text == ("The model does not mark a <p>tumour</p> on this slice. "
+                                 "The model's lesion detection is not reliable enough to rule one out.")
+    for plan in (asked, described, shown, marked, absent, unmarked):
         assert unsupported(plan.raw_text) == [], plan.raw_text
 
 

@@ -27,6 +27,7 @@ _ABSENT_PATTERNS = [
     r"\b(isn t|aren t|is not|are not) (visible|present|seen|shown|there)\b",
     r"\bnot (visible|present|seen|shown|identified|depicted)\b",
     r"\b(does not|doesn t|do not|don t) (contain|show|include|appear|depict)\b",
+    r"\b(does not|doesn t|do not|don t) (find|mark)\b",  # "the model does not mark a tumour on this slice"
     r"\b(cannot|can not|can t|could not|couldn t) (be )?(see|find|seen|found|identify|identified|locate|located)\b",
     r"\babsent\b",
     r"\bnot (in|on) (this|the) (image|slice|scan)\b",

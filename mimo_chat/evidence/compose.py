@@ -158,7 +158,9 @@ def _is_lesion(entry: KnowledgeEntry | None) -> bool:
 
 
 def _lesion_key(entry: KnowledgeEntry | None, key: str) -> str:
-    return {"present": "lesion_present", "not_present": "lesion_absent"}.get(key, key) if _is_lesion(entry) else key
+    # the lesion detector cannot rule a lesion out: it "does not mark" one, never "it is not there"
+    lesion_keys = {"present": "lesion_present", "not_present": "lesion_absent", "absent": "lesion_not_marked"}
+    return lesion_keys.get(key, key) if _is_lesion(entry) else key
 
 
 def _segment(build: _Builder, intent: Intent, subjects: list[str], question: str) -> None:

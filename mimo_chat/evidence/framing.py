@@ -44,6 +44,7 @@ TEMPLATES: dict[str, str] = {
     "not_present": "No, the model does not find the {name} on this {where}.",
     "lesion_present": "Yes, the model marks a possible {name} on this {where}.",
     "lesion_absent": "No, the model does not mark a {name} on this {where}.",
+    "lesion_not_marked": "The model does not mark a {name} on this {where}.",
     "lesion_unsure": "The model cannot tell reliably whether there is a {name} on this {where}.",
     "lesion_caveat": "The model's lesion detection is not reliable enough to rule one out.",
     "observation": "This is a model observation, not a diagnosis.",
