@@ -65,6 +65,8 @@ def test_every_framing_sentence_matches_a_pattern_and_no_fact_does() -> None:
     ("How does the heart look on a chest X-ray?", False, "appearance", ["heart"]),
     ("Outline the lesion please", False, "segment", ["tumour"]),  # "lesion" was no name: read as a judgement
     ("Is there a renal lesion?", False, "presence", ["kidney tumour"]),
+    ("Hi, can you help me read this CT?", False, "describe", []),  # was declined as off-topic
+    ("Help me interpret this X-ray", False, "describe", []),
 ])
 def test_unseen_paraphrases_get_their_intent_and_structures(reader, question, prompted, intent, names) -> None:
     assert all(question != example for examples in EXAMPLES.values() for example in examples)
@@ -75,6 +77,7 @@ def test_unseen_paraphrases_get_their_intent_and_structures(reader, question, pr
 @pytest.mark.parametrize("question", [
     "What is the capital of France?", "Can you recommend a good restaurant?", "Write me a limerick about cats.",
     "Who will win the election?", "good morning", "What's the exchange rate of the euro?",
+    "Can you help me with my homework?", "Help me write an email",
 ])
 def test_off_topic_questions_are_declined(reader, question) -> None:
     assert reader.read(question).intent == "off_topic"

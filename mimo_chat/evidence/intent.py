@@ -106,6 +106,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "What organs are in this picture?", "Describe the scan.", "What can you see in this slice?",
         "What organs do you see here?", "Which structures can you find?", "Tell me what is in this image.",
         "Outline everything you see.", "Segment all the structures.", "Show me all the organs.",
+        "Can you help me read this scan?", "Walk me through this image.",
     ),
     "relations": (
         "What lies in front of the structure?", "What is next to the structure?", "What is near the structure?",
