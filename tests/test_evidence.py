@@ -107,6 +107,8 @@ def test_follow_ups_resolve_to_the_last_turn(reader) -> None:
     assert (does.intent, does.names, does.follow_up) == ("function", ["right kidney"], True)
     spleen = reader.read("and the spleen?", history)
     assert (spleen.intent, spleen.names) == ("segment", ["spleen"])
+    polite = reader.read("and the spleen, please?", history)  # a courtesy word asks nothing of its own
+    assert (polite.intent, polite.names, polite.follow_up) == ("segment", ["spleen"], True)
     # a box on screen: "it" is the prompted object, not the last turn's structure
     assert reader.read("What does it do?", history, prompted=True).names == []
 

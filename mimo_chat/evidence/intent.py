@@ -153,7 +153,7 @@ _FOLLOW_UP_START = re.compile(r"^(and|what about|how about|same for|also|now)\b"
 _PRONOUN = re.compile(r"\b(it|its|this|that|these|those|they|them|one)\b")
 _SIDE_ONE = re.compile(r"\b(left|right|other)\s+(one|side)\b")
 # words that leave a follow-up without an ask of its own once its lead-in and names are gone
-_FILLER = frozenset({"structure", "the", "a", "an", "one", "ones", "side", "left", "right", "other", "please", "too",
+_FILLER = frozenset({"structure", "the", "a", "an", "one", "ones", "side", "left", "right", "other", "too",
                      "also", "as", "well", "then", "now"})
 _TAG_NAME = re.compile(r"<p>(.*?)</p>")
 # courtesy words ask for nothing; left in, they pull a request towards the examples that happen to have them
@@ -364,7 +364,7 @@ class IntentReader:
     def _bare(self, question: str) -> bool:
         """Whether a follow-up asks nothing of its own ("and the spleen?", "what about the left one?"),
         so that it repeats the last turn's question; "and what does it do?" asks its own."""
-        rest = _FOLLOW_UP_START.sub("", self.names.mask_names(question).rstrip("?.!").strip())
+        rest = _FOLLOW_UP_START.sub("", _without_courtesy(self.names.mask_names(question)).rstrip("?.!").strip())
         return all(word in _FILLER for word in rest.split())
 
     def _is_lesion(self, name: str) -> bool:
